@@ -1,0 +1,1 @@
+"""oss-loadtest: load generation, honest metrics, SLO search and capacity planning."""

@@ -1,0 +1,334 @@
+"""The one configuration object of oss-serving.
+
+Every part of the stack takes its slice of :class:`ServingConfig`: the gateway reads
+``gateway``, the engine builder reads ``models``, the local mode reads ``local`` and
+``ray``. The configuration is loaded from one YAML file (``load_config``); the Helm
+chart renders the same YAML into a ConfigMap and ``oss-serve up`` writes it from its
+defaults. Unknown keys are rejected everywhere so that a typo fails loudly instead of
+being ignored.
+
+Nothing in this module reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "ConfigError",
+    "GatewayConfig",
+    "LocalConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "ModelFamily",
+    "RayConfig",
+    "RedisConfig",
+    "ServingConfig",
+    "TopologyConfig",
+    "default_config",
+    "load_config",
+]
+
+#: Built-in model sources that need no network: ``builtin:<name>``.
+BUILTIN_SOURCES = ("smollm2-135m-instruct", "gpt-oss-tiny")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, is not YAML, or does not validate.
+
+    ``key`` is the dotted path of the offending key when one can be named.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelFamily(str, Enum):
+    """Which chat format and parsers a model needs."""
+
+    auto = "auto"
+    gpt_oss = "gpt-oss"
+    generic = "generic"
+
+
+class TopologyConfig(_Strict):
+    """How one model's engines are laid out over accelerators."""
+
+    kind: Literal["replicas", "expert_parallel"] = "replicas"
+    """``replicas``: independent engines, each over ``tensor_parallel_size`` devices of one
+    node, scaled by Ray Serve. ``expert_parallel``: one data-parallel group of
+    ``data_parallel_size`` ranks with expert parallelism (gpt-oss MoE layers)."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    """Devices per engine (vLLM ``tensor_parallel_size``)."""
+
+    data_parallel_size: int = Field(default=1, ge=1, le=1024)
+    """Ranks of the data-parallel group; only for ``expert_parallel``."""
+
+    all2all_backend: str | None = None
+    """vLLM all-to-all backend for expert parallelism (e.g. ``deepep_low_latency``)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest engine replicas (or data-parallel groups) Ray Serve keeps."""
+
+    max_replicas: int = Field(default=1, ge=1)
+    """Most engine replicas Ray Serve scales to."""
+
+    target_ongoing_requests: int = Field(default=32, ge=1)
+    """Ray Serve autoscaling target of ongoing requests per replica."""
+
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    """Requests one engine replica accepts at once; more wait in the gateway."""
+
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    """What one engine worker is placed on."""
+
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """Logical CPUs reserved per engine worker in its placement group."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TopologyConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.kind == "replicas" and self.data_parallel_size != 1:
+            raise ValueError("data_parallel_size > 1 needs kind: expert_parallel")
+        return self
+
+
+class ModelConfig(_Strict):
+    """One served model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    """The model id clients send in ``model``."""
+
+    source: str
+    """Where the weights come from: ``builtin:smollm2-135m-instruct``,
+    ``builtin:gpt-oss-tiny``, a local Hugging Face folder, or a hub id (cluster only)."""
+
+    family: ModelFamily = ModelFamily.auto
+    """Chat format; ``auto`` detects gpt-oss from the name or source."""
+
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """vLLM engine arguments passed through as given (e.g. ``max_model_len``)."""
+
+    engine_env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables of the engine workers (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
+
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    """Engine layout and scaling."""
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if value.startswith("builtin:") and value.removeprefix("builtin:") not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown built-in model {value!r}; built-ins: {', '.join(BUILTIN_SOURCES)}")
+        return value
+
+    @property
+    def resolved_family(self) -> ModelFamily:
+        """The family after ``auto`` detection."""
+        if self.family is not ModelFamily.auto:
+            return self.family
+        text = f"{self.name} {self.source}".lower()
+        return ModelFamily.gpt_oss if "gpt-oss" in text or "gpt_oss" in text else ModelFamily.generic
+
+    def effective_engine_kwargs(self) -> dict[str, Any]:
+        """Engine arguments with the family's defaults filled in (explicit keys win)."""
+        defaults: dict[str, Any] = {}
+        if self.resolved_family is ModelFamily.gpt_oss:
+            defaults = {
+                "tool_call_parser": "openai",
+                "enable_auto_tool_choice": True,
+                "reasoning_parser": "openai_gptoss",
+            }
+        topo = self.topology
+        defaults["tensor_parallel_size"] = topo.tensor_parallel_size
+        if topo.kind == "expert_parallel":
+            defaults["data_parallel_size"] = topo.data_parallel_size
+            defaults["enable_expert_parallel"] = True
+            if topo.all2all_backend:
+                defaults["all2all_backend"] = topo.all2all_backend
+        return {**defaults, **self.engine_kwargs}
+
+
+class GatewayConfig(_Strict):
+    """The OpenAI-compatible HTTP front."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Port of the OpenAI API."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    """Gateway (ingress) replicas."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest accepted request body; larger ones get 413."""
+
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest a request may run end to end before the gateway aborts it."""
+
+    engine_ready_retry_after_s: int = Field(default=10, ge=1)
+    """Retry-After sent with 503 while a model's engines are not ready."""
+
+    health_check_interval_s: float = Field(default=2.0, gt=0)
+    """How often the gateway probes each engine deployment's health."""
+
+    health_check_timeout_s: float = Field(default=10.0, gt=0)
+    """How long one engine health probe may take before it counts as failed."""
+
+    max_error_message_chars: int = Field(default=2000, ge=100)
+    """Error messages returned to clients are cut to this length."""
+
+
+class RedisConfig(_Strict):
+    """The Redis server shared by every gateway replica."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL; a password belongs in the URL or in a Secret the chart mounts."""
+
+    connect_timeout_s: float = Field(default=1.0, gt=0)
+    """Connection and command timeout."""
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics of the gateway."""
+
+    enabled: bool = True
+    """Serve ``/metrics`` on the gateway."""
+
+    ttft_buckets_s: list[float] = Field(
+        default_factory=lambda: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+    )
+    """Histogram buckets (seconds) for time to first token and latency."""
+
+
+class RayConfig(_Strict):
+    """How the local mode starts Ray (the cluster's RayService ignores this)."""
+
+    num_cpus: int = Field(default=6, ge=1)
+    """Logical CPUs of the local Ray node: above the real cores so that the controller,
+    proxy, gateway and engine replicas can all be placed on a small machine."""
+
+    include_dashboard: bool = False
+    """Start Ray's dashboard."""
+
+
+class LocalConfig(_Strict):
+    """`oss-serve up` on one machine."""
+
+    state_dir: Path = Path("~/.cache/oss-serving/run")
+    """Where ``up`` records what it started, for ``down`` and ``status``."""
+
+    cache_dir: Path = Path("~/.cache/oss-serving/models")
+    """Where built-in models are converted to Hugging Face folders, once."""
+
+    start_redis: bool = True
+    """Start a local ``redis-server`` when none answers at ``redis.url``."""
+
+    ready_timeout_s: float = Field(default=900.0, gt=0)
+    """How long ``up`` waits for every model to become ready."""
+
+    @field_validator("state_dir", "cache_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+class ServingConfig(_Strict):
+    """Everything oss-serving needs to run."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+    """Served models; each becomes one Ray Serve engine deployment."""
+
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    """HTTP front."""
+
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    """Shared Redis."""
+
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """Prometheus metrics."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Local Ray start-up."""
+
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    """Local mode."""
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServingConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The model named ``name``, or None."""
+        return next((m for m in self.models if m.name == name), None)
+
+    def to_yaml(self) -> str:
+        """The effective configuration as YAML (loadable by :func:`load_config`)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def default_config() -> ServingConfig:
+    """What ``oss-serve up`` serves with no file: SmolLM2-135M-Instruct on the vLLM CPU engine."""
+    return ServingConfig(
+        models=[
+            ModelConfig(
+                name="smollm2-135m-instruct",
+                source="builtin:smollm2-135m-instruct",
+                engine_kwargs={"max_model_len": 2048, "dtype": "bfloat16"},
+                engine_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+            )
+        ]
+    )
+
+
+def _error_key(exc: ValidationError) -> tuple[str, str]:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    return key, f"{key}: {first['msg']}" if key else first["msg"]
+
+
+def parse_config(data: Any, origin: str = "configuration") -> ServingConfig:
+    """Validate an already-parsed mapping; errors name the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping")
+    try:
+        return ServingConfig.model_validate(data)
+    except ValidationError as exc:
+        key, text = _error_key(exc)
+        count = len(exc.errors())
+        more = f" (and {count - 1} more problem{'s' if count > 2 else ''})" if count > 1 else ""
+        raise ConfigError(f"{origin}: {text}{more}", key=key) from exc
+
+
+def load_config(path: str | Path | None) -> ServingConfig:
+    """Load and validate a YAML file; ``None`` gives :func:`default_config`."""
+    if path is None:
+        return default_config()
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    return parse_config(data, origin=str(file))
