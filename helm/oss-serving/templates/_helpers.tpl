@@ -1,0 +1,218 @@
+{{/*
+Names. Kubernetes names are cut to 63 characters; suffixes are added to a base cut
+short enough that the suffixed name still fits.
+*/}}
+{{- define "oss-serving.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "oss-serving.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "oss-serving.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels: never user-editable, so upgrades keep matching. */}}
+{{- define "oss-serving.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "oss-serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "oss-serving.labels" -}}
+helm.sh/chart: {{ include "oss-serving.chart" . }}
+{{ include "oss-serving.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: oss-serving
+{{- end }}
+
+{{- define "oss-serving.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
+{{- end }}
+
+{{/* Object names. */}}
+{{- define "oss-serving.configName" -}}{{ include "oss-serving.fullname" . }}-config{{- end }}
+{{- define "oss-serving.gatewayServiceName" -}}{{ include "oss-serving.fullname" . }}-gateway{{- end }}
+{{- define "oss-serving.redisName" -}}{{ include "oss-serving.fullname" . }}-redis{{- end }}
+{{- define "oss-serving.weightsClaimName" -}}
+{{- .Values.weights.cache.existingClaim | default (printf "%s-weights" (include "oss-serving.fullname" .)) }}
+{{- end }}
+
+{{- define "oss-serving.apiKeysSecretName" -}}
+{{- .Values.secrets.apiKeys.existingSecret | default (printf "%s-api-keys" (include "oss-serving.fullname" .)) }}
+{{- end }}
+{{- define "oss-serving.redisSecretName" -}}
+{{- if eq .Values.redis.mode "external" }}
+{{- .Values.redis.external.existingSecret }}
+{{- else }}
+{{- .Values.secrets.redis.existingSecret | default (printf "%s-redis" (include "oss-serving.fullname" .)) }}
+{{- end }}
+{{- end }}
+{{- define "oss-serving.redisSecretKey" -}}
+{{- if eq .Values.redis.mode "external" }}{{ .Values.redis.external.passwordKey }}{{ else }}{{ .Values.secrets.redis.key }}{{ end }}
+{{- end }}
+{{- define "oss-serving.hfSecretName" -}}
+{{- if .Values.secrets.huggingface.existingSecret }}{{ .Values.secrets.huggingface.existingSecret }}
+{{- else if .Values.secrets.huggingface.token }}{{ include "oss-serving.fullname" . }}-hf-token
+{{- end }}
+{{- end }}
+{{- define "oss-serving.upstreamSecretName" -}}
+{{- if .Values.secrets.upstream.existingSecret }}{{ .Values.secrets.upstream.existingSecret }}
+{{- else if .Values.secrets.upstream.apiKey }}{{ include "oss-serving.fullname" . }}-upstream
+{{- end }}
+{{- end }}
+
+{{/* The Redis URL the gateway uses (no password: that comes from a Secret). */}}
+{{- define "oss-serving.redisUrl" -}}
+{{- if eq .Values.redis.mode "external" }}
+{{- required "redis.external.url is required when redis.mode is external" .Values.redis.external.url }}
+{{- else }}
+{{- printf "redis://%s:6379/0" (include "oss-serving.redisName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Folder of a model in the weight cache: the hub id with "/" as "--". */}}
+{{- define "oss-serving.modelDir" -}}
+{{- printf "%s/%s" $.mountPath (.source | replace "/" "--") }}
+{{- end }}
+
+{{/* True (non-empty) when a model source is a Hugging Face hub id the cache fills. */}}
+{{- define "oss-serving.isHubSource" -}}
+{{- if and (not (hasPrefix "builtin:" .)) (not (hasPrefix "/" .)) (not (hasPrefix "." .)) (regexMatch "^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$" .) }}true{{- end }}
+{{- end }}
+
+{{/* Models whose weights the cache holds: list of {name, source, dir}. */}}
+{{- define "oss-serving.cachedModels" -}}
+{{- $out := list }}
+{{- if .Values.weights.cache.enabled }}
+{{- range .Values.config.models }}
+{{- if include "oss-serving.isHubSource" .source }}
+{{- $dir := include "oss-serving.modelDir" (dict "mountPath" $.Values.weights.cache.mountPath "source" .source) }}
+{{- $out = append $out (dict "name" .name "source" .source "dir" $dir) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/*
+The oss-serving configuration as rendered into the ConfigMap: the user's `config`
+with the chart's own settings (bind address, port, Redis URL, weight-cache paths).
+*/}}
+{{- define "oss-serving.servingConfig" -}}
+{{- $cfg := deepCopy .Values.config }}
+{{- $gateway := deepCopy (default dict $cfg.gateway) }}
+{{- $_ := set $gateway "host" "0.0.0.0" }}
+{{- $_ := set $gateway "port" (int .Values.service.port) }}
+{{- $_ := set $cfg "gateway" $gateway }}
+{{- $redis := deepCopy (default dict $cfg.redis) }}
+{{- $_ := set $redis "url" (include "oss-serving.redisUrl" .) }}
+{{- $_ := set $cfg "redis" $redis }}
+{{- $models := list }}
+{{- range $cfg.models }}
+{{- $m := deepCopy . }}
+{{- if and $.Values.weights.cache.enabled (include "oss-serving.isHubSource" $m.source) }}
+{{- $_ := set $m "source" (include "oss-serving.modelDir" (dict "mountPath" $.Values.weights.cache.mountPath "source" $m.source)) }}
+{{- end }}
+{{- $models = append $models $m }}
+{{- end }}
+{{- $_ := set $cfg "models" $models }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* The Ray Serve config (serveConfigV2): one application, built from our configuration. */}}
+{{- define "oss-serving.serveConfig" -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ .Values.service.port }}
+  {{- if .Values.ray.serve.requestTimeoutSeconds }}
+  request_timeout_s: {{ .Values.ray.serve.requestTimeoutSeconds }}
+  {{- end }}
+logging_config:
+  encoding: JSON
+  log_level: {{ .Values.ray.serve.logLevel }}
+applications:
+  - name: oss-serving
+    route_prefix: /
+    import_path: serving.serve_app:build_app
+    args:
+      config_path: /etc/oss-serving/config.yaml
+{{- end }}
+
+{{/* Container security context shared by every container of the chart. */}}
+{{- define "oss-serving.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+privileged: false
+runAsNonRoot: true
+runAsUser: {{ .root.Values.securityContext.runAsUser }}
+runAsGroup: {{ .root.Values.securityContext.runAsGroup }}
+readOnlyRootFilesystem: {{ .readOnly }}
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "oss-serving.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Environment of every Ray container: configuration path and secrets (by reference). */}}
+{{- define "oss-serving.rayEnv" -}}
+- name: OSS_SERVING_CONFIG
+  value: /etc/oss-serving/config.yaml
+- name: OSS_SERVING_TENANTS_FILE
+  value: /etc/oss-serving/secrets/{{ .Values.secrets.apiKeys.key }}
+{{- $redisSecret := include "oss-serving.redisSecretName" . }}
+{{- if $redisSecret }}
+- name: OSS_SERVING_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redisSecret }}
+      key: {{ include "oss-serving.redisSecretKey" . }}
+{{- end }}
+{{- with include "oss-serving.hfSecretName" . }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.huggingface.key }}
+{{- end }}
+{{- with include "oss-serving.upstreamSecretName" . }}
+- name: OSS_SERVING_UPSTREAM_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.secrets.upstream.key }}
+{{- end }}
+{{- if .Values.weights.cache.enabled }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- end }}
+- name: XDG_CACHE_HOME
+  value: /tmp/cache
+{{- with .Values.ray.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
