@@ -1,13 +1,501 @@
-"""`oss-loadtest` command line."""
+"""`oss-loadtest` command line.
+
+Exit status: 0 when every run was valid, 3 when a run failed its validity checks (see
+``loadtest/README.md``), 2 for usage errors, 1 for other failures.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
 import click
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loadtest.config import LoadTestConfig, load_loadtest_config, parse_slos
+from loadtest.metrics import compute_run_metrics
+from loadtest.results import run_result, write_csv, write_run
+from loadtest.runner import RawRun, execute, plan_run
+from loadtest.tokenizer import load_tokenizer
+from loadtest.workload import load_workload, simple_workload
+
+EXIT_INVALID = 3
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _common(fn: F) -> F:
+    opts = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(exists=True, dir_okay=False),
+            help="LoadTestConfig YAML.",
+        ),
+        click.option("--base-url", help="Endpoint root, e.g. http://127.0.0.1:8000."),
+        click.option("--model", help="Model id sent in requests."),
+        click.option(
+            "--api-key", envvar="OSS_LOADTEST_API_KEY", help="Bearer key (env OSS_LOADTEST_API_KEY)."
+        ),
+        click.option("--arrival", type=click.Choice(["poisson", "gamma", "constant", "concurrency"])),
+        click.option("--rate", type=float, help="Requests per second (open loop)."),
+        click.option("--burstiness", type=float, help="Gamma shape (1 = Poisson)."),
+        click.option("--concurrency", type=int, help="Clients of a closed loop (--arrival concurrency)."),
+        click.option("--num-requests", type=int, help="Most requests."),
+        click.option("--duration", type=float, help="Longest schedule (s)."),
+        click.option(
+            "--workload", "workload_path", type=click.Path(exists=True, dir_okay=False), help="Workload YAML."
+        ),
+        click.option("--input-tokens", type=int, help="Fixed input length (instead of --workload)."),
+        click.option("--output-tokens", type=int, help="Fixed output length (instead of --workload)."),
+        click.option("--tokenizer", help="'words' or 'hf:<model folder>' (the target model's tokenizer)."),
+        click.option(
+            "--percentile", "percentiles", type=float, multiple=True, help="Percentile to report (repeat)."
+        ),
+        click.option(
+            "--slo", "slos", multiple=True, help="SLO as METRIC:MS, e.g. ttft:2000 tpot:50 (repeat)."
+        ),
+        click.option(
+            "--scrape", "scrape_urls", multiple=True, help="Prometheus /metrics URL to scrape (repeat)."
+        ),
+        click.option("--replicas", type=int, help="Engine replicas behind the endpoint."),
+        click.option("--seed", type=int, help="Seed of arrivals and prompts."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+        click.option(
+            "--profile",
+            "profile_path",
+            type=click.Path(exists=True, dir_okay=False),
+            help="Run against a SIMULATED engine with this profile, in virtual time (no endpoint).",
+        ),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    if value is None or value == ():
+        return
+    node = data
+    *head, last = path.split(".")
+    for key in head:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def build_config(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> LoadTestConfig:
+    """The config file (or defaults) with command-line overrides applied, validated."""
+    base = load_loadtest_config(opts.get("config_path")).model_dump(mode="json", exclude_none=False)
+    o = opts
+    for path, key in [
+        ("target.base_url", "base_url"),
+        ("target.model", "model"),
+        ("target.api_key", "api_key"),
+        ("target.replicas", "replicas"),
+        ("load.arrival", "arrival"),
+        ("load.rate", "rate"),
+        ("load.burstiness", "burstiness"),
+        ("load.concurrency", "concurrency"),
+        ("load.num_requests", "num_requests"),
+        ("load.max_duration_s", "duration"),
+        ("load.seed", "seed"),
+        ("metrics.tokenizer", "tokenizer"),
+        ("output.dir", "out_dir"),
+    ]:
+        _set(base, path, o.get(key))
+    if o.get("percentiles"):
+        base["metrics"]["percentiles"] = list(o["percentiles"])
+    if o.get("slos"):
+        base["metrics"]["slos"] = parse_slos(o["slos"])
+    if o.get("scrape_urls"):
+        base["scrape"]["urls"] = list(o["scrape_urls"])
+    if o.get("no_progress"):
+        base["output"]["progress"] = False
+    if o.get("workload_path"):
+        base["workload"] = load_workload(o["workload_path"]).model_dump(mode="json")
+    elif o.get("input_tokens") or o.get("output_tokens"):
+        base["workload"] = simple_workload(
+            o.get("input_tokens") or 256, o.get("output_tokens") or 128
+        ).model_dump(mode="json")
+    for path, value in (extra or {}).items():
+        _set(base, path, value)
+    return LoadTestConfig.model_validate(base)
+
+
+def _config_or_exit(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> LoadTestConfig:
+    try:
+        return build_config(opts, extra)
+    except (ValidationError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@contextmanager
+def _progress(enabled: bool, console: Console) -> Iterator[Progress | None]:
+    if not enabled:
+        yield None
+        return
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*cols, console=console, transient=False) as prog:
+        yield prog
+
+
+def make_runner(
+    cfg: LoadTestConfig, profile_path: str | None, prog: Progress | None
+) -> Callable[[LoadTestConfig], RawRun]:
+    """A function running one configuration: live over HTTP, or simulated with a profile."""
+    if profile_path:
+        from serving.engine.sim import load_profile
+
+        profile = load_profile(profile_path)
+        return functools.partial(_simulated, profile=profile)
+
+    def live(c: LoadTestConfig) -> RawRun:
+        tok = load_tokenizer(c.metrics.tokenizer)
+        reqs, offsets = plan_run(c, tok)
+        label = (
+            f"rate {c.load.rate:g}/s"
+            if c.load.arrival != "concurrency"
+            else f"concurrency {c.load.concurrency}"
+        )
+        if prog is None:
+            return asyncio.run(execute(c, reqs, offsets, tok))
+        sent = prog.add_task(f"{label}: sent", total=len(reqs))
+        done = prog.add_task(f"{label}: done", total=len(reqs))
+
+        def update(n_sent: int, n_done: int) -> None:
+            prog.update(sent, completed=n_sent)
+            prog.update(done, completed=n_done)
+
+        try:
+            return asyncio.run(execute(c, reqs, offsets, tok, update))
+        finally:
+            prog.remove_task(sent)
+            prog.remove_task(done)
+
+    return live
+
+
+def _simulated(c: LoadTestConfig, profile: Any) -> RawRun:
+    from loadtest.simulate import simulate_run
+
+    return simulate_run(c, profile)
+
+
+def _print_run(console: Console, result: dict[str, Any]) -> None:
+    m = result["metrics"]
+    v = result["validity"]
+    t = Table(title=f"{result['workload']} ({result['mode']}, target {result['target_rate'] or '-'} req/s)")
+    t.add_column("metric")
+    keys = [k for k in m["latency"]["ttft"] if k not in ("count", "std")]
+    for k in keys:
+        t.add_column(f"{k} ms", justify="right")
+    for name, dist in m["latency"].items():
+        t.add_row(name, *("-" if dist[k] is None else f"{dist[k] * 1e3:.1f}" for k in keys))
+    console.print(t)
+    console.print(
+        f"completed {m['completed']}/{m['total']}  req/s {m['request_throughput']:.3f}  "
+        f"out tok/s {m['output_token_throughput']:.1f}  total tok/s {m['total_token_throughput']:.1f}  "
+        f"goodput {m['goodput']['requests_per_s']:.3f} req/s  errors {m['error_rate']:.1%}  "
+        f"rejections {m['rejection_rate']:.1%}  outcomes {m['outcomes']}"
+    )
+    verdict = "[green]VALID[/green]" if result["valid"] else "[red]INVALID[/red]"
+    lag = v["send_lag_p99_s"]
+    console.print(
+        f"run {verdict}: achieved {v['achieved_rate'] or 0:.3g}/s "
+        f"of scheduled {v['scheduled_rate'] or 0:.3g}/s "
+        f"(target {v['target_rate'] or '-'}), send lag p99 {'-' if lag is None else f'{lag * 1e3:.2f} ms'}, "
+        f"client CPU {v['client_cpu']:.0%}"
+    )
+    for reason in v["reasons"] + v["warnings"]:
+        console.print(f"  - {reason}")
+
+
+def _save_run(folder: Path, cfg: LoadTestConfig, raw: RawRun) -> dict[str, Any]:
+    metrics = compute_run_metrics(raw.records, cfg.metrics.percentiles, cfg.metrics.slos)
+    result = run_result(cfg, raw, metrics)
+    write_run(folder, result, raw)
+    if cfg.output.html:
+        from loadtest.report import render_run_report
+
+        rows = [
+            {"scheduled": r.scheduled, "ttft": m.ttft, "e2e": m.e2e}
+            for r, m in zip(raw.records, metrics.per_request, strict=True)
+        ]
+        render_run_report(result, rows, folder / "report.html")
+    return result
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Load-test any OpenAI-compatible endpoint and plan capacity."""
+
+
+@main.command()
+@_common
+def run(**opts: Any) -> None:
+    """One run: send on schedule, score, report; exit 3 if the run is invalid."""
+    cfg = _config_or_exit(opts)
+    console = Console(stderr=True)
+    with _progress(cfg.output.progress and not opts["profile_path"], console) as prog:
+        raw = make_runner(cfg, opts["profile_path"], prog)(cfg)
+    result = _save_run(cfg.output.dir, cfg, raw)
+    _print_run(console, result)
+    console.print(f"results in {cfg.output.dir}/ (result.json, requests.jsonl, summary.csv, report.html)")
+    if not result["valid"]:
+        raise SystemExit(EXIT_INVALID)
+
+
+def _sweep_opts(fn: F) -> F:
+    fn = click.option("--rates", help="Comma-separated rates (default: geometric from --start-rate).")(fn)
+    fn = click.option("--start-rate", type=float)(fn)
+    fn = click.option("--factor", type=float, help="Rate multiplier between points.")(fn)
+    fn = click.option("--max-points", type=int)(fn)
+    return click.option("--point-duration", type=float, help="Seconds of schedule per point.")(fn)
+
+
+def _sweep_extra(opts: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "sweep.rates": [float(x) for x in opts["rates"].split(",")] if opts.get("rates") else None,
+        "sweep.start_rate": opts.get("start_rate"),
+        "sweep.factor": opts.get("factor"),
+        "sweep.max_points": opts.get("max_points"),
+        "sweep.duration_s": opts.get("point_duration"),
+    }
+
+
+def do_sweep(
+    cfg: LoadTestConfig, profile_path: str | None, console: Console
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Run a sweep, save every point and the sweep files; returns (SweepResult, point results)."""
+    from loadtest.sweep import run_sweep, sweep_rates
+
+    out = cfg.output.dir
+    results: list[dict[str, Any]] = []
+    with _progress(cfg.output.progress, console) as prog:
+        outer = prog.add_task("sweep points", total=len(sweep_rates(cfg))) if prog else None
+        runner = make_runner(cfg, profile_path, prog)
+
+        def on_point(p: Any) -> None:
+            folder = out / f"rate_{p.rate:.4g}"
+            write_run(folder, p.result, p.raw)
+            results.append(p.result)
+            if prog is not None and outer is not None:
+                prog.advance(outer)
+            m = p.metrics
+            console.print(
+                f"rate {p.rate:.4g}/s: {m.request_throughput:.3f} req/s, TTFT p50 "
+                f"{(m.distributions['ttft'].percentiles.get('p50') or 0) * 1e3:.0f} ms, "
+                f"{'SATURATED: ' + '; '.join(p.why) if p.saturated else 'ok'}"
+                f"{'' if p.result['valid'] else ' [INVALID RUN]'}"
+            )
+
+        res = run_sweep(cfg, runner, on_point)
+    from loadtest.results import csv_row
+
+    out.mkdir(parents=True, exist_ok=True)
+    doc = res.to_dict(cfg)
+    (out / "sweep.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    write_csv(out / "sweep.csv", [csv_row(r) for r in results])
+    if cfg.output.html:
+        from loadtest.report import render_sweep_report
+
+        render_sweep_report(doc, results, out / "report.html")
+    return res, results
+
+
+@main.command()
+@_common
+@_sweep_opts
+def sweep(**opts: Any) -> None:
+    """Rates from low to saturation, stopping early once clearly over-saturated."""
+    cfg = _config_or_exit(opts, _sweep_extra(opts))
+    console = Console(stderr=True)
+    res, results = do_sweep(cfg, opts["profile_path"], console)
+    console.print(
+        f"knee {res.knee_rate} req/s, saturation throughput {res.saturation_throughput:.3f} req/s "
+        f"({res.saturation_output_tps:.1f} output tok/s); {res.stop_reason}; results in {cfg.output.dir}/"
+    )
+    if not all(r["valid"] for r in results):
+        raise SystemExit(EXIT_INVALID)
+
+
+@main.command()
+@_common
+@click.option("--slo-percentile", type=float, help="Percentile the SLOs hold at (default 99).")
+@click.option("--repeats", type=int, help="Independent searches for the confidence interval.")
+@click.option("--start-rate", type=float)
+@click.option("--trial-duration", type=float, help="Seconds of schedule per trial.")
+def slo(**opts: Any) -> None:
+    """The highest rate per replica meeting the SLOs, with a confidence interval."""
+    from loadtest.slo import slo_search
+
+    extra = {
+        "slo_search.percentile": opts.get("slo_percentile"),
+        "slo_search.repeats": opts.get("repeats"),
+        "slo_search.start_rate": opts.get("start_rate"),
+        "slo_search.duration_s": opts.get("trial_duration"),
+    }
+    cfg = _config_or_exit(opts, extra)
+    console = Console(stderr=True)
+    with _progress(cfg.output.progress and not opts["profile_path"], console) as prog:
+        runner = make_runner(cfg, opts["profile_path"], prog)
+
+        def on_trial(k: int, t: Any) -> None:
+            console.print(
+                f"search {k + 1}: {t.rate:.4g} req/s "
+                f"{'pass' if t.passed else 'FAIL: ' + '; '.join(t.binding)}"
+            )
+
+        try:
+            res = slo_search(cfg, runner, on_trial)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+    doc = res.to_dict(cfg)
+    cfg.output.dir.mkdir(parents=True, exist_ok=True)
+    (cfg.output.dir / "slo.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    r = doc["rate_per_replica"]
+    console.print(
+        f"highest rate per replica meeting the SLOs: {r['mean']:.4g} req/s "
+        f"({doc['confidence']:.0%} CI {r['low']:.4g} - {r['high']:.4g}); {cfg.output.dir / 'slo.json'}"
+    )
+
+
+@main.command()
+@_common
+@click.option(
+    "--from", "from_path", type=click.Path(exists=True, dir_okay=False), help="slo.json of a measured search."
+)
+@click.option("--target-rate", type=float, help="Peak requests per second to carry.")
+@click.option(
+    "--serving-config", type=click.Path(exists=True, dir_okay=False), help="oss-serving config YAML."
+)
+@click.option("--serving-model", help="Model of the serving configuration.")
+@click.option("--gpus-per-replica", type=int)
+@click.option("--gpu-hour-price", type=float)
+@click.option("--n-plus", type=int, help="Replicas that may fail with the SLOs kept (N+k).")
+@click.option("--max-unavailable", type=int)
+@click.option("--max-surge", type=int)
+@click.option("--max-utilization", type=float)
+def plan(**opts: Any) -> None:
+    """Replicas and GPUs for a target load and SLOs (from measured results or a profile)."""
+    from loadtest.plan import capacity_plan
+
+    extra = {
+        "plan.target_rate": opts.get("target_rate"),
+        "plan.serving_config": opts.get("serving_config"),
+        "plan.model": opts.get("serving_model"),
+        "plan.gpus_per_replica": opts.get("gpus_per_replica"),
+        "plan.gpu_hour_price": opts.get("gpu_hour_price"),
+        "plan.failure_tolerance": opts.get("n_plus"),
+        "plan.max_unavailable": opts.get("max_unavailable"),
+        "plan.max_surge": opts.get("max_surge"),
+        "plan.max_utilization": opts.get("max_utilization"),
+    }
+    cfg = _config_or_exit(opts, extra)
+    console = Console(stderr=True)
+    if opts.get("from_path"):
+        doc = json.loads(Path(opts["from_path"]).read_text(encoding="utf-8"))
+        capacity, source, slos = (
+            doc["rate_per_replica"],
+            f"measured search {opts['from_path']}",
+            doc["slos_s"],
+        )
+    elif opts.get("profile_path"):
+        from loadtest.slo import slo_search
+
+        res = slo_search(cfg, make_runner(cfg, opts["profile_path"], None))
+        doc = res.to_dict(cfg)
+        capacity, source, slos = (
+            doc["rate_per_replica"],
+            f"simulated profile {opts['profile_path']}",
+            doc["slos_s"],
+        )
+    else:
+        raise click.UsageError("give --from slo.json (measured) or --profile PROFILE (simulated)")
+    try:
+        result = capacity_plan(cfg.plan, capacity, source, slos)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    cfg.output.dir.mkdir(parents=True, exist_ok=True)
+    (cfg.output.dir / "capacity_plan.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    console.print(
+        f"{result['replicas']} replicas x {result['gpus_per_replica']} GPU = {result['gpus']} GPUs "
+        f"({result['replicas_for_load']} for the load + N+{cfg.plan.failure_tolerance} + "
+        f"{cfg.plan.max_unavailable} for rolling updates; {result['gpus_during_update']} GPUs during updates)"
+    )
+    if "cost" in result:
+        c = result["cost"]
+        console.print(
+            f"cost {c['per_hour']:.2f}/hour, {c['per_month']:.0f}/month, "
+            f"{c['per_million_requests']:.2f}/M requests"
+        )
+    for a in result["assumptions"]:
+        console.print(f"  - {a}")
+    click.echo(json.dumps({k: result[k] for k in ("replicas", "gpus", "gpus_per_replica")}))
+
+
+@main.command()
+@_common
+@_sweep_opts
+@click.option(
+    "--from-sweep", type=click.Path(exists=True, file_okay=False), help="Fit an existing sweep folder."
+)
+@click.option("--max-num-seqs", type=int, help="The engine's max_num_seqs.")
+@click.option("--num-kv-blocks", type=int, help="KV blocks (default: scraped vllm:cache_config_info).")
+@click.option("--profile-out", type=click.Path(dir_okay=False), default="profile.yaml", show_default=True)
+def calibrate(**opts: Any) -> None:
+    """Fit a simulated-engine profile from a sweep against a real endpoint."""
+    from loadtest.calibrate import CalibrationPoint, fit_profile
+    from loadtest.results import load_run_records
+    from loadtest.scrape import Sample
+
+    extra = {
+        **_sweep_extra(opts),
+        "calibrate.max_num_seqs": opts.get("max_num_seqs"),
+        "calibrate.num_kv_blocks": opts.get("num_kv_blocks"),
+    }
+    cfg = _config_or_exit(opts, extra)
+    console = Console(stderr=True)
+    points: list[CalibrationPoint] = []
+    if opts.get("from_sweep"):
+        folder = Path(opts["from_sweep"])
+        for sub in sorted(p for p in folder.iterdir() if (p / "requests.jsonl").exists()):
+            result = json.loads((sub / "result.json").read_text(encoding="utf-8"))
+            samples = []
+            if (sub / "server_metrics.jsonl").exists():
+                with (sub / "server_metrics.jsonl").open(encoding="utf-8") as fh:
+                    samples = [Sample(**json.loads(line)) for line in fh if line.strip()]
+            points.append(CalibrationPoint(result["target_rate"] or math.nan, load_run_records(sub), samples))
+    else:
+        if opts["profile_path"]:
+            raise click.UsageError("calibrate fits a real endpoint: drop --profile")
+        res, _ = do_sweep(cfg, None, console)
+        points = [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in res.points]
+    report = fit_profile(points, cfg.calibrate, name=f"calibrated:{cfg.target.model}")
+    Path(opts["profile_out"]).write_text(
+        yaml.safe_dump(report.profile.model_dump(mode="json"), sort_keys=False)
+    )
+    console.print(yaml.safe_dump(report.to_dict(), sort_keys=False))
+    console.print(f"profile written to {opts['profile_out']}")
+
+
+@main.command("sim-engine", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sim_engine(args: tuple[str, ...]) -> None:
+    """Serve a SIMULATED engine (planning and test tool): python -m serving.engine.sim ARGS."""
+    from serving.engine.sim.__main__ import main as sim_main
+
+    sim_main.main(args=list(args), prog_name="oss-loadtest sim-engine")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,277 @@
+"""The one configuration object of ``oss-loadtest``: :class:`LoadTestConfig`.
+
+Every command reads its slice: ``run`` reads ``target``, ``load``, ``workload``,
+``metrics``, ``scrape``, ``validity`` and ``output``; ``sweep``, ``slo``, ``plan`` and
+``calibrate`` read their own sections too. The object can be written as YAML and given
+with ``--config``; command-line options override single fields. Unknown keys are
+rejected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loadtest.metrics import SLO_METRICS
+from loadtest.workload import WorkloadSpec, load_workload, simple_workload
+
+__all__ = [
+    "CalibrateConfig",
+    "LoadConfig",
+    "LoadTestConfig",
+    "MetricsConfig",
+    "OutputConfig",
+    "PlanConfig",
+    "ScrapeConfig",
+    "SloSearchConfig",
+    "SweepConfig",
+    "TargetConfig",
+    "ValidityConfig",
+    "load_loadtest_config",
+    "parse_slos",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class TargetConfig(_Strict):
+    """The endpoint under test."""
+
+    base_url: str = "http://127.0.0.1:8000"
+    """Root URL of the OpenAI-compatible API (without ``/v1``)."""
+    model: str = "smollm2-135m-instruct"
+    """Model id sent in every request."""
+    api_key: str | None = None
+    """Default ``Authorization: Bearer`` key (a workload tenant's key wins)."""
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """A request still running after this is recorded as ``timeout``."""
+    replicas: int = Field(default=1, ge=1)
+    """Engine replicas behind the endpoint (rates are divided by it for per-replica figures)."""
+
+
+class LoadConfig(_Strict):
+    """How requests arrive."""
+
+    arrival: Literal["poisson", "gamma", "constant", "concurrency"] = "poisson"
+    """Open-loop process (``poisson``, ``gamma``, ``constant``) or a closed loop of
+    ``concurrency`` clients."""
+    rate: float = Field(default=1.0, gt=0)
+    """Requests per second (open loop)."""
+    burstiness: float = Field(default=1.0, gt=0)
+    """Gamma shape (1 = Poisson, <1 burstier)."""
+    concurrency: int = Field(default=1, ge=1)
+    """Clients of the closed loop."""
+    num_requests: int = Field(default=100, ge=1)
+    """Most requests to send."""
+    max_duration_s: float = Field(default=300.0, gt=0)
+    """Nothing is scheduled after this many seconds."""
+    drain_timeout_s: float = Field(default=120.0, gt=0)
+    """After the last send, requests still running after this are cancelled."""
+    seed: int = 0
+    """Seed of the arrival process."""
+
+
+class MetricsConfig(_Strict):
+    """What to report."""
+
+    percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
+    """Percentiles of every latency metric."""
+    slos: dict[str, float] = Field(default_factory=dict)
+    """Goodput SLOs in seconds per metric (``ttft``, ``ttfc``, ``tpot``, ``itl``, ``e2e``)."""
+    tokenizer: str = "words"
+    """``words`` or ``hf:<model folder>``: builds prompts and counts tokens per chunk."""
+
+    @field_validator("percentiles")
+    @classmethod
+    def _pct(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= p <= 100 for p in v):
+            raise ValueError("percentiles must lie in [0, 100]")
+        return sorted(set(v))
+
+    @field_validator("slos")
+    @classmethod
+    def _slos(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = set(v) - set(SLO_METRICS)
+        if bad:
+            raise ValueError(f"unknown SLO metric(s) {sorted(bad)}; known: {', '.join(SLO_METRICS)}")
+        return v
+
+
+class ScrapeConfig(_Strict):
+    """Prometheus endpoints scraped during the run."""
+
+    urls: list[str] = Field(default_factory=list)
+    """``/metrics`` URLs (the gateway's, each engine's)."""
+    interval_s: float = Field(default=1.0, gt=0)
+    """Time between scrapes."""
+    prefixes: list[str] = Field(default_factory=lambda: ["vllm:", "oss_serving_"])
+    """Keep series whose name starts with one of these (histogram buckets are dropped)."""
+    queue_metrics: list[str] = Field(
+        default_factory=lambda: ["vllm:num_requests_waiting", "oss_serving_queue_depth"]
+    )
+    """Series plotted as server-side queue depth."""
+
+
+class ValidityConfig(_Strict):
+    """When a run is invalid (defaults from the design document)."""
+
+    min_rate_ratio: float = Field(default=0.95, gt=0, le=1)
+    """Achieved send rate must be at least this fraction of the scheduled rate."""
+    max_send_lag_p99_s: float = Field(default=0.010, gt=0)
+    """p99 of actual minus scheduled send time must not exceed this."""
+    max_client_cpu: float = Field(default=0.9, gt=0)
+    """Client CPU (fraction of one core) above this is reported as a warning."""
+
+
+class OutputConfig(_Strict):
+    """Where results go."""
+
+    dir: Path = Path("results")
+    """Output folder (JSON, CSV, JSONL, HTML report)."""
+    html: bool = True
+    """Write the HTML report with plots."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+class SweepConfig(_Strict):
+    """``oss-loadtest sweep``."""
+
+    rates: list[float] = Field(default_factory=list)
+    """Explicit rates; empty means start at ``start_rate`` and multiply by ``factor``."""
+    start_rate: float = Field(default=0.5, gt=0)
+    """First rate of an automatic sweep."""
+    factor: float = Field(default=1.5, gt=1)
+    """Rate multiplier between points of an automatic sweep."""
+    max_points: int = Field(default=12, ge=1)
+    """Most points."""
+    duration_s: float = Field(default=30.0, gt=0)
+    """Schedule length per point (requests = rate x duration, at least ``min_requests``)."""
+    min_requests: int = Field(default=20, ge=1)
+    """Fewest requests per point."""
+    saturation_ratio: float = Field(default=0.9, gt=0, le=1)
+    """A point is saturated when completed throughput < this x offered rate, or when
+    rejections and errors exceed ``max_failure_rate``."""
+    max_failure_rate: float = Field(default=0.05, ge=0, le=1)
+    """See ``saturation_ratio``."""
+    stop_after_saturated: int = Field(default=2, ge=1)
+    """Stop once this many consecutive points are saturated."""
+
+
+class SloSearchConfig(_Strict):
+    """``oss-loadtest slo``: the highest rate meeting the SLOs."""
+
+    percentile: float = Field(default=99.0, ge=0, le=100)
+    """SLOs hold at this percentile (e.g. TTFT p99 <= 2 s)."""
+    min_attainment: float = Field(default=0.0, ge=0, le=1)
+    """Also require this fraction of requests to meet every SLO (0 = off)."""
+    max_failure_rate: float = Field(default=0.01, ge=0, le=1)
+    """A rate with more errors or rejections fails."""
+    start_rate: float = Field(default=1.0, gt=0)
+    """First rate tried; doubled until a rate fails."""
+    max_rate: float = Field(default=10_000.0, gt=0)
+    """Give up above this."""
+    rel_tolerance: float = Field(default=0.05, gt=0, lt=1)
+    """Bisect until the bracket is narrower than this fraction."""
+    repeats: int = Field(default=3, ge=1)
+    """Independent searches (different seeds) for the confidence interval."""
+    confidence: float = Field(default=0.9, gt=0, lt=1)
+    """Confidence level of the interval."""
+    duration_s: float = Field(default=30.0, gt=0)
+    """Schedule length per trial."""
+    min_requests: int = Field(default=30, ge=1)
+    """Fewest requests per trial."""
+
+
+class PlanConfig(_Strict):
+    """``oss-loadtest plan``."""
+
+    target_rate: float = Field(default=10.0, gt=0)
+    """Peak requests per second the fleet must carry within the SLOs."""
+    serving_config: Path | None = None
+    """oss-serving configuration YAML giving the replica layout; default: 1 GPU per replica."""
+    model: str | None = None
+    """Model of the serving configuration (default: its first)."""
+    gpus_per_replica: int | None = Field(default=None, ge=1)
+    """Override the layout's GPUs per replica."""
+    max_utilization: float = Field(default=0.85, gt=0, le=1)
+    """Run replicas at most at this fraction of their SLO capacity."""
+    failure_tolerance: int = Field(default=1, ge=0)
+    """N+k: replicas that may fail with the SLOs still met."""
+    max_unavailable: int = Field(default=0, ge=0)
+    """Replicas taken down at once by a rolling update (extra capacity kept for them)."""
+    max_surge: int = Field(default=1, ge=0)
+    """Extra replicas started during a rolling update (GPUs held only during updates)."""
+    gpu_hour_price: float | None = Field(default=None, ge=0)
+    """Price of one GPU-hour; gives the cost."""
+    use_lower_bound: bool = True
+    """Plan on the lower end of the capacity's confidence interval."""
+
+
+class CalibrateConfig(_Strict):
+    """``oss-loadtest calibrate``."""
+
+    max_num_seqs: int = Field(default=256, ge=1)
+    """The engine's ``max_num_seqs`` (vLLM does not export it)."""
+    num_kv_blocks: int | None = Field(default=None, ge=1)
+    """KV blocks; default: read from ``vllm:cache_config_info`` when scraped."""
+    block_size: int = Field(default=16, ge=1)
+    """KV block size in tokens (also read from the cache config when scraped)."""
+
+
+class LoadTestConfig(_Strict):
+    """Everything ``oss-loadtest`` needs."""
+
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    """The endpoint."""
+    load: LoadConfig = Field(default_factory=LoadConfig)
+    """Arrivals."""
+    workload: WorkloadSpec = Field(default_factory=lambda: simple_workload(256, 128))
+    """Request mix (inline, or a path to a workload YAML)."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """What to report."""
+    scrape: ScrapeConfig = Field(default_factory=ScrapeConfig)
+    """Prometheus scraping."""
+    validity: ValidityConfig = Field(default_factory=ValidityConfig)
+    """Run validity checks."""
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    """Results."""
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    """Rate sweep."""
+    slo_search: SloSearchConfig = Field(default_factory=SloSearchConfig)
+    """SLO search."""
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    """Capacity plan."""
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    """Profile fitting."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workload_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("workload"), str):
+            data = {**data, "workload": load_workload(data["workload"])}
+        return data
+
+
+def load_loadtest_config(path: str | Path | None) -> LoadTestConfig:
+    """Read a YAML file (``None``: defaults)."""
+    if path is None:
+        return LoadTestConfig()
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return LoadTestConfig.model_validate(data)
+
+
+def parse_slos(items: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """``("ttft:2000", "tpot:50")`` (milliseconds) -> ``{"ttft": 2.0, "tpot": 0.05}``."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or name not in SLO_METRICS:
+            raise ValueError(f"bad SLO {item!r}: use METRIC:MILLISECONDS, metric one of {SLO_METRICS}")
+        out[name] = float(value) / 1000.0
+    return out

@@ -1,0 +1,172 @@
+"""Rate sweeps: from a low rate up to saturation, stopping once clearly over-saturated.
+
+A point is **saturated** when more than ``max_failure_rate`` of its requests fail or are
+rejected, when the served rate (completed requests per second over the run less its
+final drain, see :func:`served_rate`) is under ``saturation_ratio`` of the offered rate,
+or when the server falls behind during the point: the median E2E latency of the last
+quarter of the requests (by scheduled time) is more than ``saturation_growth`` times
+that of the first quarter (a queue that grows for as long as the load lasts). The sweep
+stops after ``stop_after_saturated`` saturated points in a row. The **knee** is the
+highest rate below the first saturated point; the **saturation throughput** is the
+highest completed request throughput seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from loadtest.config import LoadTestConfig
+from loadtest.metrics import RunMetrics, compute_run_metrics
+from loadtest.results import run_result
+from loadtest.runner import RawRun
+
+__all__ = [
+    "SweepPoint",
+    "SweepResult",
+    "latency_growth",
+    "point_config",
+    "run_sweep",
+    "served_rate",
+    "sweep_rates",
+]
+
+RunFn = Callable[[LoadTestConfig], RawRun]
+SATURATION_GROWTH = 2.0
+
+
+def sweep_rates(cfg: LoadTestConfig) -> list[float]:
+    """Explicit rates, or ``start_rate * factor**k`` for ``max_points`` points."""
+    s = cfg.sweep
+    if s.rates:
+        return sorted(s.rates)
+    return [s.start_rate * s.factor**k for k in range(s.max_points)]
+
+
+def point_config(
+    cfg: LoadTestConfig, rate: float, duration_s: float, min_requests: int, seed: int
+) -> LoadTestConfig:
+    """``cfg`` at one rate: requests = rate x duration (at least ``min_requests``)."""
+    out = cfg.model_copy(deep=True)
+    if out.load.arrival == "concurrency":
+        out.load.arrival = "poisson"
+    out.load.rate = rate
+    out.load.num_requests = max(min_requests, math.ceil(rate * duration_s))
+    out.load.max_duration_s = max(duration_s, (out.load.num_requests + 1) / rate * 3)
+    out.load.seed = seed
+    out.workload = out.workload.model_copy(update={"seed": seed})
+    return out
+
+
+def latency_growth(metrics: RunMetrics, scheduled: list[float]) -> float | None:
+    """Median E2E of the last quarter over the first quarter (requests by schedule)."""
+    pairs = sorted(
+        (s, m.e2e) for s, m in zip(scheduled, metrics.per_request, strict=True) if m.e2e is not None
+    )
+    q = len(pairs) // 4
+    if q < 3:
+        return None
+    first = float(np.median([e for _, e in pairs[:q]]))
+    last = float(np.median([e for _, e in pairs[-q:]]))
+    return last / first if first > 0 else None
+
+
+def served_rate(metrics: RunMetrics) -> float | None:
+    """Completed requests per second, over the run less its final drain (one median E2E):
+    close to the offered rate while the server keeps up, the capacity when it does not."""
+    e2e = metrics.distributions["e2e"]
+    if not metrics.completed or e2e.count == 0:
+        return None
+    med = float(np.median([m.e2e for m in metrics.per_request if m.e2e is not None]))
+    span = metrics.duration_s - med
+    return metrics.completed / span if span > 0 else None
+
+
+@dataclass
+class SweepPoint:
+    """One rate of a sweep."""
+
+    rate: float
+    result: dict[str, Any]
+    metrics: RunMetrics
+    raw: RawRun
+    saturated: bool
+    why: list[str]
+
+
+@dataclass
+class SweepResult:
+    """All points and the sweep's verdict."""
+
+    points: list[SweepPoint] = field(default_factory=list)
+    stop_reason: str = "all rates run"
+
+    @property
+    def knee_rate(self) -> float | None:
+        knee = None
+        for p in self.points:
+            if p.saturated:
+                break
+            knee = p.rate
+        return knee
+
+    @property
+    def saturation_throughput(self) -> float:
+        return max((p.metrics.request_throughput for p in self.points), default=0.0)
+
+    @property
+    def saturation_output_tps(self) -> float:
+        return max((p.metrics.output_token_throughput for p in self.points), default=0.0)
+
+    def to_dict(self, cfg: LoadTestConfig) -> dict[str, Any]:
+        return {
+            "schema": "oss-loadtest/sweep/1",
+            "workload": cfg.workload.name,
+            "rates": [p.rate for p in self.points],
+            "saturated": [p.saturated for p in self.points],
+            "saturation_reasons": [p.why for p in self.points],
+            "valid": [p.result["valid"] for p in self.points],
+            "knee_rate": self.knee_rate,
+            "saturation_throughput": self.saturation_throughput,
+            "saturation_output_token_throughput": self.saturation_output_tps,
+            "stop_reason": self.stop_reason,
+            "percentile_keys": [f"p{p:g}" for p in cfg.metrics.percentiles if p in (50, 90, 99)] or ["p50"],
+            "points": [f"rate_{p.rate:.4g}" for p in self.points],
+        }
+
+
+def run_sweep(
+    cfg: LoadTestConfig, run_fn: RunFn, on_point: Callable[[SweepPoint], None] | None = None
+) -> SweepResult:
+    """Run the sweep of ``cfg.sweep`` with ``run_fn`` (live or simulated)."""
+    s = cfg.sweep
+    result = SweepResult()
+    streak = 0
+    for k, rate in enumerate(sweep_rates(cfg)):
+        pc = point_config(cfg, rate, s.duration_s, s.min_requests, cfg.load.seed + k)
+        raw = run_fn(pc)
+        metrics = compute_run_metrics(raw.records, cfg.metrics.percentiles, cfg.metrics.slos)
+        why: list[str] = []
+        failures = metrics.error_rate + metrics.rejection_rate
+        if failures > s.max_failure_rate:
+            why.append(f"{failures:.0%} of requests failed or were rejected")
+        growth = latency_growth(metrics, [r.scheduled for r in raw.records])
+        if growth is not None and growth > SATURATION_GROWTH:
+            why.append(f"E2E grew {growth:.1f}x during the point (queue building up)")
+        served = served_rate(metrics)
+        offered = raw.validity.scheduled_rate or rate
+        if served is not None and served < s.saturation_ratio * offered:
+            why.append(f"served {served:.3g} req/s of {offered:.3g} offered")
+        point = SweepPoint(rate, run_result(pc, raw, metrics), metrics, raw, bool(why), why)
+        result.points.append(point)
+        if on_point:
+            on_point(point)
+        streak = streak + 1 if why else 0
+        if streak >= s.stop_after_saturated:
+            result.stop_reason = f"{streak} consecutive saturated points"
+            break
+    return result

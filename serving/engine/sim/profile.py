@@ -1,0 +1,65 @@
+"""The timing profile of a simulated engine (written by ``oss-loadtest calibrate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["EngineProfile", "load_profile"]
+
+
+class EngineProfile(BaseModel):
+    """How long an engine step takes and how much the engine holds.
+
+    One engine step lasts ``step_base_s + step_per_seq_s * running +
+    step_per_kv_token_s * kv_tokens + prefill_per_token_s * prefill_tokens``, where
+    ``running`` counts sequences in the batch, ``kv_tokens`` the tokens they hold in the
+    KV cache and ``prefill_tokens`` the uncached prompt tokens computed in the step.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: str = "sim"
+    """Label of the profile (e.g. the hardware and model it was fitted on)."""
+    step_base_s: float = Field(default=0.004, ge=0)
+    """Fixed cost of one engine step."""
+    step_per_seq_s: float = Field(default=0.0002, ge=0)
+    """Added per running sequence."""
+    step_per_kv_token_s: float = Field(default=0.0, ge=0)
+    """Added per token held in the KV cache by running sequences (attention reads)."""
+    prefill_per_token_s: float = Field(default=0.0001, ge=0)
+    """Added per uncached prompt token computed in the step."""
+    request_overhead_s: float = Field(default=0.0, ge=0)
+    """Fixed time before a request reaches the scheduler (HTTP, tokenization)."""
+    block_size: int = Field(default=16, ge=1)
+    """Tokens per KV block."""
+    num_kv_blocks: int = Field(default=8192, ge=1)
+    """KV blocks of the engine."""
+    enable_prefix_caching: bool = True
+    """Reuse full blocks of identical prompt prefixes."""
+    max_num_seqs: int = Field(default=128, ge=1)
+    """Most sequences in one batch."""
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    """Prompt tokens admitted per step (the first request of a step is always admitted)."""
+    max_model_len: int = Field(default=32768, ge=1)
+    """Longest prompt plus output; longer requests get 400."""
+    max_waiting: int | None = Field(default=None, ge=0)
+    """Reject with 503 when this many requests wait (vLLM itself never rejects)."""
+    chat_template_tokens: int = Field(default=0, ge=0)
+    """Tokens a chat template adds around the messages."""
+    default_max_tokens: int = Field(default=256, ge=1)
+    """Output tokens when a request sets no ``max_tokens``."""
+    stream_interval: int = Field(default=1, ge=1)
+    """Tokens per streamed chunk."""
+    reasoning_fraction: dict[str, float] = Field(
+        default_factory=lambda: {"low": 0.2, "medium": 0.5, "high": 0.8}
+    )
+    """Share of the output streamed as reasoning, by ``reasoning_effort``."""
+
+
+def load_profile(path: str | Path) -> EngineProfile:
+    """Read a profile YAML file."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return EngineProfile.model_validate(data)
