@@ -49,7 +49,12 @@ def _int(minimum: int = 0, description: str | None = None) -> JSON:
     return out
 
 
-_QUANTITY = {"anyOf": [{"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"}, {"type": "number"}]}
+_QUANTITY = {
+    "anyOf": [
+        {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"},
+        {"type": "number"},
+    ]
+}
 _RESOURCE_LIST: JSON = {"type": "object", "additionalProperties": _QUANTITY}
 _RESOURCES = _obj(
     {"requests": _RESOURCE_LIST, "limits": _RESOURCE_LIST},
@@ -65,7 +70,11 @@ _PINNED_TAG = {
     "description": "A pinned image tag (moving tags such as latest are rejected).",
 }
 _IMAGE = _obj(
-    {"repository": _str(minLength=1), "tag": _PINNED_TAG, "pullPolicy": {"enum": ["IfNotPresent", "Always", "Never"]}},
+    {
+        "repository": _str(minLength=1),
+        "tag": _PINNED_TAG,
+        "pullPolicy": {"enum": ["IfNotPresent", "Always", "Never"]},
+    },
     required=["repository", "tag"],
 )
 _K8S_NAME = {"type": "string", "pattern": r"^$|^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253}
@@ -155,11 +164,16 @@ def _chart_properties() -> JSON:
         "redis": {
             **_obj(
                 {
-                    "mode": {"enum": ["bundled", "external"], "description": "bundled StatefulSet or external URL"},
+                    "mode": {
+                        "enum": ["bundled", "external"],
+                        "description": "bundled StatefulSet or external URL",
+                    },
                     "bundled": _obj(
                         {
                             "image": _IMAGE,
-                            "persistence": _obj({"size": _str(pattern=r"^[0-9]+(Mi|Gi|Ti)$"), "storageClassName": _str()}),
+                            "persistence": _obj(
+                                {"size": _str(pattern=r"^[0-9]+(Mi|Gi|Ti)$"), "storageClassName": _str()}
+                            ),
                             "resources": _RESOURCES,
                             "maxmemory": _str(pattern=r"^[0-9]+(kb|mb|gb)$"),
                         }
@@ -183,7 +197,9 @@ def _chart_properties() -> JSON:
                 {
                     "if": {"properties": {"mode": {"const": "external"}}},
                     "then": {
-                        "properties": {"external": {"properties": {"url": {"minLength": 1}}, "required": ["url"]}},
+                        "properties": {
+                            "external": {"properties": {"url": {"minLength": 1}}, "required": ["url"]}
+                        },
                         "required": ["external"],
                     },
                 }
@@ -227,8 +243,12 @@ def _chart_properties() -> JSON:
         ),
         "monitoring": _obj(
             {
-                "serviceMonitor": _obj({"enabled": {"type": "boolean"}, "interval": _str(), "labels": _ANY_OBJECT}),
-                "podMonitor": _obj({"enabled": {"type": "boolean"}, "interval": _str(), "labels": _ANY_OBJECT}),
+                "serviceMonitor": _obj(
+                    {"enabled": {"type": "boolean"}, "interval": _str(), "labels": _ANY_OBJECT}
+                ),
+                "podMonitor": _obj(
+                    {"enabled": {"type": "boolean"}, "interval": _str(), "labels": _ANY_OBJECT}
+                ),
                 "prometheusRule": _obj(
                     {
                         "enabled": {"type": "boolean"},

@@ -273,7 +273,9 @@ def estimate(layout: Layout) -> BudgetReport:
     except KeyError:
         raise ValueError(f"unknown model {layout.model!r}; known: {', '.join(MODELS)}") from None
     if layout.kv_cache_dtype not in KV_DTYPE_BYTES:
-        raise ValueError(f"unknown kv_cache_dtype {layout.kv_cache_dtype!r}; known: {', '.join(KV_DTYPE_BYTES)}")
+        raise ValueError(
+            f"unknown kv_cache_dtype {layout.kv_cache_dtype!r}; known: {', '.join(KV_DTYPE_BYTES)}"
+        )
     util = Decimal(layout.gpu_memory_utilization)
     if not Decimal(0) < util <= Decimal(1):
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {layout.gpu_memory_utilization}")
@@ -373,9 +375,13 @@ def check(layout: Layout, gpus_per_node: int | None = None) -> BudgetReport:
     if not problems:
         return report
     fits = _alternatives(layout, gpus_per_node)
-    advice = "; layouts that fit: " + ", ".join(fits) if fits else "; no tensor-parallel layout on this GPU fits"
+    advice = (
+        "; layouts that fit: " + ", ".join(fits) if fits else "; no tensor-parallel layout on this GPU fits"
+    )
     message = (
-        f"{layout.model} on {layout.gpu_type} {_layout_name(layout)} does not fit: " + "; ".join(problems) + advice
+        f"{layout.model} on {layout.gpu_type} {_layout_name(layout)} does not fit: "
+        + "; ".join(problems)
+        + advice
     )
     raise BudgetError(message, model=layout.model, gpu_type=layout.gpu_type, reason=problems[0], fits=fits)
 
