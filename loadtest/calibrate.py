@@ -118,29 +118,8 @@ def _lstsq_nonneg(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         cols.remove(neg[0])
 
 
-def fit_profile(
-    points: Sequence[CalibrationPoint], cfg: CalibrateConfig, name: str = "calibrated"
-) -> FitReport:
-    """Fit an :class:`EngineProfile` to the points of a sweep."""
-    notes: list[str] = []
-    points = sorted(points, key=lambda p: p.rate)
-    per_point = [_usable(p.records) for p in points]
-    if sum(len(p) for p in per_point) < 5:
-        raise ValueError("too few completed streamed requests with 2+ tokens to fit a profile")
-    # -- prefill, from the lowest rate -------------------------------------------------------
-    low = next(p for p in per_point if p)
-    ttft = np.asarray([q.first - q.sent for q in low])
-    unc = np.asarray([q.uncached for q in low], dtype=float)
-    if unc.std() > 0.05 * max(unc.mean(), 1.0) and len(low) >= 5:
-        slope, intercept = np.polyfit(unc, ttft, 1)
-        slope = max(float(slope), 0.0)
-        intercept = float(np.median(ttft - slope * unc))
-    else:
-        notes.append(
-            "prompt lengths barely vary at the lowest rate: prefill cost and fixed overhead not separable"
-        )
-        slope, intercept = float(np.median(ttft)) / max(float(unc.mean()), 1.0), 0.0
-    # -- decode ----------------------------------------------------------------------------
+def _fit_decode(per_point: Sequence[list[_Req]], prefill_per_token: float) -> tuple[np.ndarray, float, int]:
+    """Least-squares decode-step model; returns (coefficients, R^2, rows)."""
     rows: list[list[float]] = []
     ys: list[float] = []
     for reqs in per_point:
@@ -158,20 +137,47 @@ def fit_profile(
             running = float(active.sum(axis=1).mean())
             kv = float((active * (prompts[None, :] + frac * ns[None, :])).sum(axis=1).mean())
             started = (firsts > q.first) & (firsts <= q.last)
-            interference = slope * float(uncs[started].sum())
-            tpot = (q.last - q.first - interference) / (q.n - 1)
+            interference = prefill_per_token * float(uncs[started].sum())
             rows.append([1.0, running, kv])
-            ys.append(tpot)
+            ys.append((q.last - q.first - interference) / (q.n - 1))
     x = np.asarray(rows)
     y = np.asarray(ys)
     coef = _lstsq_nonneg(x, y)
-    pred = x @ coef
-    ss_res = float(((y - pred) ** 2).sum())
+    ss_res = float(((y - x @ coef) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return coef, (1 - ss_res / ss_tot if ss_tot > 0 else 1.0), len(ys)
+
+
+def fit_profile(
+    points: Sequence[CalibrationPoint], cfg: CalibrateConfig, name: str = "calibrated"
+) -> FitReport:
+    """Fit an :class:`EngineProfile` to the points of a sweep."""
+    notes: list[str] = []
+    points = sorted(points, key=lambda p: p.rate)
+    per_point = [_usable(p.records) for p in points]
+    if sum(len(p) for p in per_point) < 5:
+        raise ValueError("too few completed streamed requests with 2+ tokens to fit a profile")
+    # -- prefill, from the lowest rate -------------------------------------------------------
+    low = next(p for p in per_point if p)
+    ttft = np.asarray([q.first - q.sent for q in low])
+    unc = np.asarray([q.uncached for q in low], dtype=float)
+    separable = bool(unc.std() > 0.05 * max(unc.mean(), 1.0) and len(low) >= 5)
+    if separable:
+        slope, _ = np.polyfit(unc, ttft, 1)
+        slope = max(float(slope), 0.0)
+        coef, r2, n_rows = _fit_decode(per_point, slope)
+    else:
+        notes.append(
+            "prompt lengths barely vary at the lowest rate: the first token is taken to cost one decode "
+            "step plus prefill, with no fixed request overhead"
+        )
+        coef, _, _ = _fit_decode(per_point, 0.0)
+        one_step = float(coef[0] + coef[1])
+        slope = max(0.0, float(np.median(ttft)) - one_step) / max(float(unc.mean()), 1.0)
+        coef, r2, n_rows = _fit_decode(per_point, slope)
+    intercept = float(np.median(ttft - slope * unc))
     base, per_seq, per_kv = (float(c) for c in coef)
-    low_running = 1.0
-    overhead = max(0.0, intercept - (base + per_seq * low_running))
+    overhead = max(0.0, intercept - (base + per_seq)) if separable else 0.0
     cache = next((c for c in (_cache_config(p.samples) for p in points) if c), {})
     blocks = cfg.num_kv_blocks or (int(cache["num_gpu_blocks"]) if cache.get("num_gpu_blocks") else None)
     block_size = int(cache.get("block_size") or cfg.block_size)
@@ -197,4 +203,4 @@ def fit_profile(
         max_num_seqs=cfg.max_num_seqs,
         chat_template_tokens=max(0, int(np.median(template))) if template else 0,
     )
-    return FitReport(profile, r2, len(ys), len(low), notes)
+    return FitReport(profile, r2, n_rows, len(low), notes)

@@ -56,22 +56,38 @@ def _apply_usage(usage: dict[str, Any], rec: RequestRecord) -> None:
 
 
 def assign_chunk_tokens(records: Iterable[RequestRecord], tokenizer: Tokenizer | None) -> None:
-    """Set each chunk's token count.
+    """Set each output chunk's token count.
 
     When the server's ``completion_tokens`` equals the number of output chunks, every
-    chunk carried one token (exact). Otherwise each chunk's text is re-tokenized
-    (without special tokens), at least 1 per chunk; with no tokenizer, 1 per chunk.
+    chunk carried one token (exact). Otherwise each chunk's text is re-tokenized without
+    special tokens (at least 1 per chunk; 1 per chunk with no tokenizer), and when the
+    server reported a total the counts are scaled to add up to it (largest remainders),
+    so the server's usage stays authoritative and the tokenizer only splits it.
     """
     for rec in records:
         out = [c for c in rec.chunks if c.has_token]
         if not out:
             continue
-        if rec.completion_tokens == len(out) or tokenizer is None:
-            for c in out:
-                c.tokens = 1
-            continue
-        for c in out:
-            c.tokens = max(1, len(tokenizer.encode(c.reasoning + c.content)))
+        total = rec.completion_tokens
+        if total == len(out):
+            counts = [1] * len(out)
+        else:
+            counts = [max(1, len(tokenizer.encode(c.reasoning + c.content))) if tokenizer else 1 for c in out]
+            if total is not None and total >= len(out) and sum(counts) != total:
+                counts = _apportion(counts, total)
+        for c, n in zip(out, counts, strict=True):
+            c.tokens = n
+
+
+def _apportion(weights: list[int], total: int) -> list[int]:
+    """Integers >= 1 proportional to ``weights`` that add up to ``total`` (>= len)."""
+    spare = total - len(weights)
+    raw = [w * spare / sum(weights) for w in weights]
+    out = [1 + int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
 
 
 class OpenAIClient:

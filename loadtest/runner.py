@@ -24,7 +24,7 @@ from loadtest.client import OpenAIClient, assign_chunk_tokens
 from loadtest.config import LoadTestConfig
 from loadtest.records import ErrorKind, RequestRecord
 from loadtest.scrape import Sample, Scraper
-from loadtest.tokenizer import Tokenizer, WordTokenizer, load_tokenizer
+from loadtest.tokenizer import Tokenizer, load_tokenizer
 from loadtest.workload import PlannedRequest, build_requests
 
 __all__ = ["RawRun", "Validity", "check_validity", "execute", "plan_run", "run_load"]
@@ -264,7 +264,7 @@ async def execute(
     cpu1 = proc.cpu_times()
     client_cpu = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall if wall > 0 else 0.0
     system_cpu = psutil.cpu_percent(None) / 100.0
-    assign_chunk_tokens(records, None if isinstance(tokenizer, WordTokenizer) else tokenizer)
+    assign_chunk_tokens(records, tokenizer)
     validity = check_validity(records, target_rate, client_cpu, system_cpu, cfg)
     return RawRun(
         records=records,

@@ -172,9 +172,23 @@ def test_assign_chunk_tokens() -> None:
         completion_tokens=5,
         chunks=[Chunk(t=1, reasoning="a b c"), Chunk(t=2, content="d e")],
     )
-    assign_chunk_tokens([exact, retok], WordTokenizer())
+    scaled = RequestRecord(
+        2,
+        0.0,
+        status=200,
+        completion_tokens=10,
+        chunks=[Chunk(t=1, content="a b c"), Chunk(t=2, content="d")],
+    )
+    untok = RequestRecord(
+        3, 0.0, status=200, completion_tokens=5, chunks=[Chunk(t=1, content="x y"), Chunk(t=2, content="z")]
+    )
+    assign_chunk_tokens([exact, retok, scaled], WordTokenizer())
+    assign_chunk_tokens([untok], None)
     assert [c.tokens for c in exact.chunks] == [1, 1]
     assert [c.tokens for c in retok.chunks] == [3, 2]
+    # 3:1 split of the 10 tokens the server reported
+    assert [c.tokens for c in scaled.chunks] == [7, 3]
+    assert sum(c.tokens for c in untok.chunks) == 5
 
 
 def test_record_round_trip() -> None:
