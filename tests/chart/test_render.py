@@ -336,7 +336,10 @@ def test_redis_is_bundled_or_external_never_both(rendered_scenarios: dict[str, R
     assert redis_set["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
     assert container["livenessProbe"]
     assert container["readinessProbe"]
-    assert container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-oss-serving-redis"
+    assert "--requirepass" not in container["args"][0]  # the password is read from the mounted Secret
+    password = next(v for v in redis_set["spec"]["template"]["spec"]["volumes"] if v["name"] == "password")
+    assert password["secret"]["secretName"] == f"{RELEASE}-oss-serving-redis"
+    assert container["resources"]["limits"]["memory"] == "1Gi"
     cfg = parse_config(yaml.safe_load(bundled.one("ConfigMap", "-config")["data"]["config.yaml"]))
     assert cfg.redis.url == f"redis://{RELEASE}-oss-serving-redis:6379/0"
 
