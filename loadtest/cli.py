@@ -6,7 +6,6 @@ Exit status: 0 when every run was valid, 3 when a run failed its validity checks
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import math
@@ -25,7 +24,7 @@ from rich.table import Table
 from loadtest.config import LoadTestConfig, load_loadtest_config, parse_slos
 from loadtest.metrics import compute_run_metrics
 from loadtest.results import run_result, write_csv, write_run
-from loadtest.runner import RawRun, execute, plan_run
+from loadtest.runner import RawRun, execute, plan_run, run_coroutine
 from loadtest.tokenizer import load_tokenizer
 from loadtest.workload import load_workload, simple_workload
 
@@ -168,7 +167,7 @@ def make_runner(
             else f"concurrency {c.load.concurrency}"
         )
         if prog is None:
-            return asyncio.run(execute(c, reqs, offsets, tok))
+            return run_coroutine(c, execute(c, reqs, offsets, tok))
         sent = prog.add_task(f"{label}: sent", total=len(reqs))
         done = prog.add_task(f"{label}: done", total=len(reqs))
 
@@ -177,7 +176,7 @@ def make_runner(
             prog.update(done, completed=n_done)
 
         try:
-            return asyncio.run(execute(c, reqs, offsets, tok, update))
+            return run_coroutine(c, execute(c, reqs, offsets, tok, update))
         finally:
             prog.remove_task(sent)
             prog.remove_task(done)

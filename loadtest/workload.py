@@ -253,6 +253,8 @@ class PlannedRequest:
     tags: dict[str, str] = field(default_factory=dict)
     offset: float | None = None
     """Send offset from a trace (seconds); ``None`` when the arrival process decides."""
+    encoded: tuple[bytes, dict[str, str]] | None = field(default=None, repr=False)
+    """Body bytes and headers, filled by the client before the run."""
 
 
 @dataclass
