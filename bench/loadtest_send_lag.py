@@ -3,7 +3,8 @@
 Starts :mod:`loadtest.instant` (a minimal server that answers every request at once
 with a fixed 4-token stream) in a separate process, sends ``--rate`` requests per second
 for ``--seconds`` (Poisson), and prints the send lag (actual minus scheduled send)
-percentiles, the achieved rate and the client's CPU. Target: p99 send lag under 10 ms at 500 requests per second.
+percentiles, the achieved rate and the client's CPU. Target: p99 send lag under 10 ms at
+500 requests per second.
 
     .venv/bin/python bench/loadtest_send_lag.py --rate 500 --seconds 10
 """
