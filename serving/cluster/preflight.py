@@ -1,0 +1,404 @@
+"""``oss-serve preflight``: will this chart install work on the current cluster?
+
+Reads the cluster through a :class:`~serving.cluster.kube.ClusterReader` (the current
+kube context) and the chart values the release would use (the chart's values.yaml,
+then each ``-f`` file, merged as Helm merges them), and checks:
+
+* the KubeRay operator's CRDs (RayService, RayCluster) are installed;
+* every GPU worker group has nodes that fit one pod: matching nodeSelector, tolerated
+  taints, enough allocatable ``nvidia.com/gpu``, the configured GPU model;
+* every model's layout fits its GPUs (the same budget check as the chart's);
+* the Secrets the values reference exist and hold the expected keys;
+* the weight cache can be provisioned (storage class, or the existing claim is bound);
+* the Prometheus operator's (and KEDA's) CRDs when monitoring (or KEDA) is on.
+
+Each check gives a :class:`Finding` (ok, warning or error); the command exits 1 when
+any is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from serving.cluster.kube import ClusterReader
+from serving.config import ConfigError, parse_config
+from serving.engine.budget import GPUS, BudgetError, check_model
+
+__all__ = ["Finding", "load_values", "merge_values", "run_preflight"]
+
+JSON = dict[str, Any]
+Level = Literal["ok", "warning", "error"]
+
+KUBERAY_CRDS = ("rayservices.ray.io", "rayclusters.ray.io")
+MONITORING_CRDS = {
+    "serviceMonitor": "servicemonitors.monitoring.coreos.com",
+    "podMonitor": "podmonitors.monitoring.coreos.com",
+    "prometheusRule": "prometheusrules.monitoring.coreos.com",
+}
+KEDA_CRD = "scaledobjects.keda.sh"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+#: Provisioners known to offer ReadWriteMany volumes (the weight cache is shared).
+RWX_PROVISIONERS = (
+    "efs.csi.aws.com",
+    "filestore.csi.storage.gke.io",
+    "file.csi.azure.com",
+    "kubernetes.io/azure-file",
+    "cephfs.csi.ceph.com",
+    "nfs.csi.k8s.io",
+    "cluster.local/nfs-subdir-external-provisioner",
+    "csi.trident.netapp.io",
+    "fsx.csi.aws.com",
+    "lustre.csi.oracle.com",
+    "csi.weka.io",
+)
+DEFAULT_SC_ANNOTATIONS = (
+    "storageclass.kubernetes.io/is-default-class",
+    "storageclass.beta.kubernetes.io/is-default-class",
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The outcome of one check."""
+
+    check: str
+    level: Level
+    message: str
+
+
+def merge_values(base: JSON, override: JSON) -> JSON:
+    """Helm's merge of values: maps merge key by key, anything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_values(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_values(chart_dir: Path, values_files: Sequence[Path] = ()) -> JSON:
+    """The chart's values.yaml with each file merged over it, in order."""
+    values: JSON = {}
+    for path in [chart_dir / "values.yaml", *values_files]:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        values = merge_values(values, data)
+    return values
+
+
+def _tolerates(tolerations: list[JSON], taint: JSON) -> bool:
+    for tol in tolerations:
+        if tol.get("effect") and tol["effect"] != taint.get("effect"):
+            continue
+        if tol.get("operator") == "Exists" and (not tol.get("key") or tol["key"] == taint.get("key")):
+            return True
+        if tol.get("key") == taint.get("key") and tol.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def _node_gpus(node: JSON) -> int:
+    raw = node.get("status", {}).get("allocatable", {}).get(GPU_RESOURCE, "0")
+    try:
+        return int(str(raw))
+    except ValueError:
+        return 0
+
+
+def _describe(node: JSON) -> str:
+    labels = node["metadata"].get("labels", {})
+    product = labels.get(GPU_PRODUCT_LABEL, "unknown GPU")
+    return f"{node['metadata']['name']} ({_node_gpus(node)} x {product})"
+
+
+def _gpu_family(gpu_type: str) -> str:
+    return gpu_type.split("-", 1)[0].upper()
+
+
+def _check_worker_group(group: JSON, nodes: list[JSON]) -> list[Finding]:
+    name = f"gpu-nodes:{group['name']}"
+    want = int(group["gpusPerPod"])
+    selector: dict[str, str] = group.get("nodeSelector") or {}
+    tolerations: list[JSON] = group.get("tolerations") or []
+    gpu_nodes = [n for n in nodes if _node_gpus(n) > 0]
+    fitting = []
+    for node in gpu_nodes:
+        labels = node["metadata"].get("labels", {})
+        if any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        if node.get("spec", {}).get("unschedulable"):
+            continue
+        taints = [
+            t
+            for t in node.get("spec", {}).get("taints", [])
+            if t.get("effect") in ("NoSchedule", "NoExecute")
+        ]
+        if not all(_tolerates(tolerations, t) for t in taints):
+            continue
+        if _node_gpus(node) < want:
+            continue
+        fitting.append(node)
+    findings: list[Finding] = []
+    need = f"{want} allocatable {GPU_RESOURCE}" + (f", labels {selector}" if selector else "")
+    if not fitting:
+        seen = ", ".join(_describe(n) for n in gpu_nodes) or "no node has GPUs"
+        findings.append(
+            Finding(
+                name, "error", f"no node fits a pod of worker group {group['name']!r} (needs {need}); {seen}"
+            )
+        )
+        return findings
+    minimum, maximum = int(group.get("minReplicas", 0)), int(group.get("maxReplicas", 1))
+    if len(fitting) < minimum:
+        findings.append(
+            Finding(
+                name,
+                "error",
+                f"{len(fitting)} node(s) fit worker group {group['name']!r} but minReplicas is {minimum}: "
+                + ", ".join(_describe(n) for n in fitting),
+            )
+        )
+    elif len(fitting) < maximum:
+        findings.append(
+            Finding(
+                name,
+                "warning",
+                f"{len(fitting)} node(s) fit worker group {group['name']!r}, maxReplicas is {maximum}: "
+                "scaling beyond that needs the cluster autoscaler to add GPU nodes",
+            )
+        )
+    else:
+        findings.append(
+            Finding(name, "ok", f"{len(fitting)} node(s) fit worker group {group['name']!r} ({need})")
+        )
+    family = _gpu_family(str(group["gpuType"]))
+    products = {n["metadata"].get("labels", {}).get(GPU_PRODUCT_LABEL, "") for n in fitting}
+    wrong = sorted(p for p in products if p and family not in p.upper())
+    if wrong:
+        findings.append(
+            Finding(
+                f"gpu-type:{group['name']}",
+                "error",
+                f"worker group {group['name']!r} declares gpuType {group['gpuType']} but fitting nodes have "
+                f"{', '.join(wrong)}: set gpuType (and the models' topology.gpu_type) to the real GPU, or a "
+                "nodeSelector that picks the right nodes",
+            )
+        )
+    spec = GPUS.get(str(group["gpuType"]))
+    if spec is not None:
+        small = []
+        for node in fitting:
+            memory = node["metadata"].get("labels", {}).get(GPU_MEMORY_LABEL)
+            if memory and memory.isdigit() and int(memory) < spec.memory_mib * 95 // 100:
+                small.append(f"{node['metadata']['name']} ({memory} MiB)")
+        if small:
+            findings.append(
+                Finding(
+                    f"gpu-memory:{group['name']}",
+                    "error",
+                    f"gpuType {group['gpuType']} assumes {spec.memory_mib} MiB per GPU; nodes report less: "
+                    + ", ".join(small),
+                )
+            )
+    return findings
+
+
+def _check_budget(values: JSON) -> list[Finding]:
+    findings = []
+    try:
+        config = parse_config(values.get("config"), origin="values config")
+    except ConfigError as exc:
+        return [Finding("config", "error", str(exc))]
+    groups = values.get("ray", {}).get("workerGroups", [])
+    for model in config.models:
+        gpu_type = model.topology.gpu_type
+        per_node = max((int(g["gpusPerPod"]) for g in groups if g.get("gpuType") == gpu_type), default=0)
+        name = f"gpu-budget:{model.name}"
+        if gpu_type is not None and per_node == 0:
+            findings.append(
+                Finding(
+                    name, "error", f"topology.gpu_type is {gpu_type} but no worker group has that gpuType"
+                )
+            )
+            continue
+        try:
+            report = check_model(model, gpus_per_node=per_node or None)
+        except BudgetError as exc:
+            findings.append(Finding(name, "error", str(exc)))
+            continue
+        if report is None:
+            findings.append(
+                Finding(name, "warning", "not checked (no topology.gpu_type, or not a gpt-oss model)")
+            )
+        else:
+            findings.append(Finding(name, "ok", report.summary()))
+    return findings
+
+
+def _secret_refs(values: JSON) -> list[tuple[str, str, str]]:
+    """(purpose, secret name, key) of every existing Secret the values reference."""
+    secrets = values.get("secrets", {})
+    refs = []
+    for purpose in ("apiKeys", "huggingface", "upstream"):
+        entry = secrets.get(purpose, {})
+        if entry.get("existingSecret"):
+            refs.append((purpose, entry["existingSecret"], entry["key"]))
+    api_keys = secrets.get("apiKeys", {})
+    if api_keys.get("existingSecret"):
+        # The helm test pod authenticates with this key of the same Secret.
+        refs.append(("apiKeys (helm test)", api_keys["existingSecret"], "admin-api-key"))
+    redis = values.get("redis", {})
+    if redis.get("mode") == "external" and redis.get("external", {}).get("existingSecret"):
+        refs.append(("redis", redis["external"]["existingSecret"], redis["external"]["passwordKey"]))
+    elif redis.get("mode", "bundled") == "bundled" and secrets.get("redis", {}).get("existingSecret"):
+        refs.append(("redis", secrets["redis"]["existingSecret"], secrets["redis"]["key"]))
+    return refs
+
+
+def _check_secrets(reader: ClusterReader, values: JSON, namespace: str) -> list[Finding]:
+    findings = []
+    for purpose, name, key in _secret_refs(values):
+        check = f"secret:{name}"
+        secret = reader.get_secret(namespace, name)
+        if secret is None:
+            findings.append(
+                Finding(
+                    check, "error", f"Secret {namespace}/{name} ({purpose}) does not exist: create it first"
+                )
+            )
+        elif key not in (secret.get("data") or {}) and key not in (secret.get("stringData") or {}):
+            present = ", ".join(sorted((secret.get("data") or {}).keys())) or "none"
+            findings.append(
+                Finding(
+                    check,
+                    "error",
+                    f"Secret {namespace}/{name} ({purpose}) has no key {key!r} (keys: {present})",
+                )
+            )
+        else:
+            findings.append(Finding(check, "ok", f"Secret {namespace}/{name} has {key!r}"))
+    return findings
+
+
+def _check_storage(reader: ClusterReader, values: JSON, namespace: str) -> list[Finding]:
+    cache = values.get("weights", {}).get("cache", {})
+    if not cache.get("enabled"):
+        return [Finding("weights-cache", "ok", "weight cache off: every worker downloads the weights itself")]
+    access = cache.get("accessMode", "ReadWriteMany")
+    if cache.get("existingClaim"):
+        claim = reader.get_pvc(namespace, cache["existingClaim"])
+        if claim is None:
+            return [
+                Finding("weights-cache", "error", f"PVC {namespace}/{cache['existingClaim']} does not exist")
+            ]
+        phase = claim.get("status", {}).get("phase")
+        modes = claim.get("spec", {}).get("accessModes", [])
+        if access not in modes:
+            return [
+                Finding(
+                    "weights-cache",
+                    "error",
+                    f"PVC {cache['existingClaim']} has access modes {modes}, not {access}",
+                )
+            ]
+        level: Level = "ok" if phase == "Bound" else "warning"
+        return [Finding("weights-cache", level, f"PVC {cache['existingClaim']} is {phase}")]
+    classes = reader.list_storage_classes()
+    by_name = {sc["metadata"]["name"]: sc for sc in classes}
+    wanted = cache.get("storageClassName") or ""
+    if wanted:
+        chosen = by_name.get(wanted)
+        if chosen is None:
+            known = ", ".join(sorted(by_name)) or "none"
+            return [
+                Finding(
+                    "weights-cache", "error", f"StorageClass {wanted!r} does not exist (classes: {known})"
+                )
+            ]
+    else:
+        defaults = [
+            sc
+            for sc in classes
+            if any(sc["metadata"].get("annotations", {}).get(a) == "true" for a in DEFAULT_SC_ANNOTATIONS)
+        ]
+        if not defaults:
+            known = ", ".join(sorted(by_name)) or "none"
+            return [
+                Finding(
+                    "weights-cache",
+                    "error",
+                    f"no default StorageClass: set weights.cache.storageClassName (classes: {known})",
+                )
+            ]
+        chosen = defaults[0]
+    provisioner = str(chosen.get("provisioner", ""))
+    name = chosen["metadata"]["name"]
+    if access == "ReadWriteMany" and provisioner not in RWX_PROVISIONERS:
+        return [
+            Finding(
+                "weights-cache",
+                "warning",
+                f"StorageClass {name} ({provisioner}) may not offer ReadWriteMany, which the shared weight "
+                "cache needs; use a file-system class (NFS, EFS, Filestore, Azure Files, CephFS)",
+            )
+        ]
+    return [Finding("weights-cache", "ok", f"StorageClass {name} ({provisioner}) for the weight cache")]
+
+
+def run_preflight(reader: ClusterReader, values: JSON, namespace: str) -> list[Finding]:
+    """Every check, in a stable order."""
+    findings: list[Finding] = []
+    crds = reader.crd_names()
+    missing = [c for c in KUBERAY_CRDS if c not in crds]
+    if missing:
+        findings.append(
+            Finding(
+                "kuberay",
+                "error",
+                f"KubeRay CRDs missing ({', '.join(missing)}): "
+                "install the kuberay-operator chart (1.1.0 or newer)",
+            )
+        )
+    else:
+        findings.append(Finding("kuberay", "ok", "KubeRay CRDs installed (RayService, RayCluster)"))
+
+    nodes = reader.list_nodes()
+    for group in values.get("ray", {}).get("workerGroups", []):
+        findings += _check_worker_group(group, nodes)
+    findings += _check_budget(values)
+    findings += _check_secrets(reader, values, namespace)
+    findings += _check_storage(reader, values, namespace)
+
+    monitoring = values.get("monitoring", {})
+    wanted = [crd for key, crd in MONITORING_CRDS.items() if monitoring.get(key, {}).get("enabled")]
+    if values.get("keda", {}).get("enabled"):
+        wanted.append(KEDA_CRD)
+    if wanted:
+        absent = [c for c in wanted if c not in crds]
+        if absent:
+            findings.append(
+                Finding(
+                    "monitoring",
+                    "error",
+                    f"monitoring/autoscaling is on but these CRDs are missing: {', '.join(absent)} "
+                    "(install the Prometheus operator / KEDA, or turn those values off)",
+                )
+            )
+        else:
+            findings.append(Finding("monitoring", "ok", f"CRDs present: {', '.join(wanted)}"))
+    return findings

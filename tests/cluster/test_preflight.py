@@ -1,0 +1,162 @@
+"""oss-serve preflight against recorded API responses, including its failure messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from serving.cluster.cli import preflight
+from serving.cluster.preflight import Finding, load_values, merge_values, run_preflight
+
+from .recorded import RecordedReader
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "oss-serving"
+PROFILES = CHART / "profiles"
+
+
+def _values(*files: str, **overrides: Any) -> dict[str, Any]:
+    values = load_values(CHART, [PROFILES / f for f in files])
+    return merge_values(values, overrides)
+
+
+def _by_check(findings: list[Finding]) -> dict[str, Finding]:
+    return {f.check: f for f in findings}
+
+
+def test_h100_profile_is_ready_on_a_cluster_with_two_h100_nodes() -> None:
+    values = _values("gpt-oss-120b-h100.yaml", weights={"cache": {"storageClassName": "efs-sc"}})
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    assert findings["kuberay"].level == "ok"
+    # Three H100 nodes, one cordoned: two fit; maxReplicas 2.
+    assert findings["gpu-nodes:h100"].level == "ok"
+    assert "2 node(s) fit" in findings["gpu-nodes:h100"].message
+    assert findings["gpu-budget:gpt-oss-120b"].level == "ok"
+    assert "2102385 tokens" in findings["gpu-budget:gpt-oss-120b"].message
+    assert findings["weights-cache"].level == "ok"
+    assert "efs.csi.aws.com" in findings["weights-cache"].message
+    assert not [f for f in findings.values() if f.level == "error"]
+
+
+def test_missing_kuberay_is_an_error_naming_the_operator() -> None:
+    findings = _by_check(run_preflight(RecordedReader(crds="crds-bare.json"), _values(), "serving"))
+    assert findings["kuberay"].level == "error"
+    assert "rayservices.ray.io" in findings["kuberay"].message
+    assert "kuberay-operator" in findings["kuberay"].message
+
+
+def test_no_node_fits_names_what_the_cluster_has() -> None:
+    values = _values("gpt-oss-120b-h200.yaml")
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    node_check = findings["gpu-nodes:h200"]
+    assert node_check.level == "error"
+    assert "nvidia.com/gpu.product': 'NVIDIA-H200'" in node_check.message
+    assert "ip-10-0-2-31.ec2.internal (8 x NVIDIA-H100-80GB-HBM3)" in node_check.message
+    assert "NVIDIA-A100-SXM4-40GB" in node_check.message
+
+
+def test_untolerated_taint_keeps_gpu_nodes_out() -> None:
+    values = _values("gpt-oss-20b.yaml")
+    values["ray"]["workerGroups"][0]["tolerations"] = []
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    assert findings["gpu-nodes:h100"].level == "error"
+
+
+def test_gpu_type_that_does_not_match_the_nodes_is_an_error() -> None:
+    values = _values("gpt-oss-20b.yaml")
+    group = values["ray"]["workerGroups"][0]
+    group["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}
+    group["gpuType"] = "H100-80GB"
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    assert findings["gpu-type:h100"].level == "error"
+    assert "NVIDIA-A100-SXM4-40GB" in findings["gpu-type:h100"].message
+
+
+def test_120b_tp1_on_40gb_gpus_fails_with_the_budget_message() -> None:
+    values = _values("gpt-oss-120b-h200.yaml")
+    values["config"]["models"][0]["topology"]["gpu_type"] = "A100-40GB"
+    group = values["ray"]["workerGroups"][0]
+    group["gpuType"] = "A100-40GB"
+    group["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    budget = findings["gpu-budget:gpt-oss-120b"]
+    assert budget.level == "error"
+    assert "gpt-oss-120b on A100-40GB TP1 does not fit" in budget.message
+    assert "layouts that fit: TP4" in budget.message
+    assert findings["gpu-nodes:h200"].level == "ok"  # the one A100 node fits the pod itself
+    assert "gpu-memory:h200" not in findings
+
+
+def test_referenced_secrets_must_exist_with_their_keys() -> None:
+    values = _values(
+        secrets={
+            "apiKeys": {"existingSecret": "oss-tenants"},
+            "huggingface": {"existingSecret": "hf-token"},
+            "upstream": {"existingSecret": "upstream-openai"},
+        }
+    )
+    findings = run_preflight(RecordedReader(), values, "serving")
+    secret_findings = [f for f in findings if f.check.startswith("secret:")]
+    messages = {f.message for f in secret_findings if f.level == "error"}
+    assert "Secret serving/upstream-openai (upstream) does not exist: create it first" in messages
+    assert (
+        "Secret serving/oss-tenants (apiKeys (helm test)) has no key 'admin-api-key' (keys: tenants.yaml)"
+        in messages
+    )
+    assert any(f.level == "ok" and f.check == "secret:hf-token" for f in secret_findings)
+
+
+def test_weight_cache_storage_class_checks() -> None:
+    reader = RecordedReader()
+    default = _by_check(run_preflight(reader, _values(), "serving"))["weights-cache"]
+    assert default.level == "warning"
+    assert "gp3 (ebs.csi.aws.com) may not offer ReadWriteMany" in default.message
+    missing = _by_check(
+        run_preflight(reader, _values(weights={"cache": {"storageClassName": "nfs"}}), "serving")
+    )
+    assert missing["weights-cache"].level == "error"
+    assert "StorageClass 'nfs' does not exist (classes: efs-sc, gp3)" in missing["weights-cache"].message
+    claim = {"spec": {"accessModes": ["ReadWriteMany"]}, "status": {"phase": "Bound"}}
+    bound = _by_check(
+        run_preflight(
+            RecordedReader(pvcs={"models": claim}),
+            _values(weights={"cache": {"existingClaim": "models"}}),
+            "serving",
+        )
+    )
+    assert bound["weights-cache"].level == "ok"
+
+
+def test_monitoring_crds_are_required_when_monitoring_is_on() -> None:
+    values = _values(monitoring={"prometheusRule": {"enabled": True}}, keda={"enabled": True})
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    assert findings["monitoring"].level == "error"
+    assert "scaledobjects.keda.sh" in findings["monitoring"].message
+    assert "prometheusrules" not in findings["monitoring"].message
+
+
+@pytest.mark.parametrize(("crds", "code"), [("crds.json", 0), ("crds-bare.json", 1)])
+def test_cli_exit_codes(tmp_path: Path, crds: str, code: int) -> None:
+    override = tmp_path / "cache.yaml"
+    override.write_text("weights:\n  cache:\n    storageClassName: efs-sc\n", encoding="utf-8")
+    result = CliRunner().invoke(
+        preflight,
+        [
+            "-f",
+            str(PROFILES / "gpt-oss-120b-h100.yaml"),
+            "-f",
+            str(override),
+            "--chart",
+            str(CHART),
+            "-n",
+            "serving",
+        ],
+        obj={"cluster_reader_factory": lambda context: RecordedReader(crds=crds)},
+        terminal_width=200,
+    )
+    assert result.exit_code == code, result.output
+    assert "kube context arn:aws:eks:us-east-1:000000000000:cluster/gpu-prod" in result.output
+    assert ("ready to install" in result.output) == (code == 0)
