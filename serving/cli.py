@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from serving.cluster.cli import preflight
 from serving.config import ConfigError, ServingConfig, load_config
 
 CONFIG_ENV = "OSS_SERVING_CONFIG"
@@ -107,13 +108,22 @@ def down(config_path: str | None) -> None:
 
 @main.command("status")
 @config_option
-def status(config_path: str | None) -> None:
-    """Show the local stack: models, replicas, health."""
+@click.option("--cluster", is_flag=True, help="Show the Helm release on Kubernetes (current kube context).")
+@click.option("-n", "--namespace", default="default", help="With --cluster: namespace of the release.")
+@click.option("--release", default="oss", help="With --cluster: Helm release name.")
+def status(config_path: str | None, cluster: bool, namespace: str, release: str) -> None:
+    """Show the local stack: models, replicas, health (--cluster: the RayService, replicas, queue depth)."""
+    if cluster:
+        from serving.cluster.cli import run_cluster_status
+
+        sys.exit(run_cluster_status(namespace, release))
     from serving.local.stack import run_status
 
     cfg = _load_or_exit(config_path)
     sys.exit(run_status(cfg, console=_console()))
 
+
+main.add_command(preflight)
 
 if __name__ == "__main__":
     main()

@@ -97,6 +97,17 @@ class TopologyConfig(_Strict):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     """Logical CPUs reserved per engine worker in its placement group."""
 
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    """Ray Serve autoscaling: how long demand must stay above target before adding replicas."""
+
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    """Ray Serve autoscaling: how long demand must stay below target before removing replicas
+    (long: a gpt-oss replica takes minutes to start again)."""
+
+    gpu_type: str | None = None
+    """GPU model the engines run on, for the memory budget check (``serving.engine.budget``;
+    e.g. ``H100-80GB``, ``H200-141GB``). ``None`` skips the check."""
+
     @model_validator(mode="after")
     def _check(self) -> TopologyConfig:
         if self.min_replicas > self.max_replicas:
