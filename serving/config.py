@@ -240,10 +240,10 @@ class RayConfig(_Strict):
 class LocalConfig(_Strict):
     """`oss-serve up` on one machine."""
 
-    state_dir: Path = Path("~/.cache/oss-serving/run")
+    state_dir: Path = Field(default=Path("~/.cache/oss-serving/run"), validate_default=True)
     """Where ``up`` records what it started, for ``down`` and ``status``."""
 
-    cache_dir: Path = Path("~/.cache/oss-serving/models")
+    cache_dir: Path = Field(default=Path("~/.cache/oss-serving/models"), validate_default=True)
     """Where built-in models are converted to Hugging Face folders, once."""
 
     start_redis: bool = True

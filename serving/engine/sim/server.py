@@ -377,25 +377,30 @@ def build_app(engine: SimEngine) -> Starlette:
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
         async def stream() -> AsyncIterator[bytes]:
+            # Like vLLM: the role chunk goes out with the first token, and the finish
+            # reason rides on the last token's chunk.
             sent = 0
             pending = 0
+            final = False
             try:
-                if chat:
-                    yield event(
-                        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-                    )
-                while True:
-                    tok = await live.queue.get()
-                    final = tok == 0
-                    pending += tok
-                    if pending and (final or pending >= profile.stream_interval):
-                        yield event([piece(sent, pending, final)])
-                        sent += pending
-                        pending = 0
-                    elif final and chat:
-                        yield event([{"index": 0, "delta": {}, "finish_reason": "length"}])
-                    if final:
-                        break
+                while not final:
+                    items = [await live.queue.get()]
+                    while not live.queue.empty():
+                        items.append(live.queue.get_nowait())
+                    final = 0 in items
+                    pending += sum(items)
+                    if not pending or not (final or pending >= profile.stream_interval):
+                        continue
+                    if chat and sent == 0:
+                        role = {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                        }
+                        yield event([role])
+                    yield event([piece(sent, pending, final)])
+                    sent += pending
+                    pending = 0
                 if include_usage:
                     yield event([], {"usage": usage()})
                 yield b"data: [DONE]\n\n"

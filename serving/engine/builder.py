@@ -1,0 +1,79 @@
+"""Turn a :class:`~serving.config.ModelConfig` into a Ray Serve LLM deployment.
+
+``replicas`` topology: ``build_llm_deployment`` with :class:`OssLLMServer`, one vLLM
+engine per replica over ``tensor_parallel_size`` devices, autoscaled by Ray Serve.
+``expert_parallel`` topology: ``build_dp_deployment`` with :class:`OssDPServer`, one
+data-parallel rank per replica, gang-scheduled by Ray Serve LLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from serving.config import ModelConfig
+from serving.engine.builtin_models import ensure_builtin_model
+
+__all__ = ["ENGINE_DEPLOYMENT_PREFIX", "build_engine_deployment", "deployment_name", "llm_config_kwargs"]
+
+ENGINE_DEPLOYMENT_PREFIX = "engine-"
+STREAM_BATCH_INTERVAL_MS = 20
+
+
+def deployment_name(model: ModelConfig) -> str:
+    """Ray Serve deployment name of a model's engines."""
+    return ENGINE_DEPLOYMENT_PREFIX + model.name.replace("/", "--").replace(".", "_")
+
+
+def resolve_source(
+    model: ModelConfig, cache_dir: Path, progress: Callable[[str, float], None] | None = None
+) -> tuple[str, dict[str, str]]:
+    """Model source for vLLM and the environment it needs (built-ins are built once)."""
+    if model.source.startswith("builtin:"):
+        built = ensure_builtin_model(model.source.removeprefix("builtin:"), cache_dir, progress)
+        return str(built.path), built.engine_env
+    return model.source, {}
+
+
+def llm_config_kwargs(model: ModelConfig, source: str, extra_env: dict[str, str]) -> dict[str, Any]:
+    """Keyword arguments of ``ray.serve.llm.LLMConfig`` for ``model`` (pure, testable)."""
+    topo = model.topology
+    device = "GPU" if topo.accelerator == "gpu" else "CPU"
+    bundle: dict[str, float] = {device: 1.0} if device == "GPU" else {"CPU": topo.cpus_per_worker}
+    env = {"HF_HUB_OFFLINE": "1", **extra_env, **model.engine_env}
+    deployment: dict[str, Any] = {
+        "max_ongoing_requests": topo.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": topo.min_replicas,
+            "max_replicas": topo.max_replicas,
+            "initial_replicas": max(topo.min_replicas, 1),
+            "target_ongoing_requests": topo.target_ongoing_requests,
+        },
+    }
+    if device == "CPU":
+        # The replica actor itself needs no core of its own: its engine worker has one.
+        deployment["ray_actor_options"] = {"num_cpus": 0}
+    return {
+        "model_loading_config": {"model_id": model.name, "model_source": source},
+        "engine_kwargs": model.effective_engine_kwargs(),
+        "runtime_env": {"env_vars": env},
+        "placement_group_config": {"bundles": [dict(bundle) for _ in range(topo.tensor_parallel_size)]},
+        "deployment_config": deployment,
+        "experimental_configs": {"stream_batching_interval_ms": STREAM_BATCH_INTERVAL_MS},
+        "log_engine_metrics": True,
+    }
+
+
+def build_engine_deployment(model: ModelConfig, cache_dir: Path) -> Any:
+    """The bound Ray Serve application of ``model``'s engines."""
+    from ray.serve.llm import LLMConfig, build_dp_deployment, build_llm_deployment
+
+    from serving.engine.server import OssDPServer, OssLLMServer
+
+    source, env = resolve_source(model, cache_dir)
+    llm_config = LLMConfig(**llm_config_kwargs(model, source, env))
+    override = {"name": deployment_name(model)}
+    if model.topology.kind == "expert_parallel":
+        return build_dp_deployment(llm_config, override_serve_options=override, deployment_cls=OssDPServer)
+    return build_llm_deployment(llm_config, override_serve_options=override, deployment_cls=OssLLMServer)

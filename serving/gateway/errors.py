@@ -1,0 +1,96 @@
+"""Errors the gateway raises; the API layer turns each into OpenAI's error body.
+
+::
+
+    GatewayError (status, type, message, param, code, headers)
+    ├── InvalidRequestError      400  invalid_request_error   bad JSON or parameters
+    ├── ModelNotFoundError       404  invalid_request_error   model not configured
+    ├── PayloadTooLargeError     413  invalid_request_error   body over the configured size
+    ├── EngineNotReadyError      503  service_unavailable     no ready engine replica (Retry-After)
+    ├── GatewayTimeoutError      504  timeout                 the request ran past its time limit
+    └── EngineFailedError        502  engine_error            the engine failed without an answer
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EngineFailedError",
+    "EngineNotReadyError",
+    "GatewayError",
+    "GatewayTimeoutError",
+    "InvalidRequestError",
+    "ModelNotFoundError",
+    "PayloadTooLargeError",
+]
+
+
+class GatewayError(Exception):
+    """Base: an error with everything needed for an OpenAI-shaped answer."""
+
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFoundError(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Request body is larger than the configured limit of {limit} bytes.",
+            code="request_too_large",
+        )
+
+
+class EngineNotReadyError(GatewayError):
+    status = 503
+    type = "service_unavailable"
+
+    def __init__(self, model: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"The model '{model}' is not ready yet (its engines are starting or unhealthy); "
+            f"retry in {retry_after_s} s.",
+            code="model_not_ready",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class GatewayTimeoutError(GatewayError):
+    status = 504
+    type = "timeout"
+
+
+class EngineFailedError(GatewayError):
+    status = 502
+    type = "engine_error"

@@ -1,0 +1,106 @@
+"""The process that owns the local Ray cluster of ``oss-serve up``.
+
+Started detached by ``oss-serve up``; it starts a fresh local Ray node
+(``address="local"``, never someone else's cluster), starts Serve's HTTP proxy, deploys
+the application without blocking, and records Serve's status every few seconds for
+``oss-serve status``. On SIGTERM or SIGINT it shuts Serve and its Ray node down and exits:
+``oss-serve down`` stops exactly what ``up`` started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from serving.config import load_config
+
+log = logging.getLogger("oss_serving.supervisor")
+
+STATUS_FILE = "serve-status.json"
+
+
+def _serve_status_dict() -> dict[str, object]:
+    from ray import serve
+
+    status = serve.status()
+    apps: dict[str, object] = {}
+    for app_name, app in status.applications.items():
+        deployments = {}
+        for dep_name, dep in app.deployments.items():
+            deployments[dep_name] = {
+                "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+                "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()},
+                "message": dep.message,
+            }
+        apps[app_name] = {
+            "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+            "message": app.message,
+            "deployments": deployments,
+        }
+    return {"time": time.time(), "applications": apps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--state-dir", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    cfg = load_config(args.config)
+    state_dir = Path(args.state_dir)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget, run_many
+    from ray.serve.config import HTTPOptions
+
+    from serving.serve_app import APP_NAME, build_serve_app
+
+    ray.init(
+        address="local",
+        num_cpus=cfg.ray.num_cpus,
+        include_dashboard=cfg.ray.include_dashboard,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
+    try:
+        serve.start(http_options=HTTPOptions(host=cfg.gateway.host, port=cfg.gateway.port))
+        app = build_serve_app(cfg)
+        run_many(
+            [RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+            wait_for_ingress_deployment_creation=False,
+            wait_for_applications_running=False,
+        )
+        log.info("application %s submitted", APP_NAME)
+        while not stop.is_set():
+            try:
+                (state_dir / (STATUS_FILE + ".tmp")).write_text(json.dumps(_serve_status_dict()))
+                (state_dir / (STATUS_FILE + ".tmp")).replace(state_dir / STATUS_FILE)
+            except Exception as exc:  # status is best effort; serving goes on
+                log.warning("could not record Serve status: %s", exc)
+            stop.wait(2.0)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The Ray Serve application: the gateway ingress bound to one engine deployment per model.
+
+``build_app`` is an application builder, usable from Python (``oss-serve up``) and from a
+Serve config file or a KubeRay RayService ``serveConfigV2``::
+
+    applications:
+      - name: oss-serving
+        route_prefix: /
+        import_path: serving.serve_app:build_app
+        args:
+          config_path: /etc/oss-serving/config.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from serving.config import ServingConfig, load_config, parse_config
+
+__all__ = ["APP_NAME", "GATEWAY_DEPLOYMENT", "Gateway", "build_app", "build_serve_app"]
+
+APP_NAME = "oss-serving"
+GATEWAY_DEPLOYMENT = "gateway"
+
+
+@serve.ingress()
+class Gateway:
+    """One gateway replica: the OpenAI API over the engine deployments' handles."""
+
+    def __init__(self, config: dict[str, Any], **engine_handles: Any) -> None:
+        from serving.engine.ray_client import RayEngineClient
+        from serving.gateway.service import GatewayService
+        from serving.metrics import GatewayMetrics
+
+        cfg = parse_config(config)
+        self._config = cfg
+        self._metrics = GatewayMetrics([m.name for m in cfg.models], cfg.metrics.ttft_buckets_s)
+        handles = {m.name: engine_handles[_kwarg(m.name)] for m in cfg.models}
+        self._redis = _redis_client(cfg)
+        self._service = GatewayService(
+            cfg.gateway,
+            {name: RayEngineClient(handle) for name, handle in handles.items()},
+            self._metrics,
+            redis_ping=self._ping_redis if self._redis is not None else None,
+        )
+        _install_log_filter()
+
+    async def _ping_redis(self) -> bool:
+        assert self._redis is not None
+        return bool(await self._redis.ping())
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        from serving.api.app import create_app
+
+        await self._service.start()
+        metrics = self._metrics if self._config.metrics.enabled else None
+        return create_app(self._service, self._config.gateway, metrics, echo_request_id=False)
+
+    async def check_health(self) -> None:
+        """The gateway itself is healthy while its event loop answers."""
+        return None
+
+
+def _redis_client(cfg: ServingConfig) -> Any:
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(
+        cfg.redis.url,
+        socket_connect_timeout=cfg.redis.connect_timeout_s,
+        socket_timeout=cfg.redis.connect_timeout_s,
+    )
+
+
+def _install_log_filter() -> None:
+    from serving.api.middleware import RequestIdLogFilter
+
+    logger = logging.getLogger("oss_serving")
+    if not any(isinstance(f, RequestIdLogFilter) for f in logger.filters):
+        logger.addFilter(RequestIdLogFilter())
+
+
+def _kwarg(model_name: str) -> str:
+    return "engine_" + "".join(c if c.isalnum() else "_" for c in model_name)
+
+
+def build_serve_app(cfg: ServingConfig) -> Any:
+    """Bind the gateway and every model's engine deployment into one application."""
+    from serving.engine.builder import build_engine_deployment
+
+    engines = {_kwarg(m.name): build_engine_deployment(m, cfg.local.cache_dir) for m in cfg.models}
+    gateway = serve.deployment(
+        Gateway,
+        name=GATEWAY_DEPLOYMENT,
+        num_replicas=cfg.gateway.num_replicas,
+        max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0.5},
+    )
+    return gateway.bind(cfg.model_dump(mode="json"), **engines)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder: ``args`` has ``config_path`` (a YAML file) or ``config``."""
+    if "config" in args:
+        cfg = parse_config(args["config"], origin="args.config")
+    else:
+        path = args.get("config_path")
+        cfg = load_config(Path(path) if path else None)
+    return build_serve_app(cfg)
