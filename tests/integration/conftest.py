@@ -1,0 +1,82 @@
+"""Bring the real stack up once per session: Redis, Ray, the gateway and two vLLM CPU engines.
+
+The stack is started exactly as a user starts it (``oss-serve up --detach``) with a
+configuration that serves SmolLM2 (real answers) and gpt-oss-tiny (the real gpt-oss
+code path of vLLM), on a free port and a private state directory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+SMOLLM = "smollm2-135m-instruct"
+GPT_OSS = "gpt-oss-tiny"
+MAX_BODY = 64 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveStack:
+    base_url: str
+    config_file: Path
+
+    @property
+    def api(self) -> str:
+        return self.base_url + "/v1"
+
+
+def _oss_serve(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture(scope="session")
+def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    root = tmp_path_factory.mktemp("stack")
+    port = _free_port()
+    config = {
+        "models": [
+            {
+                "name": SMOLLM,
+                "source": "builtin:smollm2-135m-instruct",
+                "engine_kwargs": {"max_model_len": 2048, "dtype": "bfloat16"},
+                "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+            },
+            {
+                "name": GPT_OSS,
+                "source": "builtin:gpt-oss-tiny",
+                "engine_kwargs": {"max_model_len": 4096, "dtype": "bfloat16"},
+                "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+            },
+        ],
+        "gateway": {"port": port, "max_body_bytes": MAX_BODY, "health_check_interval_s": 1.0},
+        "local": {"state_dir": str(root / "run")},
+    }
+    config_file = root / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    up = _oss_serve("up", "--detach", "--config", str(config_file), timeout=1500)
+    if up.returncode != 0:
+        _oss_serve("down", "--config", str(config_file), timeout=180)
+        log = root / "run" / "stack.log"
+        tail = log.read_text(errors="replace")[-6000:] if log.exists() else ""
+        pytest.fail(f"oss-serve up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}\n{tail}")
+    try:
+        yield LiveStack(base_url=f"http://127.0.0.1:{port}", config_file=config_file)
+    finally:
+        _oss_serve("down", "--config", str(config_file), timeout=180)

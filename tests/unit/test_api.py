@@ -1,0 +1,185 @@
+"""The HTTP API over the gateway policy, driven by the real OpenAI SDK in-process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+
+from serving.api.app import create_app
+from serving.config import GatewayConfig
+from serving.gateway.service import GatewayService
+from serving.metrics import GatewayMetrics
+from tests.fakes import FakeEngine
+
+MODEL = "smollm2-135m-instruct"
+
+
+class Stack:
+    def __init__(self, engines: dict[str, FakeEngine], config: GatewayConfig) -> None:
+        self.engines = engines
+        self.metrics = GatewayMetrics(list(engines), [0.01, 0.1, 1])
+        self.service = GatewayService(config, engines, self.metrics)
+        self.app = create_app(self.service, config, self.metrics)
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gw")
+        self.sdk = openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=self.http, max_retries=0)
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    engines = {MODEL: FakeEngine(), "gpt-oss-tiny": FakeEngine(healthy=False)}
+    s = Stack(engines, GatewayConfig(max_body_bytes=2048, engine_ready_retry_after_s=7))
+    await s.service.probe_once()
+    yield s
+    await s.http.aclose()
+
+
+async def test_chat_non_streaming_through_sdk(stack: Stack) -> None:
+    reply = await stack.sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "The capital of France is Paris."
+    endpoint, body, headers = stack.engines[MODEL].calls[0]
+    assert endpoint.value == "chat"
+    assert body["request_id"].startswith(headers["x-request-id"])
+
+
+async def test_chat_streaming_ends_with_done(stack: Stack) -> None:
+    async with stack.http.stream(
+        "POST", "/v1/chat/completions",
+        json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    ) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line async for line in resp.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
+    assert text == "The capital of France is Paris."
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+async def test_sdk_stream_collects_in_order(stack: Stack) -> None:
+    stream = await stack.sdk.chat.completions.create(
+        model=MODEL, stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
+    parts = [c.choices[0].delta.content async for c in stream if c.choices]
+    assert "".join(p or "" for p in parts) == "The capital of France is Paris."
+
+
+async def test_models_lists_every_configured_model(stack: Stack) -> None:
+    models = await stack.sdk.models.list()
+    assert sorted(m.id for m in models.data) == sorted([MODEL, "gpt-oss-tiny"])
+    assert (await stack.sdk.models.retrieve(MODEL)).id == MODEL
+
+
+async def test_unknown_model_is_404_with_openai_body(stack: Stack) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        await stack.sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    body = err.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "model" and body["code"] == "model_not_found"
+    assert body["type"] == "invalid_request_error"
+
+
+async def test_invalid_parameter_is_400_naming_param(stack: Stack) -> None:
+    resp = await stack.http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "temperature"
+    assert error["type"] == "invalid_request_error"
+    assert error["request_id"] == resp.headers["x-request-id"]
+    assert stack.engines[MODEL].calls == []  # rejected before any engine work
+
+
+async def test_invalid_nested_parameter_names_its_path(stack: Stack) -> None:
+    resp = await stack.http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": 5}]}
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"].startswith("messages[0]")
+
+
+async def test_invalid_json_is_400(stack: Stack) -> None:
+    resp = await stack.http.post(
+        "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_json"
+
+
+async def test_missing_model_is_400(stack: Stack) -> None:
+    resp = await stack.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "model"
+
+
+async def test_body_over_limit_is_413(stack: Stack) -> None:
+    big = "x" * 4096
+    resp = await stack.http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": big}]}
+    )
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "request_too_large"
+
+
+async def test_chunked_body_over_limit_is_413(stack: Stack) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 512
+
+    resp = await stack.http.post("/v1/chat/completions", content=body())
+    assert resp.status_code == 413
+
+
+async def test_engine_not_ready_is_503_with_retry_after(stack: Stack) -> None:
+    resp = await stack.http.post(
+        "/v1/chat/completions", json={"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert resp.status_code == 503
+    assert resp.headers["retry-after"] == "7"
+    assert resp.json()["error"]["code"] == "model_not_ready"
+    health = await stack.http.get("/health")
+    assert health.status_code == 503
+    assert health.json()["models"]["gpt-oss-tiny"]["ready"] is False
+    assert health.json()["models"][MODEL]["ready"] is True
+    stack.engines["gpt-oss-tiny"].healthy = True
+    await stack.service.probe_once()
+    assert (await stack.http.get("/health")).status_code == 200
+
+
+async def test_request_id_is_taken_or_generated(stack: Stack) -> None:
+    given = await stack.http.get("/v1/models", headers={"X-Request-Id": "abc-123"})
+    assert given.headers["x-request-id"] == "abc-123"
+    made = await stack.http.get("/v1/models")
+    assert made.headers["x-request-id"].startswith("req-")
+    unsafe = await stack.http.get("/v1/models", headers={"X-Request-Id": "a b"})
+    assert unsafe.headers["x-request-id"] != "a b"
+
+
+async def test_metrics_count_requests_by_model_endpoint_status(stack: Stack) -> None:
+    await stack.sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    await stack.http.post("/v1/chat/completions", json={"model": "nope", "messages": []})
+    text = (await stack.http.get("/metrics")).text
+    assert f'oss_serving_requests_total{{endpoint="chat",model="{MODEL}",status="200"}} 1.0' in text
+    assert "oss_serving_requests_in_flight" in text
+    assert 'oss_serving_model_ready{model="gpt-oss-tiny"} 0.0' in text
+
+
+async def test_stream_records_ttft_and_releases_in_flight(stack: Stack) -> None:
+    stream = await stack.sdk.chat.completions.create(
+        model=MODEL, stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
+    async for _ in stream:
+        pass
+    ttft = stack.metrics.registry.get_sample_value(
+        "oss_serving_time_to_first_token_seconds_count", {"model": MODEL, "endpoint": "chat"}
+    )
+    assert ttft == 1.0
+    assert stack.metrics.registry.get_sample_value(
+        "oss_serving_requests_in_flight", {"model": MODEL, "endpoint": "chat"}
+    ) == 0.0
