@@ -8,15 +8,19 @@ in the project's; promtool comes from the system's ``prometheus`` package.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def find_tool(name: str) -> str | None:
-    """The tool on PATH, else in the repository's .venv-tools, else None."""
+    """The tool on PATH, next to this Python (its venv), in .venv-tools, else None."""
     found = shutil.which(name)
     if found:
         return found
-    candidate = REPO / ".venv-tools" / "bin" / name
-    return str(candidate) if candidate.is_file() else None
+    for folder in (Path(sys.executable).parent, REPO / ".venv-tools" / "bin"):
+        candidate = folder / name
+        if candidate.is_file():
+            return str(candidate)
+    return None
