@@ -12,7 +12,7 @@ Nothing in this module reads the environment at import time.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +54,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-class ModelFamily(str, Enum):
+class ModelFamily(StrEnum):
     """Which chat format and parsers a model needs."""
 
     auto = "auto"

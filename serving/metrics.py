@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics", "UNKNOWN_MODEL"]
+__all__ = ["CONTENT_TYPE_LATEST", "UNKNOWN_MODEL", "GatewayMetrics"]
 
 UNKNOWN_MODEL = "unknown"
 PREFIX = "oss_serving_"

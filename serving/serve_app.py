@@ -62,7 +62,7 @@ class Gateway:
 
     async def check_health(self) -> None:
         """The gateway itself is healthy while its event loop answers."""
-        return None
+        return
 
 
 def _redis_client(cfg: ServingConfig) -> Any:

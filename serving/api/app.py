@@ -43,7 +43,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(
-    service: GatewayService, config: GatewayConfig, metrics: GatewayMetrics | None, *, echo_request_id: bool = True
+    service: GatewayService,
+    config: GatewayConfig,
+    metrics: GatewayMetrics | None,
+    *,
+    echo_request_id: bool = True,
 ) -> FastAPI:
     """Build the FastAPI app of one gateway replica.
 

@@ -20,7 +20,12 @@ log = logging.getLogger("oss_serving.api")
 
 
 def error_body(
-    message: str, kind: str, *, param: str | None = None, code: str | None = None, request_id: str | None = None
+    message: str,
+    kind: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     error: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code}
     if request_id:
@@ -33,7 +38,9 @@ def request_id_of(request: Request) -> str | None:
 
 
 def error_response(exc: GatewayError, request_id: str | None, max_chars: int = 2000) -> JSONResponse:
-    body = error_body(exc.message[:max_chars], exc.type, param=exc.param, code=exc.code, request_id=request_id)
+    body = error_body(
+        exc.message[:max_chars], exc.type, param=exc.param, code=exc.code, request_id=request_id
+    )
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
@@ -47,8 +54,9 @@ def install_error_handlers(app: FastAPI, max_chars: int) -> None:
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id_of(request)
         log.exception("request %s: internal error", rid)
-        body = error_body("The server had an internal error while processing your request.", "server_error",
-                          request_id=rid)
+        body = error_body(
+            "The server had an internal error while processing your request.", "server_error", request_id=rid
+        )
         return JSONResponse(body, status_code=500)
 
     app.add_exception_handler(GatewayError, on_gateway_error)

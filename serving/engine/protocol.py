@@ -21,13 +21,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
-__all__ = ["EngineClient", "EngineJSON", "EngineSSE", "EngineStats", "Endpoint"]
+__all__ = ["Endpoint", "EngineClient", "EngineJSON", "EngineSSE", "EngineStats"]
 
 
-class Endpoint(str, Enum):
+class Endpoint(StrEnum):
     """OpenAI endpoints an engine serves."""
 
     chat = "chat"

@@ -156,7 +156,11 @@ class GatewayService:
         return {
             "live": True,
             "ready": ready,
-            "status": "ok" if ready else "starting" if not any(h.ready for h in self._health.values()) else "degraded",
+            "status": "ok"
+            if ready
+            else "starting"
+            if not any(h.ready for h in self._health.values())
+            else "degraded",
             "models": models,
             "redis": redis,
         }
@@ -204,10 +208,14 @@ class GatewayService:
             await _close(stream)
             return first, None
         flight.first_chunk = time.perf_counter()
-        self._metrics.ttft.labels(model=model, endpoint=endpoint.value).observe(flight.first_chunk - flight.started)
+        self._metrics.ttft.labels(model=model, endpoint=endpoint.value).observe(
+            flight.first_chunk - flight.started
+        )
         return None, self._relay(first, stream, flight, in_flight)
 
-    async def _first(self, stream: AsyncIterator[EngineJSON | EngineSSE], flight: _Flight) -> EngineJSON | EngineSSE:
+    async def _first(
+        self, stream: AsyncIterator[EngineJSON | EngineSSE], flight: _Flight
+    ) -> EngineJSON | EngineSSE:
         try:
             async with asyncio.timeout(self._config.request_timeout_s):
                 return await anext(stream)

@@ -114,7 +114,19 @@ def start_redis(url: str, state_dir: Path, console: Console) -> int:
     port = parsed.port or 6379
     log = open(state_dir / "redis.log", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(state_dir)],
+        [
+            binary,
+            "--bind",
+            host,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(state_dir),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -151,14 +163,20 @@ def _wait_ready(cfg: ServingConfig, state: StackState, console: Console) -> bool
     deadline = time.monotonic() + cfg.local.ready_timeout_s
     url = state.base_url + "/health"
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         tasks = {m.name: progress.add_task(f"{m.name}: starting engine", total=1) for m in cfg.models}
         gateway_task = progress.add_task("gateway: starting", total=1)
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
                 if not pid_alive(state.supervisor_pid):
-                    console.print(f"[red]the stack exited during start-up[/red]; last lines of {state.log_file}:")
+                    console.print(
+                        f"[red]the stack exited during start-up[/red]; last lines of {state.log_file}:"
+                    )
                     console.print(_tail(Path(state.log_file)))
                     return False
                 try:
@@ -192,7 +210,8 @@ def _print_examples(cfg: ServingConfig, url: str, console: Console) -> None:
     console.print("\n[bold]curl[/bold]")
     console.print(
         f"curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'  -d \'{{"model": "{model}", "temperature": 0, "messages": [{{"role": "system", "content": "You are a helpful assistant."}}, '
+        f'  -d \'{{"model": "{model}", "temperature": 0, "messages": ['
+        '{"role": "system", "content": "You are a helpful assistant."}, '
         '{"role": "user", "content": "What is the capital of France?"}]}\'',
         soft_wrap=True,
         markup=False,
@@ -208,7 +227,9 @@ def _print_examples(cfg: ServingConfig, url: str, console: Console) -> None:
         soft_wrap=True,
         markup=False,
     )
-    console.print("\nStop it with [bold]oss-serve down[/bold]; inspect it with [bold]oss-serve status[/bold].")
+    console.print(
+        "\nStop it with [bold]oss-serve down[/bold]; inspect it with [bold]oss-serve status[/bold]."
+    )
 
 
 def run_up(cfg: ServingConfig, *, detach: bool, config_path: str | None, console: Console) -> int:
@@ -216,11 +237,15 @@ def run_up(cfg: ServingConfig, *, detach: bool, config_path: str | None, console
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = StackState.load(state_dir)
     if existing and pid_alive(existing.supervisor_pid):
-        console.print(f"[yellow]already running[/yellow] at {existing.base_url} (pid {existing.supervisor_pid}); "
-                      "`oss-serve down` first")
+        console.print(
+            f"[yellow]already running[/yellow] at {existing.base_url} (pid {existing.supervisor_pid}); "
+            "`oss-serve down` first"
+        )
         return 1
 
-    console.print("[bold]oss-serving[/bold] local mode: no API keys are required (every request is accepted).")
+    console.print(
+        "[bold]oss-serving[/bold] local mode: no API keys are required (every request is accepted)."
+    )
     redis_pid = None
     if redis_answers(cfg.redis.url):
         console.print(f"[green]redis[/green] answers at {cfg.redis.url}")
@@ -238,8 +263,15 @@ def run_up(cfg: ServingConfig, *, detach: bool, config_path: str | None, console
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.local.supervisor", "--config", str(config_file),
-             "--state-dir", str(state_dir)],
+            [
+                sys.executable,
+                "-m",
+                "serving.local.supervisor",
+                "--config",
+                str(config_file),
+                "--state-dir",
+                str(state_dir),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -328,7 +360,8 @@ def run_status(cfg: ServingConfig, *, console: Console) -> int:
 
     from serving.engine.builder import deployment_name
 
-    table = Table(title=f"oss-serving at {state.base_url}  (status: {report.get('status')}, redis: {report.get('redis')})")
+    summary = f"status: {report.get('status')}, redis: {report.get('redis')}"
+    table = Table(title=f"oss-serving at {state.base_url}  ({summary})")
     for column in ("model", "ready", "replicas", "deployment", "engine requests", "last error"):
         table.add_column(column)
     for model in cfg.models:

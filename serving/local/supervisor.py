@@ -35,7 +35,9 @@ def _serve_status_dict() -> dict[str, object]:
         for dep_name, dep in app.deployments.items():
             deployments[dep_name] = {
                 "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
-                "replicas": {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()},
+                "replicas": {
+                    str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()
+                },
                 "message": dep.message,
             }
         apps[app_name] = {
