@@ -66,7 +66,8 @@ def _values(layout: Layout, enforce: bool) -> dict[str, Any]:
         "gpusPerPod": GPUS_PER_NODE,
         "replicas": 1,
         "minReplicas": 1,
-        "maxReplicas": 2,
+        # Enough pods for the layout's GPUs (the chart's capacity check is tested apart).
+        "maxReplicas": max(2, -(-layout.tensor_parallel_size * layout.data_parallel_size // GPUS_PER_NODE)),
         "resources": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"cpu": "8", "memory": "64Gi"}},
     }
     return {
@@ -177,3 +178,22 @@ def test_profile_documents_its_real_budget(
         assert int(line["len"]) == result["max_model_len"]
         tenths = result["kv_mib"] * 10 // 1024
         assert line["gib"] == f"{tenths // 10}.{tenths % 10}"
+
+
+def test_minimum_replicas_must_fit_the_worker_groups(chart: Any) -> None:
+    values = yaml.safe_load(
+        (CHART_DIR / "profiles" / "gpt-oss-120b-expert-parallel.yaml").read_text(encoding="utf-8")
+    )
+    values["ray"]["workerGroups"][0]["maxReplicas"] = 1
+    with pytest.raises(helm.HelmError) as caught:
+        chart.render(values, name="oss", namespace="serving")
+    assert "the models on H100-80GB need 16 GPUs at their min_replicas" in str(caught.value)
+    assert "reach only 8 at maxReplicas" in str(caught.value)
+
+
+def test_something_must_stay_up_to_run_the_gateway(chart: Any) -> None:
+    values = yaml.safe_load((CHART_DIR / "profiles" / "both-models.yaml").read_text(encoding="utf-8"))
+    values["ray"]["workerGroups"][0]["minReplicas"] = 0
+    values["config"]["models"][0]["topology"]["min_replicas"] = 0
+    with pytest.raises(helm.HelmError, match="nothing could run the gateway"):
+        chart.render(values, name="oss", namespace="serving")

@@ -147,3 +147,35 @@ Check one configured model. Input: dict root (the chart context), model (an entr
 {{- end }}
 {{- toJson $out }}
 {{- end }}
+
+{{/*
+Placement: the GPUs the models need at their minimum replica counts must fit the worker
+groups of their GPU type at maxReplicas, and something must run the gateway (the head
+has num-cpus 0, so at least one worker pod must stay up).
+*/}}
+{{- define "oss-serving.capacity" -}}
+{{- $need := dict }}
+{{- range .Values.config.models }}
+{{- $topo := default dict .topology }}
+{{- if and $topo.gpu_type (eq (default "cpu" $topo.accelerator) "gpu") }}
+{{- $dp := 1 }}{{ if eq (default "replicas" $topo.kind) "expert_parallel" }}{{ $dp = int (default 1 $topo.data_parallel_size) }}{{ end }}
+{{- $min := 1 }}{{ if hasKey $topo "min_replicas" }}{{ $min = int $topo.min_replicas }}{{ end }}
+{{- $gpus := mul $min (int (default 1 $topo.tensor_parallel_size)) $dp }}
+{{- $_ := set $need $topo.gpu_type (add (get $need $topo.gpu_type | default 0) $gpus) }}
+{{- end }}
+{{- end }}
+{{- range $gpuType := keys $need | sortAlpha }}
+{{- $have := 0 }}
+{{- range $.Values.ray.workerGroups }}
+{{- if eq .gpuType $gpuType }}{{ $have = add $have (mul (int .maxReplicas) (int .gpusPerPod) (int (default 1 .numOfHosts))) }}{{ end }}
+{{- end }}
+{{- if gt (int (get $need $gpuType)) (int $have) }}
+{{- fail (printf "GPU capacity: the models on %s need %d GPUs at their min_replicas, but the worker groups with gpuType %s reach only %d at maxReplicas (maxReplicas x gpusPerPod)" $gpuType (int (get $need $gpuType)) $gpuType (int $have)) }}
+{{- end }}
+{{- end }}
+{{- $alwaysUp := 0 }}
+{{- range .Values.ray.workerGroups }}{{ $alwaysUp = add $alwaysUp (int .minReplicas) }}{{ end }}
+{{- if eq (int $alwaysUp) 0 }}
+{{- fail "GPU capacity: every worker group has minReplicas 0, so nothing could run the gateway (the head has num-cpus 0): keep minReplicas 1 on one group" }}
+{{- end }}
+{{- end }}
