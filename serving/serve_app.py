@@ -47,7 +47,7 @@ class Gateway:
             self._metrics,
             redis_ping=self._ping_redis if self._redis is not None else None,
         )
-        _install_log_filter()
+        _configure_logging()
 
     async def _ping_redis(self) -> bool:
         assert self._redis is not None
@@ -75,12 +75,20 @@ def _redis_client(cfg: ServingConfig) -> Any:
     )
 
 
-def _install_log_filter() -> None:
+def _configure_logging() -> None:
+    """Our log lines carry the request id: ``... [req-id] message``."""
     from serving.api.middleware import RequestIdLogFilter
 
     logger = logging.getLogger("oss_serving")
-    if not any(isinstance(f, RequestIdLogFilter) for f in logger.filters):
-        logger.addFilter(RequestIdLogFilter())
+    if any(getattr(h, "oss_serving", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdLogFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.oss_serving = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _kwarg(model_name: str) -> str:

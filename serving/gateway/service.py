@@ -277,8 +277,12 @@ class GatewayService:
 
     def _finish(self, flight: _Flight) -> None:
         labels = {"model": flight.model, "endpoint": flight.endpoint}
+        elapsed = time.perf_counter() - flight.started
         self._metrics.requests.labels(status=str(flight.status), **labels).inc()
-        self._metrics.latency.labels(**labels).observe(time.perf_counter() - flight.started)
+        self._metrics.latency.labels(**labels).observe(elapsed)
+        ttft = f" ttft={1000 * (flight.first_chunk - flight.started):.1f}ms" if flight.first_chunk else ""
+        ms = 1000 * elapsed
+        log.info("%s %s status=%d %.1fms%s", flight.endpoint, flight.model, flight.status, ms, ttft)
 
 
 async def _close(stream: AsyncIterator[Any]) -> None:

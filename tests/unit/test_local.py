@@ -1,0 +1,81 @@
+"""`oss-serve down` stops what `up` recorded and nothing else; `up` can start Redis."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from serving.config import LocalConfig, ModelConfig, ServingConfig
+from serving.local.stack import StackState, pid_alive, redis_answers, run_down, start_redis
+
+
+def _cfg(tmp_path: Path, redis_url: str = "redis://127.0.0.1:6379/0") -> ServingConfig:
+    return ServingConfig(
+        models=[ModelConfig(name="m", source="/x")],
+        local=LocalConfig(state_dir=tmp_path / "run"),
+        redis={"url": redis_url},  # type: ignore[arg-type]
+    )
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+
+
+def test_down_stops_recorded_processes_only(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    supervisor, redis, bystander = _sleeper(), _sleeper(), _sleeper()
+    try:
+        StackState(
+            supervisor_pid=supervisor.pid,
+            base_url="http://127.0.0.1:1",
+            config_file="",
+            log_file="",
+            redis_pid=redis.pid,
+            redis_url=cfg.redis.url,
+        ).save(cfg.local.state_dir)
+        assert run_down(cfg, console=Console(quiet=True)) == 0
+        assert supervisor.wait(10) is not None
+        assert redis.wait(10) is not None
+        assert pid_alive(bystander.pid)
+        assert StackState.load(cfg.local.state_dir) is None
+    finally:
+        for p in (supervisor, redis, bystander):
+            p.kill()
+            p.wait()
+
+
+def test_down_without_state_is_a_no_op(tmp_path: Path) -> None:
+    assert run_down(_cfg(tmp_path), console=Console(quiet=True)) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_up_starts_redis_when_none_answers_and_down_stops_it(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    cfg = _cfg(tmp_path, url)
+    cfg.local.state_dir.mkdir(parents=True)
+    assert not redis_answers(url, 0.2)
+    pid = start_redis(url, cfg.local.state_dir, Console(quiet=True))
+    try:
+        assert redis_answers(url)
+        StackState(
+            supervisor_pid=0, base_url="", config_file="", log_file="", redis_pid=pid, redis_url=url
+        ).save(cfg.local.state_dir)
+        run_down(cfg, console=Console(quiet=True))
+        deadline = time.monotonic() + 5
+        while redis_answers(url, 0.2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not redis_answers(url, 0.2)
+    finally:
+        if pid_alive(pid):
+            subprocess.run(["kill", str(pid)], check=False)
