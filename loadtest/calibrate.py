@@ -201,6 +201,7 @@ def fit_profile(
         num_kv_blocks=blocks,
         enable_prefix_caching=str(cache.get("enable_prefix_caching", "True")).lower() == "true",
         max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
         chat_template_tokens=max(0, int(np.median(template))) if template else 0,
     )
     return FitReport(profile, r2, n_rows, len(low), notes)

@@ -224,6 +224,8 @@ class CalibrateConfig(_Strict):
     """KV blocks; default: read from ``vllm:cache_config_info`` when scraped."""
     block_size: int = Field(default=16, ge=1)
     """KV block size in tokens (also read from the cache config when scraped)."""
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    """The engine's prompt-token budget per step (vLLM's CPU default is 2048)."""
 
 
 class LoadTestConfig(_Strict):
