@@ -78,8 +78,21 @@ def config_validate(file: str) -> None:
     except ConfigError as exc:
         _err_console().print(f"[red]invalid[/red]: {exc}")
         sys.exit(2)
+    from serving.engine.budget import BudgetError, check_config
+
+    try:
+        reports = check_config(cfg)
+    except BudgetError as exc:
+        _err_console().print(f"[red]does not fit[/red]: {exc}")
+        sys.exit(2)
     names = ", ".join(m.name for m in cfg.models)
     _console().print(f"[green]valid[/green]: {file} ({len(cfg.models)} model(s): {names})")
+    for report in reports:
+        layout = report.layout
+        _console().print(
+            f"  {layout.model} on {layout.gpu_type}: {report.kv_tokens:,} KV tokens, "
+            f"about {report.max_concurrency} sequences of {report.max_model_len:,} tokens per engine"
+        )
 
 
 @main.command("up")

@@ -97,8 +97,10 @@ def _kwarg(model_name: str) -> str:
 
 def build_serve_app(cfg: ServingConfig) -> Any:
     """Bind the gateway and every model's engine deployment into one application."""
+    from serving.engine.budget import check_config
     from serving.engine.builder import build_engine_deployment
 
+    check_config(cfg)  # a layout that cannot fit fails here, before any GPU is claimed
     engines = {_kwarg(m.name): build_engine_deployment(m, cfg.local.cache_dir) for m in cfg.models}
     gateway = serve.deployment(
         Gateway,

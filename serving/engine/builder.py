@@ -41,7 +41,10 @@ def llm_config_kwargs(model: ModelConfig, source: str, extra_env: dict[str, str]
     topo = model.topology
     device = "GPU" if topo.accelerator == "gpu" else "CPU"
     bundle: dict[str, float] = {device: 1.0} if device == "GPU" else {"CPU": topo.cpus_per_worker}
-    env = {"HF_HUB_OFFLINE": "1", **extra_env, **model.engine_env}
+    local = model.source.startswith("builtin:") or Path(source).is_dir()
+    # Local weights must never be looked up on a hub; a hub id on a cluster without the
+    # weight cache must be allowed to download.
+    env = {**({"HF_HUB_OFFLINE": "1"} if local else {}), **extra_env, **model.engine_env}
     deployment: dict[str, Any] = {
         "max_ongoing_requests": topo.max_ongoing_requests,
         "autoscaling_config": {
@@ -49,6 +52,8 @@ def llm_config_kwargs(model: ModelConfig, source: str, extra_env: dict[str, str]
             "max_replicas": topo.max_replicas,
             "initial_replicas": max(topo.min_replicas, 1),
             "target_ongoing_requests": topo.target_ongoing_requests,
+            "upscale_delay_s": topo.upscale_delay_s,
+            "downscale_delay_s": topo.downscale_delay_s,
         },
     }
     if device == "CPU":

@@ -25,7 +25,9 @@ class Stack:
         self.service = GatewayService(config, engines, self.metrics)
         self.app = create_app(self.service, config, self.metrics)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gw")
-        self.sdk = openai.AsyncOpenAI(base_url="http://gw/v1", api_key="x", http_client=self.http, max_retries=0)
+        self.sdk = openai.AsyncOpenAI(
+            base_url="http://gw/v1", api_key="x", http_client=self.http, max_retries=0
+        )
 
 
 @pytest.fixture
@@ -47,7 +49,8 @@ async def test_chat_non_streaming_through_sdk(stack: Stack) -> None:
 
 async def test_chat_streaming_ends_with_done(stack: Stack) -> None:
     async with stack.http.stream(
-        "POST", "/v1/chat/completions",
+        "POST",
+        "/v1/chat/completions",
         json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
     ) as resp:
         assert resp.status_code == 200
@@ -79,7 +82,8 @@ async def test_unknown_model_is_404_with_openai_body(stack: Stack) -> None:
         await stack.sdk.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     body = err.value.body
     assert isinstance(body, dict)
-    assert body["param"] == "model" and body["code"] == "model_not_found"
+    assert body["param"] == "model"
+    assert body["code"] == "model_not_found"
     assert body["type"] == "invalid_request_error"
 
 
@@ -113,7 +117,9 @@ async def test_invalid_json_is_400(stack: Stack) -> None:
 
 
 async def test_missing_model_is_400(stack: Stack) -> None:
-    resp = await stack.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    resp = await stack.http.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "model"
 
@@ -138,7 +144,8 @@ async def test_chunked_body_over_limit_is_413(stack: Stack) -> None:
 
 async def test_engine_not_ready_is_503_with_retry_after(stack: Stack) -> None:
     resp = await stack.http.post(
-        "/v1/chat/completions", json={"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "hi"}]}
+        "/v1/chat/completions",
+        json={"model": "gpt-oss-tiny", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert resp.status_code == 503
     assert resp.headers["retry-after"] == "7"
@@ -180,6 +187,9 @@ async def test_stream_records_ttft_and_releases_in_flight(stack: Stack) -> None:
         "oss_serving_time_to_first_token_seconds_count", {"model": MODEL, "endpoint": "chat"}
     )
     assert ttft == 1.0
-    assert stack.metrics.registry.get_sample_value(
-        "oss_serving_requests_in_flight", {"model": MODEL, "endpoint": "chat"}
-    ) == 0.0
+    assert (
+        stack.metrics.registry.get_sample_value(
+            "oss_serving_requests_in_flight", {"model": MODEL, "endpoint": "chat"}
+        )
+        == 0.0
+    )

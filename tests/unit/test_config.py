@@ -142,3 +142,23 @@ def test_cli_config_validate(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["config", "validate", str(bad)])
     assert result.exit_code == 2
     assert "models.0.engine_kwrgs" in result.output
+
+
+def test_cli_config_validate_runs_the_gpu_budget_check(tmp_path: Path) -> None:
+    def model(tp: int) -> dict[str, object]:
+        return {
+            "name": "gpt-oss-120b",
+            "source": "openai/gpt-oss-120b",
+            "engine_kwargs": {"max_model_len": 32768},
+            "topology": {"accelerator": "gpu", "gpu_type": "A100-40GB", "tensor_parallel_size": tp},
+        }
+
+    too_small = _write(tmp_path, {"models": [model(1)]})
+    result = CliRunner().invoke(main, ["config", "validate", str(too_small)])
+    assert result.exit_code == 2
+    assert "does not fit" in result.output
+    fits = tmp_path / "fits.yaml"
+    fits.write_text(yaml.safe_dump({"models": [model(4)]}))
+    ok = CliRunner().invoke(main, ["config", "validate", str(fits)])
+    assert ok.exit_code == 0, ok.output
+    assert "KV tokens" in ok.output

@@ -45,6 +45,8 @@ def test_gpu_tensor_parallel_bundles_and_autoscaling() -> None:
     auto = kw["deployment_config"]["autoscaling_config"]
     assert (auto["min_replicas"], auto["max_replicas"]) == (2, 8)
     assert "ray_actor_options" not in kw["deployment_config"]
+    assert "HF_HUB_OFFLINE" not in kw["runtime_env"]["env_vars"]  # a hub id may download
+    assert auto["downscale_delay_s"] == 600.0
 
 
 def test_deployment_name_is_serve_safe() -> None:
