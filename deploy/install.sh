@@ -17,6 +17,19 @@ if ! command -v redis-server >/dev/null 2>&1 && ! (exec 3<>/dev/tcp/127.0.0.1/63
   as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 
+# promtool (Debian's prometheus package) checks the chart's alert rules in the tests.
+if ! command -v promtool >/dev/null 2>&1; then
+  say "installing promtool (apt: prometheus)"
+  as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+# checkov scans the rendered chart; it pins old packaging/networkx, so it gets its own venv.
+if [ ! -x .venv-tools/bin/checkov ]; then
+  say "installing checkov into .venv-tools"
+  "$PY" -m venv .venv-tools
+  .venv-tools/bin/python -m pip --disable-pip-version-check install -q "checkov==3.2.*"
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
   "$PY" -m venv "$VENV"
