@@ -65,13 +65,24 @@ class Gateway:
         return
 
 
+REDIS_PASSWORD_ENV = "OSS_SERVING_REDIS_PASSWORD"
+
+
 def _redis_client(cfg: ServingConfig) -> Any:
+    """Async Redis client; the password comes from a Secret-backed variable, never the URL."""
+    import os
+
     import redis.asyncio as aioredis
 
+    extra: dict[str, Any] = {}
+    password = os.environ.get(REDIS_PASSWORD_ENV)
+    if password:
+        extra["password"] = password
     return aioredis.Redis.from_url(
         cfg.redis.url,
         socket_connect_timeout=cfg.redis.connect_timeout_s,
         socket_timeout=cfg.redis.connect_timeout_s,
+        **extra,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import pytest
 
 from serving.api.app import create_app
 from serving.config import GatewayConfig
+from serving.engine.protocol import Endpoint, EngineSSE
 from serving.gateway.service import GatewayService
 from serving.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
@@ -193,3 +195,42 @@ async def test_stream_records_ttft_and_releases_in_flight(stack: Stack) -> None:
         )
         == 0.0
     )
+
+
+async def test_closing_a_stream_cancels_the_engine_request(stack: Stack) -> None:
+    engine = stack.engines[MODEL]
+    engine.chunk_delay_s = 0.05
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    answer, stream = await stack.service.run(Endpoint.chat, MODEL, body, "rid-1")
+    assert answer is None
+    assert stream is not None
+    first = await anext(stream)
+    assert first.startswith("data: ")
+    assert engine.running == 1
+    await stream.aclose()  # what the HTTP layer does when the client goes away
+    assert engine.running == 0
+    assert engine.cancelled == 1
+    assert (
+        stack.metrics.registry.get_sample_value(
+            "oss_serving_requests_total", {"model": MODEL, "endpoint": "chat", "status": "499"}
+        )
+        == 1.0
+    )
+
+
+async def test_request_that_does_not_start_in_time_is_504() -> None:
+    engine = FakeEngine()
+    s = Stack({MODEL: engine}, GatewayConfig(request_timeout_s=0.2))
+    await s.service.probe_once()
+
+    async def never(*_args: object) -> AsyncIterator[EngineSSE]:
+        await asyncio.sleep(5)
+        yield EngineSSE("data: {}\n\n")
+
+    engine.generate = never  # type: ignore[method-assign]
+    resp = await s.http.post(
+        "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "timeout"
+    await s.http.aclose()
