@@ -18,6 +18,7 @@ from serving.api.middleware import RequestIdMiddleware
 from serving.api.protocol import parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint
+from serving.gateway.context import RequestContext
 from serving.gateway.errors import GatewayError, PayloadTooLargeError
 from serving.gateway.service import GatewayService
 from serving.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
@@ -62,16 +63,27 @@ def create_app(
         try:
             body = parse_json_body(await read_body(request, config.max_body_bytes))
             model = validate_request(endpoint, body, config.max_error_message_chars)
-            answer, stream = await service.run(endpoint, model, body, rid)
+            ctx = RequestContext(
+                request_id=rid,
+                endpoint=endpoint,
+                model=model,
+                body=body,
+                headers={k.lower(): v for k, v in request.headers.items()},
+            )
+            answer, stream = await service.run(ctx)
         except GatewayError as exc:
             return error_response(exc, rid, config.max_error_message_chars)
         if answer is not None:
-            return JSONResponse(_with_request_id(answer.body, rid, answer.status), status_code=answer.status)
+            return JSONResponse(
+                _with_request_id(answer.body, rid, answer.status),
+                status_code=answer.status,
+                headers=ctx.response_headers,
+            )
         assert stream is not None
         return StreamingResponse(
             _sse(stream),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.response_headers},
         )
 
     @app.post("/v1/chat/completions")

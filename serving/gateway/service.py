@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.config import GatewayConfig
-from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE
+from serving.engine.protocol import EngineClient, EngineJSON, EngineSSE
+from serving.gateway.context import RequestContext
 from serving.gateway.errors import (
     EngineFailedError,
     EngineNotReadyError,
@@ -178,14 +179,14 @@ class GatewayService:
             raise EngineNotReadyError(name, self._config.engine_ready_retry_after_s)
         return engine
 
-    async def run(
-        self, endpoint: Endpoint, model: str, body: dict[str, Any], request_id: str
-    ) -> tuple[EngineJSON | None, AsyncIterator[str] | None]:
+    async def run(self, ctx: RequestContext) -> tuple[EngineJSON | None, AsyncIterator[str] | None]:
         """Start a request. Returns either a complete JSON answer, or an SSE text stream.
 
         Errors before the first byte raise :class:`GatewayError`; after it they are sent
-        in-band by the stream. Metrics are recorded for both paths.
+        in-band by the stream. Metrics are recorded for both paths. Headers to add to the
+        answer are left in ``ctx.response_headers``.
         """
+        endpoint, model, body, request_id = ctx.endpoint, ctx.model, ctx.body, ctx.request_id
         engine = self.check_model(model)
         flight = _Flight(model=model, endpoint=endpoint.value, started=time.perf_counter())
         in_flight = self._metrics.in_flight.labels(model=model, endpoint=endpoint.value)

@@ -13,6 +13,7 @@ import pytest
 from serving.api.app import create_app
 from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint, EngineSSE
+from serving.gateway.context import RequestContext
 from serving.gateway.service import GatewayService
 from serving.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
@@ -201,7 +202,8 @@ async def test_closing_a_stream_cancels_the_engine_request(stack: Stack) -> None
     engine = stack.engines[MODEL]
     engine.chunk_delay_s = 0.05
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    answer, stream = await stack.service.run(Endpoint.chat, MODEL, body, "rid-1")
+    ctx = RequestContext(request_id="rid-1", endpoint=Endpoint.chat, model=MODEL, body=body)
+    answer, stream = await stack.service.run(ctx)
     assert answer is None
     assert stream is not None
     first = await anext(stream)

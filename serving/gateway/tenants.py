@@ -1,0 +1,107 @@
+"""Tenants: who is calling, what they may do, and how much of the fleet they get.
+
+An API key maps to one tenant. Keys are stored hashed (sha256 of the key); the key
+itself is shown once, when it is created. A tenant carries its fair-share weight, its
+priority class, its limits, the models it may use, and whether its data may leave the
+cluster through a handoff.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "HandoffRight",
+    "PriorityClass",
+    "Tenant",
+    "TenantLimits",
+    "hash_key",
+    "local_tenant",
+    "new_api_key",
+]
+
+KEY_PREFIX = "oss-"
+
+
+class PriorityClass(StrEnum):
+    """Admission lanes, served strictly in this order."""
+
+    interactive = "interactive"
+    standard = "standard"
+    batch = "batch"
+
+    @property
+    def rank(self) -> int:
+        return {"interactive": 0, "standard": 1, "batch": 2}[self.value]
+
+
+class HandoffRight(StrEnum):
+    """Whether a tenant's requests may be sent to an upstream outside the cluster."""
+
+    never = "never"
+    overflow_only = "overflow-only"
+    allowed = "allowed"
+
+
+class TenantLimits(BaseModel):
+    """Per-tenant limits; ``None`` means unlimited."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Requests admitted per rolling minute."""
+
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Prompt plus output tokens per rolling minute (output counted at ``max_tokens`` until known)."""
+
+    max_concurrent_requests: int | None = Field(default=None, ge=1)
+    """Requests running or queued at once."""
+
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    """Cap on ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` of one request."""
+
+
+class Tenant(BaseModel):
+    """One tenant (a team, an application)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    """Stable id; also the ``tenant`` metric label (bounded by the configured tenants)."""
+
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    """Fair-share weight among tenants of the same priority class."""
+
+    priority: PriorityClass = PriorityClass.standard
+    """Admission lane."""
+
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+    """Rate and size limits."""
+
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    """Models this tenant may use; ``*`` means all."""
+
+    handoff: HandoffRight = HandoffRight.never
+    """Whether requests may be handed off to an upstream outside the cluster."""
+
+    def may_use(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+def local_tenant() -> Tenant:
+    """The tenant of every request when authentication is off (local mode)."""
+    return Tenant(id="local", priority=PriorityClass.standard)
+
+
+def hash_key(api_key: str) -> str:
+    """The stored form of an API key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    """A fresh random API key."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
