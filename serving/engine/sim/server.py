@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from starlette.routing import Route
 from serving.engine.sim.profile import EngineProfile
 from serving.engine.sim.scheduler import SimRequest, SimScheduler, block_hashes
 
-__all__ = ["SimEngine", "build_app", "prompt_text", "word_token_ids"]
+__all__ = ["SimEngine", "SimFaults", "build_app", "prompt_text", "word_token_ids"]
 
 _WORDS = [
     "the",
@@ -84,6 +85,23 @@ def word_token_ids(text: str) -> list[int]:
     return [zlib.crc32(w.encode()) for w in text.split()]
 
 
+@dataclass
+class SimFaults:
+    """What a test switches on at run time to make the engine an unreliable upstream."""
+
+    status: int | None = None
+    """Answer every request with this HTTP error status (OpenAI error body)."""
+
+    delay_s: float = 0.0
+    """Wait this long before answering (before the response headers)."""
+
+    api_key: str | None = None
+    """Require ``Authorization: Bearer <api_key>`` (401 otherwise)."""
+
+    bodies: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
+    """The last request bodies received, newest last."""
+
+
 @dataclass(eq=False)
 class _Live:
     req: SimRequest
@@ -108,6 +126,7 @@ class SimEngine:
         self._live: dict[SimRequest, _Live] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.faults = SimFaults()
         self.registry = CollectorRegistry()
         lab = ["model_name", "engine"]
         r = self.registry
@@ -251,6 +270,33 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
 
 
+async def _fault(engine: SimEngine, request: Request, body: Any) -> Response | None:
+    faults = engine.faults
+    if isinstance(body, dict):
+        faults.bodies.append(body)
+    if faults.delay_s > 0:
+        await asyncio.sleep(faults.delay_s)
+    if faults.api_key is not None and request.headers.get("authorization") != f"Bearer {faults.api_key}":
+        return _error(401, "invalid API key", "authentication_error")
+    if faults.status is not None:
+        return _error(faults.status, f"simulated failure {faults.status}", "server_error")
+    return None
+
+
+def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """A call of the request's first tool, unless tools are off (``tool_choice: none``)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools or body.get("tool_choice") == "none":
+        return None
+    fn = tools[0].get("function", tools[0]) if isinstance(tools[0], dict) else {}
+    name = str(fn.get("name", "tool"))
+    return {
+        "id": "call_" + uuid.uuid4().hex[:12],
+        "type": "function",
+        "function": {"name": name, "arguments": "{}"},
+    }
+
+
 def prompt_text(body: dict[str, Any], chat: bool) -> str:
     if chat:
         msgs = body.get("messages")
@@ -278,6 +324,9 @@ def build_app(engine: SimEngine) -> Starlette:
     async def completions(request: Request, chat: bool) -> Response:
         try:
             body = await request.json()
+            fault = await _fault(engine, request, body)
+            if fault is not None:
+                return fault
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             prompt = prompt_text(body, chat)
@@ -302,6 +351,9 @@ def build_app(engine: SimEngine) -> Starlette:
             return _error(400, str(exc))
         effort = body.get("reasoning_effort")
         n_reason = round(max_tokens * profile.reasoning_fraction.get(str(effort), 0.0)) if effort else 0
+        call = _tool_call(body) if chat else None
+        if call is not None:  # the whole output is reasoning, then the call
+            n_reason = max_tokens
         rid = ("chatcmpl-" if chat else "cmpl-") + live.req.rid
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -322,7 +374,7 @@ def build_app(engine: SimEngine) -> Starlette:
         def piece(start: int, n: int, final: bool) -> dict[str, Any]:
             n_r = max(0, min(n, n_reason - start))
             reasoning, content = words(start, n_r), words(start + n_r, n - n_r)
-            finish = "length" if final else None
+            finish = "length" if final and call is None else None
             if chat:
                 delta: dict[str, Any] = {}
                 if reasoning:
@@ -348,6 +400,10 @@ def build_app(engine: SimEngine) -> Starlette:
                 if n_reason:
                     message["reasoning_content"] = words(0, min(n, n_reason))
                 choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": "length"}
+                if call is not None:
+                    message["content"] = None
+                    message["tool_calls"] = [call]
+                    choice["finish_reason"] = "tool_calls"
             else:
                 choice = {"index": 0, "text": words(0, n), "finish_reason": "length"}
             return JSONResponse(
@@ -401,6 +457,9 @@ def build_app(engine: SimEngine) -> Starlette:
                     yield event([piece(sent, pending, final)])
                     sent += pending
                     pending = 0
+                if call is not None:
+                    delta = {"tool_calls": [{"index": 0, **call}]}
+                    yield event([{"index": 0, "delta": delta, "finish_reason": "tool_calls"}])
                 if include_usage:
                     yield event([], {"usage": usage()})
                 yield b"data: [DONE]\n\n"
@@ -412,6 +471,118 @@ def build_app(engine: SimEngine) -> Starlette:
 
     async def chat(request: Request) -> Response:
         return await completions(request, True)
+
+    async def responses(request: Request) -> Response:
+        """A small ``/v1/responses``: one message item (after a reasoning item with an effort)."""
+        try:
+            body = await request.json()
+            fault = await _fault(engine, request, body)
+            if fault is not None:
+                return fault
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            given = body.get("input")
+            prompt = given if isinstance(given, str) else prompt_text({"messages": given}, True)
+            max_tokens = int(body.get("max_output_tokens") or profile.default_max_tokens)
+            live = engine.submit(prompt, max_tokens, profile.chat_template_tokens)
+        except (ValueError, TypeError, json.JSONDecodeError) as exc:
+            return _error(400, str(exc)[:500])
+        effort = (body.get("reasoning") or {}).get("effort")
+        n_reason = round(max_tokens * profile.reasoning_fraction.get(str(effort), 0.0)) if effort else 0
+        rid, created = "resp_" + live.req.rid, int(time.time())
+        msg_id = "msg_" + live.req.rid
+
+        def words(start: int, n: int) -> str:
+            return "".join(" " + _WORDS[(start + i) % len(_WORDS)] for i in range(n))
+
+        def response(status: str, with_reasoning: bool = True) -> dict[str, Any]:
+            n = live.req.generated
+            n_r = min(n, n_reason)
+            output: list[dict[str, Any]] = []
+            if status == "completed":
+                if n_r and with_reasoning:
+                    part = {"type": "reasoning_text", "text": words(0, n_r)}
+                    output.append(
+                        {"id": "rs_" + live.req.rid, "type": "reasoning", "summary": [], "content": [part]}
+                    )
+                text = {"type": "output_text", "text": words(n_r, n - n_r), "annotations": []}
+                output.append(
+                    {
+                        "id": msg_id,
+                        "type": "message",
+                        "role": "assistant",
+                        "status": status,
+                        "content": [text],
+                    }
+                )
+            return {
+                "id": rid,
+                "object": "response",
+                "created_at": created,
+                "model": engine.model,
+                "status": status,
+                "output": output,
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "usage": {
+                    "input_tokens": live.req.prompt_len,
+                    "input_tokens_details": {"cached_tokens": live.req.cached_tokens},
+                    "output_tokens": n,
+                    "output_tokens_details": {"reasoning_tokens": n_r},
+                    "total_tokens": live.req.prompt_len + n,
+                },
+            }
+
+        if not body.get("stream"):
+            try:
+                while await live.queue.get():
+                    pass
+            except asyncio.CancelledError:
+                engine.abort(live)
+                raise
+            return JSONResponse(response("completed"))
+
+        def event(payload: dict[str, Any], seq: int) -> bytes:
+            payload = {**payload, "sequence_number": seq}
+            return (
+                f"event: {payload['type']}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+            )
+
+        async def stream() -> AsyncIterator[bytes]:
+            # The message is the only streamed item (reasoning is not streamed here).
+            item = {
+                "id": msg_id,
+                "type": "message",
+                "role": "assistant",
+                "status": "in_progress",
+                "content": [],
+            }
+            where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+            empty = {"type": "output_text", "text": "", "annotations": []}
+            sent = 0
+            try:
+                yield event({"type": "response.created", "response": response("in_progress")}, 0)
+                yield event({"type": "response.output_item.added", "output_index": 0, "item": item}, 1)
+                yield event({"type": "response.content_part.added", **where, "part": empty}, 2)
+                while await live.queue.get():
+                    yield event(
+                        {"type": "response.output_text.delta", **where, "delta": words(sent, 1)}, 3 + sent
+                    )
+                    sent += 1
+                final = response("completed", with_reasoning=False)
+                done = final["output"][0]
+                part = done["content"][0]
+                seq = 3 + sent
+                yield event({"type": "response.output_text.done", **where, "text": part["text"]}, seq)
+                yield event({"type": "response.content_part.done", **where, "part": part}, seq + 1)
+                yield event({"type": "response.output_item.done", "output_index": 0, "item": done}, seq + 2)
+                yield event({"type": "response.completed", "response": final}, seq + 3)
+            finally:
+                if live.req in engine._live:
+                    engine.abort(live)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     async def text(request: Request) -> Response:
         return await completions(request, False)
@@ -442,6 +613,7 @@ def build_app(engine: SimEngine) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", text, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
