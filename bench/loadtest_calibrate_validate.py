@@ -1,8 +1,8 @@
 """Calibrate a simulated-engine profile on one workload, predict another, compare.
 
-1. Sweep workload A (chat, input 64-512 tokens uniform, 32 output tokens) against a real
+1. Sweep workload A (chat, input 32-256 tokens uniform, 24 output tokens) against a real
    endpoint, scraping its ``/metrics``; fit a profile (``loadtest.calibrate``).
-2. Predict workload B (input 512, output 96 tokens) at the same rates with the
+2. Predict workload B (input 256, output 64 tokens) at the same rates with the
    virtual-time simulator and that profile.
 3. Sweep workload B against the real endpoint.
 4. Print predicted and measured saturation throughput (highest completed request rate
@@ -13,7 +13,7 @@ Start the engine first, e.g. (SmolLM2-135M on vLLM CPU)::
 
     HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m vllm.entrypoints.openai.api_server \\
         --model ~/.cache/oss-serving/models/smollm2-135m-instruct --served-model-name smollm2 \\
-        --port 8201 --max-num-seqs 32 --max-model-len 2048 --dtype bfloat16
+        --port 8201 --max-num-seqs 32 --max-model-len 2048 --dtype float32
     .venv/bin/python bench/loadtest_calibrate_validate.py --base-url http://127.0.0.1:8201
 """
 
@@ -81,7 +81,7 @@ def _summary(res: SweepResult) -> dict[str, Any]:
 @click.command()
 @click.option("--base-url", required=True)
 @click.option("--model", default="smollm2", show_default=True)
-@click.option("--rates", default="0.2,0.5,1,1.5,2.5,4", show_default=True)
+@click.option("--rates", default="0.1,0.25,0.5,1,1.5,2.5", show_default=True)
 @click.option("--duration", default=40.0, show_default=True, help="Seconds of schedule per point.")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/calibrate-validate")

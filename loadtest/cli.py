@@ -280,6 +280,7 @@ def do_sweep(
 
     out = cfg.output.dir
     results: list[dict[str, Any]] = []
+    ttfts: list[list[float]] = []
     with _progress(cfg.output.progress, console) as prog:
         outer = prog.add_task("sweep points", total=len(sweep_rates(cfg))) if prog else None
         runner = make_runner(cfg, profile_path, prog)
@@ -288,6 +289,7 @@ def do_sweep(
             folder = out / f"rate_{p.rate:.4g}"
             write_run(folder, p.result, p.raw)
             results.append(p.result)
+            ttfts.append([m.ttft for m in p.metrics.per_request if m.ttft is not None])
             if prog is not None and outer is not None:
                 prog.advance(outer)
             m = p.metrics
@@ -308,7 +310,7 @@ def do_sweep(
     if cfg.output.html:
         from loadtest.report import render_sweep_report
 
-        render_sweep_report(doc, results, out / "report.html")
+        render_sweep_report(doc, results, out / "report.html", ttfts)
     return res, results
 
 

@@ -163,8 +163,14 @@ def _sweep_row(run: dict[str, Any]) -> str:
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
-def render_sweep_report(sweep: dict[str, Any], runs: Sequence[dict[str, Any]], path: Path) -> None:
-    """A sweep: latency percentiles and throughput against rate, the knee, queue depth."""
+def render_sweep_report(
+    sweep: dict[str, Any],
+    runs: Sequence[dict[str, Any]],
+    path: Path,
+    ttfts: Sequence[Sequence[float]] = (),
+) -> None:
+    """A sweep: latency percentiles and throughput against rate, the knee, the TTFT
+    distribution of every point (``ttfts``, seconds, one list per run), queue depth."""
     rates = [r["target_rate"] for r in runs]
     parts = [f"<h1>oss-loadtest sweep: {html.escape(str(sweep.get('workload')))}</h1>"]
     knee = sweep.get("knee_rate")
@@ -205,6 +211,19 @@ def render_sweep_report(sweep: dict[str, Any], runs: Sequence[dict[str, Any]], p
         "<table><tr><th>rate</th><th>achieved send rate</th><th>valid</th><th>req/s</th><th>out tok/s</th>"
         "<th>TTFT p50</th><th>TTFT p99</th><th>TPOT p50</th><th>fail rate</th></tr>" + rows + "</table>"
     )
+    if ttfts:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for run, values in zip(runs, ttfts, strict=False):
+            if values:
+                xs = sorted(v * 1e3 for v in values)
+                ax.plot(
+                    xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{_fmt(run['target_rate'])}/s"
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT (ms, from scheduled send)")
+        ax.set_ylabel("fraction of requests")
+        ax.legend(fontsize=7)
+        parts.append("<h2>TTFT distribution per rate</h2>" + _png(fig))
     if runs:
         last = runs[-1]
         parts.append(f"<h2>Server-side queue depth at {_fmt(last['target_rate'])} req/s</h2>")
