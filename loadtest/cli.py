@@ -414,7 +414,10 @@ def plan(**opts: Any) -> None:
     elif opts.get("profile_path"):
         from loadtest.slo import slo_search
 
-        res = slo_search(cfg, make_runner(cfg, opts["profile_path"], None))
+        try:
+            res = slo_search(cfg, make_runner(cfg, opts["profile_path"], None))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
         doc = res.to_dict(cfg)
         capacity, source, slos = (
             doc["rate_per_replica"],

@@ -201,8 +201,10 @@ async def _closed_loop(
     records: list[RequestRecord] = []
     it = iter(reqs)
     clock = time.perf_counter
+    finished = 0
 
     async def worker() -> None:
+        nonlocal finished
         for req in it:
             now = clock() - t0
             if now >= max_duration_s:
@@ -210,8 +212,9 @@ async def _closed_loop(
             rec = _record(req, now)
             records.append(rec)
             await client.send(req, rec, t0)
+            finished += 1
             if progress:
-                progress(len(records), sum(1 for r in records if r.end is not None))
+                progress(len(records), finished)
 
     workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
     _, pending = await asyncio.wait(workers, timeout=max_duration_s + client_timeout_margin(max_duration_s))

@@ -201,3 +201,37 @@ def test_cli_sweep_slo_plan_calibrate_on_a_profile(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     fitted = yaml.safe_load((tmp_path / "fit.yaml").read_text())
     assert fitted["step_base_s"] == pytest.approx(0.1, rel=0.2)
+
+
+def test_cli_plan_from_a_profile_uses_the_serving_layout(tmp_path: Path) -> None:
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(CAP4.model_dump()))
+    serving = tmp_path / "serving.yaml"
+    topo = {"kind": "expert_parallel", "tensor_parallel_size": 1, "data_parallel_size": 4}
+    serving.write_text(
+        yaml.safe_dump({"models": [{"name": "m", "source": "openai/gpt-oss-120b", "topology": topo}]})
+    )
+    args = [
+        "plan",
+        "--profile",
+        str(prof),
+        "--input-tokens",
+        "32",
+        "--output-tokens",
+        "10",
+        "--slo",
+        "ttft:1000",
+    ]
+    args += ["--target-rate", "10", "--serving-config", str(serving), "--out", str(tmp_path)]
+    args += ["--gpu-hour-price", "3"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "capacity_plan.json").read_text())
+    assert plan["gpus_per_replica"] == 4
+    assert "expert_parallel" in plan["layout"]
+    assert plan["cost"]["per_hour"] == pytest.approx(plan["gpus"] * 3)
+    assert plan["capacity_source"].startswith("simulated profile")
+    no_source = CliRunner().invoke(main, ["plan", "--target-rate", "10"])
+    assert no_source.exit_code == 2
+    no_slo = CliRunner().invoke(main, ["plan", "--profile", str(prof), "--target-rate", "10"])
+    assert no_slo.exit_code == 2
