@@ -193,7 +193,7 @@ def main() -> int:
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", source,
          "--served-model-name", MODEL, "--port", str(direct_port), "--host", "127.0.0.1",
          "--max-model-len", str(ENGINE_KWARGS["max_model_len"]), "--dtype", str(ENGINE_KWARGS["dtype"]),
-         "--disable-log-requests"],
+         "--no-enable-log-requests"],
         stdout=direct_log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     gw_port = free_port()
@@ -208,6 +208,7 @@ def main() -> int:
             }
         ],
         "gateway": {"port": gw_port},
+        "auth": {"required": False},
         "local": {"state_dir": str(work / "run")},
     }
     gw_config.write_text(yaml.safe_dump(stack_cfg))

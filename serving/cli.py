@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -18,6 +20,7 @@ from serving.cluster.cli import preflight
 from serving.config import ConfigError, ServingConfig, load_config
 
 CONFIG_ENV = "OSS_SERVING_CONFIG"
+T = TypeVar("T")
 
 
 def _console() -> Console:
@@ -137,6 +140,168 @@ def status(config_path: str | None, cluster: bool, namespace: str, release: str)
 
 
 main.add_command(preflight)
+
+
+# --------------------------------------------------------------------------- tenants
+redis_option = click.option(
+    "--redis-url", default=None, help="Redis URL (default: redis.url of the configuration)."
+)
+
+
+def _tenant_store(config_path: str | None, redis_url: str | None) -> tuple[Any, Any]:
+    import redis.asyncio as aioredis
+
+    from serving.gateway.auth import TenantStore
+
+    cfg = _load_or_exit(config_path)
+    client = aioredis.Redis.from_url(redis_url or cfg.redis.url, socket_connect_timeout=2, socket_timeout=5)
+    return TenantStore(client, cfg.queue.key_prefix), client
+
+
+def _run_store(config_path: str | None, redis_url: str | None, action: Callable[[Any], Awaitable[T]]) -> T:
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    async def go() -> T:
+        store, client = _tenant_store(config_path, redis_url)
+        try:
+            return await action(store)
+        finally:
+            await client.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (RedisError, OSError) as exc:
+        _err_console().print(f"[red]cannot reach Redis[/red]: {exc}")
+        sys.exit(1)
+
+
+@main.group("tenants")
+def tenants_group() -> None:
+    """Manage tenants and their API keys (stored hashed in Redis)."""
+
+
+@tenants_group.command("add")
+@click.argument("tenant_id")
+@click.option("--weight", type=float, default=1.0, show_default=True, help="Fair-share weight.")
+@click.option("--priority", type=click.Choice(["interactive", "standard", "batch"]), default="standard")
+@click.option("--rpm", type=int, default=None, help="Requests per minute.")
+@click.option("--tpm", type=int, default=None, help="Tokens per minute.")
+@click.option("--concurrency", type=int, default=None, help="Requests queued or running at once.")
+@click.option("--max-output-tokens", type=int, default=None)
+@click.option("--model", "models", multiple=True, help="Allowed model (repeat); default: all.")
+@click.option("--handoff", type=click.Choice(["never", "overflow-only", "allowed"]), default="never")
+@config_option
+@redis_option
+def tenants_add(
+    tenant_id: str,
+    weight: float,
+    priority: str,
+    rpm: int | None,
+    tpm: int | None,
+    concurrency: int | None,
+    max_output_tokens: int | None,
+    models: tuple[str, ...],
+    handoff: str,
+    config_path: str | None,
+    redis_url: str | None,
+) -> None:
+    """Create or update TENANT_ID and print a new API key (shown once)."""
+    from pydantic import ValidationError
+
+    from serving.gateway.tenants import HandoffRight, PriorityClass, Tenant, TenantLimits
+
+    try:
+        tenant = Tenant(
+            id=tenant_id,
+            weight=weight,
+            priority=PriorityClass(priority),
+            limits=TenantLimits(
+                requests_per_minute=rpm,
+                tokens_per_minute=tpm,
+                max_concurrent_requests=concurrency,
+                max_output_tokens=max_output_tokens,
+            ),
+            models=list(models) or ["*"],
+            handoff=HandoffRight(handoff),
+        )
+    except ValidationError as exc:
+        _err_console().print(
+            f"[red]invalid tenant[/red]: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}"
+        )
+        sys.exit(2)
+    issued = _run_store(config_path, redis_url, lambda store: store.add(tenant))
+    _console().print(f"tenant [bold]{tenant_id}[/bold]; API key (shown once, store it now):")
+    click.echo(issued.api_key)
+
+
+@tenants_group.command("list")
+@config_option
+@redis_option
+def tenants_list(config_path: str | None, redis_url: str | None) -> None:
+    """List tenants, their limits and their keys' hints."""
+    from rich.table import Table
+
+    tenants, _keys, hints = _run_store(config_path, redis_url, lambda store: store.snapshot())
+    table = Table(title="tenants")
+    for col in ("tenant", "priority", "weight", "rpm", "tpm", "concurrency", "models", "handoff", "keys"):
+        table.add_column(col)
+    for tid, t in sorted(tenants.items()):
+        lim = t.limits
+        table.add_row(
+            tid,
+            t.priority.value,
+            f"{t.weight:g}",
+            str(lim.requests_per_minute or "-"),
+            str(lim.tokens_per_minute or "-"),
+            str(lim.max_concurrent_requests or "-"),
+            ",".join(t.models),
+            t.handoff.value,
+            " ".join(hints.get(tid, [])) or "(none)",
+        )
+    _console().print(table)
+
+
+@tenants_group.command("revoke")
+@click.argument("key_or_tenant")
+@click.option("--tenant", "whole_tenant", is_flag=True, help="Revoke every key of the tenant and remove it.")
+@config_option
+@redis_option
+def tenants_revoke(
+    key_or_tenant: str, whole_tenant: bool, config_path: str | None, redis_url: str | None
+) -> None:
+    """Revoke an API key (the key, or its hint from `list`), or with --tenant a whole tenant."""
+    if whole_tenant:
+        removed = _run_store(config_path, redis_url, lambda store: store.revoke_tenant(key_or_tenant))
+    else:
+        removed = _run_store(config_path, redis_url, lambda store: store.revoke_key(key_or_tenant))
+    if not removed and not whole_tenant:
+        _err_console().print("[red]no such key[/red]")
+        sys.exit(1)
+    _console().print(f"revoked {removed} key(s); gateways stop accepting them within auth.refresh_s")
+
+
+@tenants_group.command("rotate")
+@click.argument("tenant_id")
+@config_option
+@redis_option
+def tenants_rotate(tenant_id: str, config_path: str | None, redis_url: str | None) -> None:
+    """Issue TENANT_ID a new key and revoke its old ones."""
+
+    async def rotate(store: Any) -> Any:
+        try:
+            return await store.rotate(tenant_id)
+        except KeyError:
+            return None
+
+    issued = _run_store(config_path, redis_url, rotate)
+    if issued is None:
+        _err_console().print(f"[red]no tenant {tenant_id}[/red]")
+        sys.exit(1)
+    _console().print(f"tenant [bold]{tenant_id}[/bold]; new API key (old keys revoked):")
+    click.echo(issued.api_key)
+
 
 if __name__ == "__main__":
     main()

@@ -21,16 +21,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "BUILTIN_SOURCES",
+    "UPSTREAM_API_KEY_ENV",
+    "AuthConfig",
     "ConfigError",
     "GatewayConfig",
+    "HandoffConfig",
     "LocalConfig",
     "MetricsConfig",
     "ModelConfig",
     "ModelFamily",
+    "OverflowConfig",
+    "QueueConfig",
     "RayConfig",
     "RedisConfig",
+    "ResponseCacheConfig",
+    "RoutingConfig",
     "ServingConfig",
+    "TenantSeed",
     "TopologyConfig",
+    "UpstreamConfig",
+    "VirtualModelConfig",
     "default_config",
     "load_config",
 ]
@@ -165,6 +175,10 @@ class ModelConfig(_Strict):
             }
         topo = self.topology
         defaults["tensor_parallel_size"] = topo.tensor_parallel_size
+        # Prompt caching: reuse KV of shared prefixes, and report it in
+        # usage.prompt_tokens_details.cached_tokens (OpenAI's semantics).
+        defaults["enable_prefix_caching"] = True
+        defaults["enable_prompt_tokens_details"] = True
         if topo.kind == "expert_parallel":
             defaults["data_parallel_size"] = topo.data_parallel_size
             defaults["enable_expert_parallel"] = True
@@ -214,6 +228,157 @@ class RedisConfig(_Strict):
     """Connection and command timeout."""
 
 
+class AuthConfig(_Strict):
+    """API keys and tenants."""
+
+    required: bool = True
+    """Require an API key on every request. ``oss-serve up``'s built-in configuration turns it
+    off (local mode: every request is the tenant ``local``) and says so at start."""
+
+    tenants_file: Path | None = None
+    """YAML file of tenants with plaintext API keys (``tenants: [{id, api_keys: [...], ...}]``),
+    typically a mounted Secret; seeded into Redis (keys hashed) at start."""
+
+    refresh_s: float = Field(default=2.0, gt=0)
+    """How often each gateway re-reads keys and tenants from Redis: a revoked key stops
+    working within this time."""
+
+
+class TenantSeed(_Strict):
+    """A tenant from the configuration (seeded into Redis at gateway start)."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    """Tenant id."""
+
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    """Fair-share weight."""
+
+    priority: Literal["interactive", "standard", "batch"] = "standard"
+    """Admission lane."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Rate limit on requests."""
+
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Rate limit on tokens."""
+
+    max_concurrent_requests: int | None = Field(default=None, ge=1)
+    """Requests queued or running at once."""
+
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    """Cap on a request's output tokens."""
+
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    """Models the tenant may use (``*``: all)."""
+
+    handoff: Literal["never", "overflow-only", "allowed"] = "never"
+    """Whether requests may leave the cluster through a handoff."""
+
+    api_key_sha256: list[str] = Field(default_factory=list)
+    """sha256 hex digests of the tenant's API keys (never the keys themselves)."""
+
+
+class QueueConfig(_Strict):
+    """Admission: the Redis queue shared by every gateway replica."""
+
+    enabled: bool = True
+    """Admit through the queue (off: every validated request goes straight to the engines)."""
+
+    capacity_per_replica: int | None = Field(default=None, ge=1)
+    """Concurrent sequences one engine replica runs well. ``None``: the engine's own
+    ``max_num_seqs`` as it reports it."""
+
+    default_capacity: int = Field(default=8, ge=1)
+    """Capacity of a model until its engines have reported their stats."""
+
+    lease_ttl_s: float = Field(default=15.0, gt=0)
+    """A granted request's lease lives this long unless its gateway renews it (every third
+    of it): a crashed gateway's capacity returns within this time."""
+
+    default_deadline_s: float | None = Field(default=None, gt=0)
+    """Deadline to start a request that sends none (``X-Oss-Deadline-Ms``); ``None``: wait
+    up to ``max_wait_s``."""
+
+    max_wait_s: float = Field(default=600.0, gt=0)
+    """Longest a request waits in the queue before it is rejected with 503."""
+
+    max_grants_per_release: int = Field(default=32, ge=1)
+    """Waiting requests granted together when capacity frees (batched admission)."""
+
+    poll_interval_s: float = Field(default=0.05, gt=0)
+    """How often a waiting request re-checks its ticket besides the grant notifications."""
+
+    key_prefix: str = Field(default="oss", pattern=r"^[A-Za-z0-9_:-]{1,32}$")
+    """Prefix of every Redis key oss-serving writes."""
+
+
+class RoutingConfig(_Strict):
+    """Prefix-affinity routing: send requests that share a prompt prefix to the engine replica
+    that most likely still holds that prefix in vLLM's prefix cache, balanced against load.
+
+    The prefix index lives in Redis, shared by every gateway replica: chained hashes of
+    fixed-size text blocks of the rendered prompt -> the replicas that served them, per
+    model, with a TTL and a per-replica LRU bound that tracks the engine's own eviction
+    roughly. The engine deployment's request router (``serving.engine.router``) makes the
+    final choice with Ray Serve's live queue lengths."""
+
+    enabled: bool = True
+    """Route by prefix affinity (off: Ray Serve's default power-of-two-choices router)."""
+
+    strategy: Literal["prefix", "power_of_two", "round_robin"] = "prefix"
+    """``prefix``: affinity balanced with load. ``power_of_two``: Ray Serve's default.
+    ``round_robin``: strict rotation (a baseline for benchmarks)."""
+
+    block_chars: int = Field(default=256, ge=16, le=65536)
+    """Characters of rendered prompt per index block (about 64 tokens of English)."""
+
+    max_blocks: int = Field(default=256, ge=1, le=4096)
+    """Blocks of one prompt looked up and recorded (longer prompts: their first blocks)."""
+
+    index_ttl_s: float = Field(default=900.0, gt=0)
+    """How long an index entry lives without being used again."""
+
+    replica_capacity_blocks: int = Field(default=50_000, ge=1)
+    """Blocks remembered per engine replica; beyond it the least recently used are dropped
+    (set it near the replica's KV cache size in blocks of ``block_chars``)."""
+
+    imbalance_threshold: int = Field(default=8, ge=0)
+    """Load wins over affinity when the affine replica has more than this many requests
+    more than the least busy replica."""
+
+    min_match_blocks: int = Field(default=1, ge=1)
+    """Fewest matched leading blocks that count as an affinity hit."""
+
+    session_headers: list[str] = Field(default_factory=lambda: ["x-session-id"])
+    """Headers used as the affinity key when the request has no ``prompt_cache_key``
+    (checked after these, the body's ``user``)."""
+
+    key_prefix: str = Field(default="oss:prefix", min_length=1)
+    """Redis key prefix of the index."""
+
+
+class ResponseCacheConfig(_Strict):
+    """Exact-match response cache in Redis for deterministic requests (temperature 0 or a
+    fixed seed; no tools that act on the world). Used only when it is enabled here, the
+    tenant opted in (``Tenant.response_cache``) and the request asks for it with the
+    ``X-OSS-Response-Cache: on`` header."""
+
+    enabled: bool = False
+    """Serve and store cached answers."""
+
+    ttl_s: float = Field(default=3600.0, gt=0)
+    """How long a cached answer lives."""
+
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Answers larger than this are not stored."""
+
+    max_total_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Memory bound of the whole cache; the oldest entries are evicted beyond it."""
+
+    key_prefix: str = Field(default="oss:rc", min_length=1)
+    """Redis key prefix of the cache."""
+
+
 class MetricsConfig(_Strict):
     """Prometheus metrics of the gateway."""
 
@@ -224,6 +389,129 @@ class MetricsConfig(_Strict):
         default_factory=lambda: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
     )
     """Histogram buckets (seconds) for time to first token and latency."""
+
+
+#: Environment variable the Helm chart fills from a Secret with the upstream API key.
+UPSTREAM_API_KEY_ENV = "OSS_SERVING_UPSTREAM_API_KEY"
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_UPSTREAM_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class UpstreamConfig(_Strict):
+    """An OpenAI-compatible API outside the cluster that requests may be handed off to."""
+
+    name: str = Field(pattern=_UPSTREAM_NAME)
+    """Name of the upstream: the value of ``X-OSS-Serving-Backend`` and the ``upstream``
+    metric label."""
+
+    base_url: str = Field(pattern=r"^https?://")
+    """Base URL of its OpenAI API, ``/v1`` included (e.g. ``https://api.openai.com/v1``)."""
+
+    api_key_env: str | None = Field(default=UPSTREAM_API_KEY_ENV, pattern=_ENV_NAME)
+    """Environment variable holding the API key (the Helm chart sets it from a Secret); the
+    key itself never appears in this file. ``None``: send no key."""
+
+    models: dict[str, str] = Field(default_factory=dict)
+    """Model names as clients send them (a local or a virtual model) -> the upstream's model."""
+
+    default_model: str | None = None
+    """Upstream model for requests whose model ``models`` does not list; ``None``: such
+    requests are never handed off to this upstream."""
+
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """Longest wait for a connection to the upstream."""
+
+    first_byte_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest wait for the upstream's answer to begin (a whole non-streaming answer, or the
+    first event of a stream); past it the handoff fails with 504."""
+
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest gap between two events of a stream; past it the stream ends with an in-band
+    error event."""
+
+    max_concurrent_requests: int = Field(default=32, ge=1)
+    """Requests one gateway replica sends to this upstream at once; beyond it, requests are
+    not handed off (they stay local)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Budget: requests handed off per calendar minute, over all gateway replicas."""
+
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Budget: upstream tokens (prompt plus output) per calendar minute."""
+
+    monthly_token_cap: int | None = Field(default=None, ge=1)
+    """Budget: upstream tokens per calendar month (UTC); once spent, nothing is handed off."""
+
+    def upstream_model(self, model: str) -> str | None:
+        """The upstream's model for a request naming ``model``, or None."""
+        return self.models.get(model, self.default_model)
+
+
+class OverflowConfig(_Strict):
+    """Overflow: hand off what the local engines cannot start in time."""
+
+    enabled: bool = True
+    """Apply the overflow policy."""
+
+    max_predicted_wait_s: float | None = Field(default=None, gt=0)
+    """Hand off when the predicted queue wait exceeds this many seconds; ``None``: only when
+    it exceeds the time left to the request's deadline."""
+
+    when_not_ready: bool = True
+    """Hand off when no local engine replica of the model is ready."""
+
+
+class VirtualModelConfig(_Strict):
+    """A model name that no engine serves; a rule picks the backend per request."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    """The name clients send in ``model`` (e.g. ``auto``)."""
+
+    low: str
+    """Local model for ``reasoning_effort: low`` (and ``minimal``)."""
+
+    medium: str
+    """Local model for ``reasoning_effort: medium``."""
+
+    high: str
+    """Local model for ``reasoning_effort: high``."""
+
+    default_effort: Literal["low", "medium", "high"] = "medium"
+    """Effort assumed when the request names none."""
+
+    upstream: str | None = None
+    """Upstream for requests the client marks or that exceed the local context; ``None``:
+    ``handoff.upstream``."""
+
+    context_tokens: int | None = Field(default=None, ge=1)
+    """Context length of the local target; ``None``: its ``engine_kwargs.max_model_len``."""
+
+
+class HandoffConfig(_Strict):
+    """Handoff: which requests go to an upstream instead of the local engines."""
+
+    upstream: str | None = None
+    """Upstream for overflow and failover (and virtual models without their own); ``None``
+    with no virtual model upstream: handoff is off."""
+
+    overflow: OverflowConfig = Field(default_factory=OverflowConfig)
+    """Overflow policy."""
+
+    failover: bool = True
+    """Hand off when the local engine fails before the first token."""
+
+    virtual_models: list[VirtualModelConfig] = Field(default_factory=list)
+    """Escalation rules."""
+
+    escalate_header: str = Field(default="x-oss-escalate", pattern=r"^[a-z0-9-]{1,64}$")
+    """Request header (lower case) by which a client marks a virtual-model request for the
+    upstream (``1``, ``true``, ``yes`` or ``cloud``)."""
+
+    chars_per_token: float = Field(default=3.0, gt=0)
+    """Characters per token in the gateway's prompt-length estimate (no tokenizer in the
+    gateway); low values over-estimate, sending borderline requests upstream rather than
+    into a local context-length error."""
 
 
 class RayConfig(_Strict):
@@ -273,11 +561,32 @@ class ServingConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Prometheus metrics."""
 
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    """API keys."""
+
+    tenants: list[TenantSeed] = Field(default_factory=list)
+    """Tenants seeded from the configuration."""
+
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    """Admission queue."""
+
     ray: RayConfig = Field(default_factory=RayConfig)
     """Local Ray start-up."""
 
     local: LocalConfig = Field(default_factory=LocalConfig)
     """Local mode."""
+
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    """Prefix-affinity routing."""
+
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+    """Exact-match response cache."""
+
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    """OpenAI-compatible APIs outside the cluster that requests may be handed off to."""
+
+    handoff: HandoffConfig = Field(default_factory=HandoffConfig)
+    """Handoff policy (off unless an upstream is named)."""
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServingConfig:
@@ -286,6 +595,29 @@ class ServingConfig(_Strict):
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @model_validator(mode="after")
+    def _check_handoff(self) -> ServingConfig:
+        ups = [u.name for u in self.upstreams]
+        if len(set(ups)) != len(ups):
+            raise ValueError("upstream names must be unique")
+        models = {m.name for m in self.models}
+        named = [("handoff.upstream", self.handoff.upstream)]
+        for v in self.handoff.virtual_models:
+            if v.name in models:
+                raise ValueError(f"virtual model {v.name!r} is also a served model")
+            for effort in ("low", "medium", "high"):
+                if getattr(v, effort) not in models:
+                    raise ValueError(f"virtual model {v.name!r}: {effort} names no served model")
+            named.append((f"virtual model {v.name!r} upstream", v.upstream))
+        for where, name in named:
+            if name is not None and name not in ups:
+                raise ValueError(f"{where}: no upstream named {name!r}")
+        return self
+
+    def upstream(self, name: str) -> UpstreamConfig | None:
+        """The upstream named ``name``, or None."""
+        return next((u for u in self.upstreams if u.name == name), None)
 
     def model(self, name: str) -> ModelConfig | None:
         """The model named ``name``, or None."""
@@ -306,7 +638,8 @@ def default_config() -> ServingConfig:
                 engine_kwargs={"max_model_len": 2048, "dtype": "bfloat16"},
                 engine_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
             )
-        ]
+        ],
+        auth=AuthConfig(required=False),
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "UNKNOWN_MODEL", "GatewayMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "UNKNOWN_MODEL", "GatewayMetrics", "HandoffMetrics"]
 
 UNKNOWN_MODEL = "unknown"
 PREFIX = "oss_serving_"
@@ -61,6 +61,130 @@ class GatewayMetrics:
             "1 when the gateway reaches Redis.",
             registry=self.registry,
         )
+        # Prompt caching (prefix-affinity routing, response cache).
+        self.prefix_affinity = Counter(
+            PREFIX + "prefix_affinity",
+            "Prefix index lookups: hit when a replica holds a prefix of the prompt or its affinity key.",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.prefix_index_errors = Counter(
+            PREFIX + "prefix_index_errors",
+            "Prefix index lookups or updates that failed (Redis unreachable); routing fell back to load.",
+            registry=self.registry,
+        )
+        self.routing_decisions = Counter(
+            PREFIX + "routing_decisions",
+            "Engine replica choices by reason: affinity, load (load beat affinity), fallback, round_robin.",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.response_cache = Counter(
+            PREFIX + "response_cache_lookups",
+            "Response cache lookups by result: hit, miss, skip (asked for but not deterministic).",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.response_cache_hits = Counter(
+            PREFIX + "response_cache_hits",
+            "Requests answered from the response cache.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.response_cache_bytes = Gauge(
+            PREFIX + "response_cache_bytes",
+            "Bytes held by the response cache, as last seen by this gateway.",
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens",
+            "Prompt tokens of answered requests, from the engine's usage.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.cached_prompt_tokens = Counter(
+            PREFIX + "prompt_cached_tokens",
+            "Prompt tokens the engine served from its prefix cache "
+            "(usage.prompt_tokens_details.cached_tokens).",
+            ["model"],
+            registry=self.registry,
+        )
+
+        self.tpot = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "Time per output token after the first, as the gateway sees the stream (streams with usage).",
+            ["model"],
+            buckets=[0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1],
+            registry=self.registry,
+        )
+        self.output_tokens = Counter(
+            PREFIX + "output_tokens",
+            "Output tokens served, by model (from the engines' usage).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            PREFIX + "queue_depth",
+            "Requests waiting for admission, by model and priority class (the shared Redis queue).",
+            ["model", "priority"],
+            registry=self.registry,
+        )
+        self.queue_in_use = Gauge(
+            PREFIX + "queue_leases",
+            "Granted leases (requests running on the engines), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_capacity = Gauge(
+            PREFIX + "queue_capacity",
+            "Concurrent requests the model's engines are given, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.queue_degraded = Gauge(
+            PREFIX + "queue_degraded",
+            "1 while Redis is unreachable and this gateway admits with its local queue.",
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            PREFIX + "queue_wait_seconds",
+            "Time from arrival to admission.",
+            ["model", "priority"],
+            buckets=[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+            registry=self.registry,
+        )
+        self.admissions = Counter(
+            PREFIX + "admissions",
+            "Requests admitted, by model and priority class.",
+            ["model", "priority"],
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            PREFIX + "rejections",
+            "Requests rejected by admission or limits, by model and reason.",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.leases_expired = Counter(
+            PREFIX + "leases_expired",
+            "Leases that expired without being released (their gateway died), by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.tenant_requests = Counter(
+            PREFIX + "tenant_requests",
+            "Requests by tenant (bounded by the known tenants; others count as 'other') and model.",
+            ["tenant", "model"],
+            registry=self.registry,
+        )
+        self.tenant_tokens = Counter(
+            PREFIX + "tenant_tokens",
+            "Tokens by tenant, model and kind (prompt or completion), from the engines' usage.",
+            ["tenant", "model", "kind"],
+            registry=self.registry,
+        )
+
+        self.handoff = HandoffMetrics(self.registry, buckets_s)
 
     def model_label(self, model: str | None) -> str:
         """``model`` if configured, else ``unknown`` (keeps the label set bounded)."""
@@ -69,3 +193,76 @@ class GatewayMetrics:
     def render(self) -> bytes:
         """Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
+
+
+class HandoffMetrics:
+    """Handoff to upstream APIs. ``upstream`` and ``tenant`` are bounded by configuration;
+    ``reason``, ``cause``, ``kind`` and ``window`` are fixed word lists."""
+
+    def __init__(self, registry: CollectorRegistry, buckets_s: Sequence[float]) -> None:
+        self.handoffs = Counter(
+            PREFIX + "handoffs",
+            "Requests answered by an upstream, by reason (overflow, not_ready, escalation, "
+            "context_length, failover), upstream and tenant.",
+            ["reason", "upstream", "tenant"],
+            registry=registry,
+        )
+        self.declined = Counter(
+            PREFIX + "handoff_declined",
+            "Handoffs the policy wanted that did not happen, by cause (tenant-policy, budget, "
+            "upstream-busy, no-upstream-model, upstream-error); the request was served locally.",
+            ["reason", "upstream", "tenant", "cause"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            PREFIX + "upstream_requests",
+            "Requests sent to an upstream, by upstream, endpoint and the status answered to the client.",
+            ["upstream", "endpoint", "status"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            PREFIX + "upstream_errors",
+            "Upstream failures by kind (upstream_timeout, upstream_unavailable, upstream_busy, "
+            "status_4xx, status_5xx, stream, timeout, cancelled, empty).",
+            ["upstream", "kind"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            PREFIX + "upstream_latency_seconds",
+            "Time from sending a request upstream to its last byte.",
+            ["upstream"],
+            buckets=buckets_s,
+            registry=registry,
+        )
+        self.time_to_first_byte = Histogram(
+            PREFIX + "upstream_time_to_first_byte_seconds",
+            "Time from sending a request upstream to its first event (or whole answer).",
+            ["upstream"],
+            buckets=buckets_s,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            PREFIX + "upstream_requests_in_flight",
+            "Requests this gateway has at an upstream right now.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            PREFIX + "upstream_tokens",
+            "Tokens used at an upstream (its usage), by upstream, tenant and kind (prompt, completion).",
+            ["upstream", "tenant", "kind"],
+            registry=registry,
+        )
+        self.budget_used = Gauge(
+            PREFIX + "upstream_budget_used",
+            "Budget spent at an upstream in the current window (minute_requests, minute_tokens, "
+            "month_tokens), over all gateways.",
+            ["upstream", "window"],
+            registry=registry,
+        )
+        self.budget_limit = Gauge(
+            PREFIX + "upstream_budget_limit",
+            "Configured budget of an upstream per window (absent: unlimited).",
+            ["upstream", "window"],
+            registry=registry,
+        )

@@ -33,6 +33,7 @@ class Gateway:
 
     def __init__(self, config: dict[str, Any], **engine_handles: Any) -> None:
         from serving.engine.ray_client import RayEngineClient
+        from serving.gateway.prefix_caching import PromptCaching
         from serving.gateway.service import GatewayService
         from serving.metrics import GatewayMetrics
 
@@ -45,7 +46,9 @@ class Gateway:
             cfg.gateway,
             {name: RayEngineClient(handle) for name, handle in handles.items()},
             self._metrics,
-            redis_ping=self._ping_redis if self._redis is not None else None,
+            redis_ping=self._ping_redis,
+            **policy_components(cfg, self._redis),
+            prompt_caching=PromptCaching(cfg.routing, cfg.response_cache, self._metrics, self._redis),
         )
         _configure_logging()
 
@@ -66,6 +69,29 @@ class Gateway:
 
 
 REDIS_PASSWORD_ENV = "OSS_SERVING_REDIS_PASSWORD"
+TENANTS_FILE_ENV = "OSS_SERVING_TENANTS_FILE"
+
+
+def policy_components(cfg: ServingConfig, redis: Any) -> dict[str, Any]:
+    """Authentication, rate limits and admission of one gateway replica, over ``redis``."""
+    import os
+
+    from serving.gateway.admission import Admission
+    from serving.gateway.auth import TenantDirectory, TenantStore
+    from serving.gateway.ratelimit import RateLimiter
+
+    prefix = cfg.queue.key_prefix
+    env_file = os.environ.get(TENANTS_FILE_ENV)
+    tenants_file = cfg.auth.tenants_file or (Path(env_file) if env_file else None)
+    models = [m.name for m in cfg.models]
+    return {
+        "auth": TenantDirectory(TenantStore(redis, prefix), cfg.auth, cfg.tenants, tenants_file=tenants_file),
+        "limiter": RateLimiter(redis, prefix),
+        "admission": Admission(redis, cfg.queue, models, local_share=cfg.gateway.num_replicas)
+        if cfg.queue.enabled
+        else None,
+        "queue": cfg.queue,
+    }
 
 
 def _redis_client(cfg: ServingConfig) -> Any:
@@ -112,7 +138,9 @@ def build_serve_app(cfg: ServingConfig) -> Any:
     from serving.engine.builder import build_engine_deployment
 
     check_config(cfg)  # a layout that cannot fit fails here, before any GPU is claimed
-    engines = {_kwarg(m.name): build_engine_deployment(m, cfg.local.cache_dir) for m in cfg.models}
+    engines = {
+        _kwarg(m.name): build_engine_deployment(m, cfg.local.cache_dir, cfg.routing) for m in cfg.models
+    }
     gateway = serve.deployment(
         Gateway,
         name=GATEWAY_DEPLOYMENT,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.config import ModelConfig
+from serving.config import ModelConfig, RoutingConfig
 from serving.engine.builtin_models import ensure_builtin_model
 
 __all__ = ["ENGINE_DEPLOYMENT_PREFIX", "build_engine_deployment", "deployment_name", "llm_config_kwargs"]
@@ -36,7 +36,9 @@ def resolve_source(
     return model.source, {}
 
 
-def llm_config_kwargs(model: ModelConfig, source: str, extra_env: dict[str, str]) -> dict[str, Any]:
+def llm_config_kwargs(
+    model: ModelConfig, source: str, extra_env: dict[str, str], routing: RoutingConfig | None = None
+) -> dict[str, Any]:
     """Keyword arguments of ``ray.serve.llm.LLMConfig`` for ``model`` (pure, testable)."""
     topo = model.topology
     device = "GPU" if topo.accelerator == "gpu" else "CPU"
@@ -56,6 +58,17 @@ def llm_config_kwargs(model: ModelConfig, source: str, extra_env: dict[str, str]
             "downscale_delay_s": topo.downscale_delay_s,
         },
     }
+    if routing is not None and routing.enabled and topo.kind == "replicas" and topo.max_replicas > 1:
+        # Prefix affinity balanced with load (serving.engine.router); one replica needs no router.
+        from serving.engine.router import ROUTER_CLASS
+
+        deployment["request_router_config"] = {
+            "request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": {
+                "imbalance_threshold": routing.imbalance_threshold,
+                "min_match_blocks": routing.min_match_blocks,
+            },
+        }
     if device == "CPU":
         # The replica actor itself needs no core of its own: its engine worker has one.
         deployment["ray_actor_options"] = {"num_cpus": 0}
@@ -70,14 +83,14 @@ def llm_config_kwargs(model: ModelConfig, source: str, extra_env: dict[str, str]
     }
 
 
-def build_engine_deployment(model: ModelConfig, cache_dir: Path) -> Any:
+def build_engine_deployment(model: ModelConfig, cache_dir: Path, routing: RoutingConfig | None = None) -> Any:
     """The bound Ray Serve application of ``model``'s engines."""
     from ray.serve.llm import LLMConfig, build_dp_deployment, build_llm_deployment
 
     from serving.engine.server import OssDPServer, OssLLMServer
 
     source, env = resolve_source(model, cache_dir)
-    llm_config = LLMConfig(**llm_config_kwargs(model, source, env))
+    llm_config = LLMConfig(**llm_config_kwargs(model, source, env, routing))
     override = {"name": deployment_name(model)}
     if model.topology.kind == "expert_parallel":
         return build_dp_deployment(llm_config, override_serve_options=override, deployment_cls=OssDPServer)

@@ -162,10 +162,18 @@ class _OssServerMixin:
             yield EngineSSE("".join(batch))
 
     async def stats(self) -> dict[str, Any]:
-        """Requests this replica's engine is generating right now."""
+        """This replica: its id, requests its engine is generating, and its ``max_num_seqs``."""
+        from ray import serve
+
         client = getattr(self.engine, "_engine_client", None)
         unfinished = int(client.get_num_unfinished_requests()) if client is not None else 0
-        return {"unfinished_requests": unfinished}
+        config = getattr(client, "vllm_config", None)
+        max_num_seqs = int(config.scheduler_config.max_num_seqs) if config is not None else 0
+        try:
+            replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (tests)
+            replica_id = "local"
+        return {"unfinished_requests": unfinished, "max_num_seqs": max_num_seqs, "replica_id": replica_id}
 
 
 class OssLLMServer(_OssServerMixin, LLMServer):  # type: ignore[misc]

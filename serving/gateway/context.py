@@ -39,3 +39,7 @@ class RequestContext:
     response_headers: dict[str, str] = field(default_factory=dict)
     backend: str = "local"
     """Which backend answered: ``local`` or an upstream name."""
+
+    virtual_model: str | None = None
+    """The virtual model the client named (e.g. ``auto``) when ``model`` is the local model
+    its handoff rule picked."""

@@ -6,6 +6,10 @@
     ├── InvalidRequestError      400  invalid_request_error   bad JSON or parameters
     ├── ModelNotFoundError       404  invalid_request_error   model not configured
     ├── PayloadTooLargeError     413  invalid_request_error   body over the configured size
+    ├── UnauthorizedError        401  invalid_request_error   missing, unknown or revoked API key
+    ├── ForbiddenError           403  permission_error        model not allowed for the tenant
+    ├── RateLimitError           429  rate_limit_exceeded     tenant limit reached (Retry-After, headers)
+    ├── OverloadedError          503  service_unavailable     queue cannot start it in time (Retry-After)
     ├── EngineNotReadyError      503  service_unavailable     no ready engine replica (Retry-After)
     ├── GatewayTimeoutError      504  timeout                 the request ran past its time limit
     └── EngineFailedError        502  engine_error            the engine failed without an answer
@@ -16,11 +20,15 @@ from __future__ import annotations
 __all__ = [
     "EngineFailedError",
     "EngineNotReadyError",
+    "ForbiddenError",
     "GatewayError",
     "GatewayTimeoutError",
     "InvalidRequestError",
     "ModelNotFoundError",
+    "OverloadedError",
     "PayloadTooLargeError",
+    "RateLimitError",
+    "UnauthorizedError",
 ]
 
 
@@ -94,3 +102,30 @@ class GatewayTimeoutError(GatewayError):
 class EngineFailedError(GatewayError):
     status = 502
     type = "engine_error"
+
+
+class UnauthorizedError(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class ForbiddenError(GatewayError):
+    status = 403
+    type = "permission_error"
+
+
+class RateLimitError(GatewayError):
+    """429: a tenant limit (requests, tokens or concurrency) is exhausted."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+
+class OverloadedError(GatewayError):
+    """503: the queue cannot start the request in time (deadline, wait limit)."""
+
+    status = 503
+    type = "service_unavailable"

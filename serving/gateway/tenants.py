@@ -88,13 +88,17 @@ class Tenant(BaseModel):
     handoff: HandoffRight = HandoffRight.never
     """Whether requests may be handed off to an upstream outside the cluster."""
 
+    response_cache: bool = False
+    """Whether this tenant's requests may use the response cache (each request still opts
+    in with ``X-OSS-Response-Cache: on``; only deterministic requests are cached)."""
+
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
 
 
 def local_tenant() -> Tenant:
     """The tenant of every request when authentication is off (local mode)."""
-    return Tenant(id="local", priority=PriorityClass.standard)
+    return Tenant(id="local", priority=PriorityClass.standard, response_cache=True)
 
 
 def hash_key(api_key: str) -> str:

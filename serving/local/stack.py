@@ -243,9 +243,15 @@ def run_up(cfg: ServingConfig, *, detach: bool, config_path: str | None, console
         )
         return 1
 
-    console.print(
-        "[bold]oss-serving[/bold] local mode: no API keys are required (every request is accepted)."
-    )
+    if cfg.auth.required:
+        console.print(
+            "[bold]oss-serving[/bold]: API keys are required (`oss-serve tenants add NAME` issues one)."
+        )
+    else:
+        console.print(
+            "[bold]oss-serving[/bold] local mode: [yellow]no API keys are required[/yellow] "
+            "(auth.required is false: every request is accepted as tenant 'local')."
+        )
     redis_pid = None
     if redis_answers(cfg.redis.url):
         console.print(f"[green]redis[/green] answers at {cfg.redis.url}")
