@@ -1,0 +1,114 @@
+"""The engine deployment's Ray Serve request router: prefix affinity balanced with load.
+
+Ray Serve runs one instance of this router per handle, in the process that calls the
+engine deployment (the gateway replica). The gateway's policy
+(:mod:`serving.gateway.routing`) puts routing hints in the ``headers`` argument of
+``generate(endpoint, body, headers)``; this router reads them from the pending request,
+looks up each candidate replica's queue length (Ray's cache of recent probes, probing the
+replicas that have no fresh entry), applies :func:`serving.gateway.routing.decide`, and
+writes the replica it chose and the reason back into the same dict, where the gateway
+reads them to update the shared prefix index.
+
+Requests without hints (the feature off, other callers, health checks) and deployments
+with one replica get exactly Ray Serve's default power-of-two-choices routing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+from serving.gateway.routing import (
+    HINT_AFFINITY,
+    HINT_KEY_REPLICA,
+    HINT_STRATEGY,
+    ROUTED_REASON,
+    ROUTED_REPLICA,
+    decide,
+    parse_affinity,
+)
+
+__all__ = ["ROUTER_CLASS", "PrefixAffinityRouter", "hints_of"]
+
+ROUTER_CLASS = "serving.engine.router:PrefixAffinityRouter"
+
+
+def hints_of(pending_request: Any) -> dict[str, str] | None:
+    """The headers dict of a ``generate(endpoint, body, headers)`` call, if it carries hints."""
+    args = getattr(pending_request, "args", None) or []
+    if len(args) >= 3 and isinstance(args[2], dict) and HINT_STRATEGY in args[2]:
+        return args[2]
+    return None
+
+
+class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
+    """Power of two choices, overridden by prefix affinity or round robin when hinted."""
+
+    def initialize_state(self, imbalance_threshold: int = 8, min_match_blocks: int = 1, **_: Any) -> None:
+        self._imbalance_threshold = imbalance_threshold
+        self._min_match_blocks = min_match_blocks
+        self._rr = itertools.count()
+
+    async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> Any:
+        # Ray's default first: it also sets the routing context (locality, backoff).
+        fallback = await super().choose_replicas(
+            candidate_replicas=candidate_replicas, pending_request=pending_request
+        )
+        hints = hints_of(pending_request)
+        if hints is None or not fallback or len(candidate_replicas) < 2:
+            if hints is not None:
+                hints[ROUTED_REASON] = "fallback"
+            return fallback
+        strategy = hints.get(HINT_STRATEGY)
+        if strategy == "round_robin":
+            ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+            start = next(self._rr) % len(ordered)
+            hints[ROUTED_REASON] = "round_robin"
+            return [[ordered[(start + i) % len(ordered)]] for i in range(len(ordered))]
+        if strategy != "prefix":
+            hints[ROUTED_REASON] = "fallback"
+            return fallback
+        matched = parse_affinity(hints.get(HINT_AFFINITY))
+        key_replica = hints.get(HINT_KEY_REPLICA) or None
+        if not matched and key_replica is None:
+            hints[ROUTED_REASON] = "fallback"
+            return fallback
+        loads = await self._loads(candidate_replicas)
+        decision = decide(
+            matched,
+            key_replica,
+            loads,
+            imbalance_threshold=self._imbalance_threshold,
+            min_match_blocks=self._min_match_blocks,
+        )
+        hints[ROUTED_REASON] = decision.reason
+        if not decision.ranked:
+            return fallback
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        return [[by_id[rid]] for rid in decision.ranked if rid in by_id]
+
+    async def _loads(self, replicas: list[Any]) -> dict[str, int]:
+        """Ongoing requests of each replica that can take one more (cached, else probed)."""
+        loads: dict[str, int] = {}
+        missing = []
+        for r in replicas:
+            queue_len = (
+                self._replica_queue_len_cache.get(r.replica_id) if self._use_replica_queue_len_cache else None
+            )
+            if queue_len is None or queue_len >= r.max_ongoing_requests:
+                missing.append(r)
+            else:
+                loads[r.replica_id.unique_id] = int(queue_len)
+        if missing:
+            for r, queue_len in await self._probe_queue_lens(missing, 0):
+                if queue_len is not None and queue_len < r.max_ongoing_requests:
+                    loads[r.replica_id.unique_id] = int(queue_len)
+        return loads
+
+    def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
+        hints = hints_of(pending_request)
+        if hints is not None:
+            # The gateway passed this very dict; it reads the choice after the first item.
+            hints[ROUTED_REPLICA] = replica_id.unique_id

@@ -1,0 +1,268 @@
+"""Prefix-affinity routing: the gateway's half and the decision rule.
+
+The gateway cannot place a request on an engine replica by itself: Ray Serve's request
+router, running inside the gateway process for the engine deployment's handle, does
+that. So routing is split in two:
+
+1. :class:`PrefixRouting` (here, plain async Python): renders the prompt, hashes its
+   blocks, asks the shared :class:`~serving.gateway.prefix.PrefixIndex` in Redis which
+   replicas hold its longest prefix and which replica served its affinity key
+   (``prompt_cache_key``, else a session header, else ``user``), and writes that as
+   routing hints into the ``headers`` argument of the engine call.
+2. ``serving.engine.router.PrefixAffinityRouter`` (the engine deployment's Ray Serve
+   request router) reads the hints, adds what only it knows (every replica's live queue
+   length, probed from the replicas themselves, so it counts every gateway's requests),
+   applies :func:`decide`, and writes the replica it chose and why back into the same
+   ``headers`` dict. After the first answer item the gateway reads them and records the
+   prompt's blocks under that replica in the index (in the background: never before the
+   first byte).
+
+Where this does better than Ray Serve LLM's ``PrefixCacheAffinityRouter``: the index is
+in Redis (not one detached actor queried with blocking ``ray.get`` on the routing path),
+shared by gateway replicas and kept across gateway restarts; entries expire and each
+replica's entries are LRU-bounded (Ray's tree evicts only when asked to); load wins over
+affinity past a configurable imbalance (Ray's default threshold is infinite); and
+``prompt_cache_key`` / sessions are honoured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from serving.config import RoutingConfig
+from serving.gateway.context import RequestContext
+from serving.gateway.prefix import AffinityLookup, PrefixIndex, block_hashes, render_prompt
+from serving.metrics import GatewayMetrics
+
+__all__ = [
+    "HINT_AFFINITY",
+    "HINT_KEY_REPLICA",
+    "HINT_STRATEGY",
+    "ROUTED_REASON",
+    "ROUTED_REPLICA",
+    "Decision",
+    "PrefixRouting",
+    "RoutePlan",
+    "affinity_key",
+    "cached_tokens_in",
+    "decide",
+    "format_affinity",
+    "parse_affinity",
+]
+
+log = logging.getLogger("oss_serving.routing")
+
+HINT_STRATEGY = "x-oss-route-strategy"
+"""Routing strategy for this request: ``prefix``, ``power_of_two`` or ``round_robin``."""
+HINT_AFFINITY = "x-oss-route-affinity"
+"""``replica=blocks,replica=blocks``: leading prompt blocks each replica was last sent."""
+HINT_KEY_REPLICA = "x-oss-route-key-replica"
+"""Replica that last served this request's affinity key."""
+ROUTED_REPLICA = "x-oss-routed-replica"
+"""Written by the router: the replica it chose."""
+ROUTED_REASON = "x-oss-routed-reason"
+"""Written by the router: ``affinity``, ``load``, ``fallback`` or ``round_robin``."""
+
+REASONS = ("affinity", "load", "fallback", "round_robin")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The router's choice: replicas in order of preference (empty: use the default policy)."""
+
+    ranked: list[str]
+    reason: str
+
+
+def format_affinity(matched: Mapping[str, int]) -> str:
+    return ",".join(f"{rid}={n}" for rid, n in matched.items())
+
+
+def parse_affinity(text: str | None) -> dict[str, int]:
+    """Inverse of :func:`format_affinity`; malformed parts are skipped."""
+    out: dict[str, int] = {}
+    for part in (text or "").split(","):
+        rid, _, n = part.partition("=")
+        if rid and n.isdigit():
+            out[rid] = int(n)
+    return out
+
+
+def decide(
+    matched: Mapping[str, int],
+    key_replica: str | None,
+    loads: Mapping[str, int],
+    *,
+    imbalance_threshold: int,
+    min_match_blocks: int = 1,
+) -> Decision:
+    """Choose among replicas that can take a request (``loads``: replica -> ongoing requests).
+
+    The affine replica is the one holding the longest prefix of the prompt (at least
+    ``min_match_blocks``), ties broken by the affinity key's replica, then by load; with
+    no prefix match the affinity key's replica. It wins unless it has more than
+    ``imbalance_threshold`` requests more than the least busy replica: then the least
+    busy wins (``load``). No affinity at all: ``fallback`` (the default policy chooses).
+    """
+    if not loads:
+        return Decision([], "fallback")
+    least = min(loads, key=lambda rid: (loads[rid], rid))
+    scored = [
+        (n, rid == key_replica, -loads[rid], rid)
+        for rid, n in matched.items()
+        if rid in loads and n >= min_match_blocks
+    ]
+    if scored:
+        affine = max(scored)[3]
+    elif key_replica is not None and key_replica in loads:
+        affine = key_replica
+    else:
+        return Decision([], "fallback")
+    if loads[affine] - loads[least] > imbalance_threshold:
+        return Decision([least], "load")
+    others = sorted((rid for rid in loads if rid != affine), key=lambda rid: (loads[rid], rid))
+    return Decision([affine, *others], "affinity")
+
+
+def affinity_key(ctx: RequestContext, config: RoutingConfig) -> str | None:
+    """``prompt_cache_key``, else the first configured session header, else ``user``."""
+    value = ctx.body.get("prompt_cache_key")
+    if isinstance(value, str) and value:
+        return "k:" + value
+    for name in config.session_headers:
+        header = ctx.headers.get(name.lower())
+        if header:
+            return "s:" + header
+    user = ctx.body.get("user")
+    if isinstance(user, str) and user:
+        return "u:" + user
+    return None
+
+
+def cached_tokens_in(usage: Any) -> tuple[int, int] | None:
+    """(prompt tokens, cached prompt tokens) of an OpenAI ``usage`` object, if it has them."""
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    cached = details.get("cached_tokens", 0) if isinstance(details, Mapping) else 0
+    if not isinstance(prompt, int):
+        return None
+    return prompt, int(cached or 0)
+
+
+@dataclass
+class RoutePlan:
+    """What the gateway asked for one request, kept until the router has chosen."""
+
+    model: str
+    hashes: list[str]
+    key: str | None
+    lookup: AffinityLookup | None
+
+
+class PrefixRouting:
+    """The gateway's half of prefix-affinity routing (see the module docstring)."""
+
+    def __init__(self, config: RoutingConfig, index: PrefixIndex | None, metrics: GatewayMetrics) -> None:
+        self._config = config
+        self._index = index
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def prepare(self, ctx: RequestContext, headers: dict[str, str]) -> RoutePlan | None:
+        """Add routing hints for ``ctx`` to ``headers`` (the engine call's third argument)."""
+        cfg = self._config
+        if not cfg.enabled:
+            return None
+        headers[HINT_STRATEGY] = cfg.strategy
+        if cfg.strategy != "prefix":
+            return None
+        text = render_prompt(ctx.endpoint, ctx.body)
+        plan = RoutePlan(
+            model=ctx.model,
+            hashes=block_hashes(text, cfg.block_chars, cfg.max_blocks),
+            key=affinity_key(ctx, cfg),
+            lookup=None,
+        )
+        if self._index is None or (not plan.hashes and plan.key is None):
+            return plan
+        try:
+            plan.lookup = await self._index.lookup(ctx.model, plan.hashes, plan.key)
+        except Exception as exc:  # Redis down: route by load, keep serving
+            log.warning("prefix index lookup failed: %s", exc)
+            self._metrics.prefix_index_errors.inc()
+            return plan
+        found = plan.lookup
+        hit = found.best_blocks >= cfg.min_match_blocks or found.key_replica is not None
+        self._metrics.prefix_affinity.labels(model=ctx.model, result="hit" if hit else "miss").inc()
+        if found.matched:
+            headers[HINT_AFFINITY] = format_affinity(found.matched)
+        if found.key_replica:
+            headers[HINT_KEY_REPLICA] = found.key_replica
+        return plan
+
+    def routed(self, plan: RoutePlan | None, headers: Mapping[str, str]) -> None:
+        """The router has chosen (its choice is in ``headers``): count it, update the index."""
+        reason = headers.get(ROUTED_REASON)
+        replica = headers.get(ROUTED_REPLICA)
+        if plan is None or reason is None:
+            return
+        self._metrics.routing_decisions.labels(
+            model=plan.model, reason=reason if reason in REASONS else "fallback"
+        ).inc()
+        if self._index is None or replica is None or not (plan.hashes or plan.key):
+            return
+        task = asyncio.create_task(self._record(plan, replica), name="oss-serving-prefix-record")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record(self, plan: RoutePlan, replica: str) -> None:
+        assert self._index is not None
+        try:
+            await self._index.record(plan.model, replica, plan.hashes, plan.key)
+        except Exception as exc:
+            log.warning("prefix index update failed: %s", exc)
+            self._metrics.prefix_index_errors.inc()
+
+    async def drain(self) -> None:
+        """Wait for pending index updates (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def observe_answer(self, model: str, body: Mapping[str, Any]) -> None:
+        """Count the prompt and cached prompt tokens of a non-streamed answer."""
+        self._observe(model, body.get("usage"))
+
+    def observe_sse(self, model: str, text: str) -> None:
+        """Count them from a streamed chunk (only chunks carrying usage are parsed)."""
+        if '"cached_tokens"' not in text:
+            return
+        for line in text.split("\n"):
+            if line.startswith("data: {") and '"cached_tokens"' in line:
+                try:
+                    event = json.loads(line[6:])
+                except ValueError:
+                    continue
+                usage = event.get("usage") or (event.get("response") or {}).get("usage")
+                self._observe(model, usage)
+
+    def _observe(self, model: str, usage: Any) -> None:
+        counts = cached_tokens_in(usage)
+        if counts is None:
+            return
+        prompt, cached = counts
+        self._metrics.prompt_tokens.labels(model=model).inc(prompt)
+        self._metrics.cached_prompt_tokens.labels(model=model).inc(cached)
