@@ -1,8 +1,9 @@
 """Rate sweeps: from a low rate up to saturation, stopping once clearly over-saturated.
 
 A point is **saturated** when more than ``max_failure_rate`` of its requests fail or are
-rejected, when the served rate (completed requests per second over the run less its
-final drain, see :func:`served_rate`) is under ``saturation_ratio`` of the offered rate,
+rejected, when the served rate (the offered rate less the growth rate of requests in
+flight over the second half of the point, see :func:`served_rate`) is under
+``saturation_ratio`` of the offered rate,
 or when the server falls behind during the point: the median E2E latency of the last
 quarter of the requests (by scheduled time) is more than ``saturation_growth`` times
 that of the first quarter (a queue that grows for as long as the load lasts). The sweep
@@ -14,7 +15,7 @@ highest completed request throughput seen.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from loadtest.config import LoadTestConfig
 from loadtest.metrics import RunMetrics, compute_run_metrics
+from loadtest.records import RequestRecord
 from loadtest.results import run_result
 from loadtest.runner import RawRun
 
@@ -37,6 +39,7 @@ __all__ = [
 
 RunFn = Callable[[LoadTestConfig], RawRun]
 SATURATION_GROWTH = 2.0
+MIN_BACKLOG_GROWTH = 3.0
 
 
 def sweep_rates(cfg: LoadTestConfig) -> list[float]:
@@ -75,15 +78,29 @@ def latency_growth(metrics: RunMetrics, scheduled: list[float]) -> float | None:
     return last / first if first > 0 else None
 
 
-def served_rate(metrics: RunMetrics) -> float | None:
-    """Completed requests per second, over the run less its final drain (one median E2E):
-    close to the offered rate while the server keeps up, the capacity when it does not."""
-    e2e = metrics.distributions["e2e"]
-    if not metrics.completed or e2e.count == 0:
+def served_rate(records: Sequence[RequestRecord]) -> float | None:
+    """Requests per second the server absorbed while the load lasted.
+
+    Flow conservation: requests in flight change at (arrival rate - service rate). Over
+    the second half of the schedule (past the warm-up) the in-flight count is sampled and
+    its slope fitted; the served rate is the schedule's rate minus that slope. A server
+    that keeps up gives about the offered rate; an overloaded one gives its capacity.
+    Growth of fewer than ``MIN_BACKLOG_GROWTH`` requests over that half is noise and
+    gives the offered rate.
+    """
+    sends = sorted(r.scheduled for r in records)
+    if len(sends) < 8 or sends[-1] <= sends[0]:
         return None
-    med = float(np.median([m.e2e for m in metrics.per_request if m.e2e is not None]))
-    span = metrics.duration_s - med
-    return metrics.completed / span if span > 0 else None
+    first, last = sends[0], sends[-1]
+    sched = np.asarray([r.scheduled for r in records])
+    ends = np.asarray([math.inf if r.end is None else r.end for r in records])
+    ts = np.linspace(first + (last - first) / 2, last, 64)
+    inflight = ((sched[None, :] <= ts[:, None]) & (ends[None, :] > ts[:, None])).sum(axis=1)
+    slope = float(np.polyfit(ts, inflight, 1)[0])
+    rate = (len(sends) - 1) / (last - first)
+    if slope * (last - first) / 2 < MIN_BACKLOG_GROWTH:
+        return rate
+    return max(0.0, rate - slope)
 
 
 @dataclass
@@ -157,7 +174,7 @@ def run_sweep(
         growth = latency_growth(metrics, [r.scheduled for r in raw.records])
         if growth is not None and growth > SATURATION_GROWTH:
             why.append(f"E2E grew {growth:.1f}x during the point (queue building up)")
-        served = served_rate(metrics)
+        served = served_rate(raw.records)
         offered = raw.validity.scheduled_rate or rate
         if served is not None and served < s.saturation_ratio * offered:
             why.append(f"served {served:.3g} req/s of {offered:.3g} offered")

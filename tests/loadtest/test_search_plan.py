@@ -235,3 +235,14 @@ def test_cli_plan_from_a_profile_uses_the_serving_layout(tmp_path: Path) -> None
     assert no_source.exit_code == 2
     no_slo = CliRunner().invoke(main, ["plan", "--profile", str(prof), "--target-rate", "10"])
     assert no_slo.exit_code == 2
+
+
+def test_served_rate_from_backlog_growth() -> None:
+    from loadtest.records import RequestRecord
+    from loadtest.sweep import served_rate
+
+    # 2 requests/s for 60 s; a server that keeps up (1 s each) and one that serves 1/s FIFO
+    stable = [RequestRecord(i, i * 0.5, sent=i * 0.5, end=i * 0.5 + 1.0, status=200) for i in range(120)]
+    fifo = [RequestRecord(i, i * 0.5, sent=i * 0.5, end=1.0 + i * 1.0, status=200) for i in range(120)]
+    assert served_rate(stable) == pytest.approx(2.0)
+    assert served_rate(fifo) == pytest.approx(1.0, rel=0.05)
