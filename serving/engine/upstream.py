@@ -1,0 +1,315 @@
+"""An upstream OpenAI-compatible API (a cloud model) as one more :class:`EngineClient`.
+
+The handoff policy (``serving.gateway.handoff``) sends requests here instead of to the
+local engines. This module is transport only: HTTP with httpx (async, streaming), the
+upstream's API key, its timeouts and its own concurrency limit, and the mapping of the
+upstream's HTTP errors to our OpenAI error body. It follows the streaming contract of
+:mod:`serving.engine.protocol`: one :class:`EngineJSON` (an answer, or an error before
+any token), or :class:`EngineSSE` events ending in-band on errors after the first one.
+
+Raised before the first byte, when there is no HTTP answer to map::
+
+    UpstreamError (upstream, code, status)
+    ├── UpstreamBusyError         502  its concurrency limit is reached; nothing was sent
+    ├── UpstreamUnavailableError  502  no connection, or it broke before an answer
+    └── UpstreamTimeoutError      504  no answer within ``first_byte_timeout_s``
+
+An upstream HTTP error (any status >= 400) comes back as one :class:`EngineJSON` whose
+body is our error body with ``error.upstream`` (its name) and ``error.upstream_status``
+(its status) added; :func:`map_status` gives the status we answer with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+
+from serving.config import UpstreamConfig
+from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE, EngineStats
+
+__all__ = [
+    "UpstreamBusyError",
+    "UpstreamClient",
+    "UpstreamError",
+    "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
+    "map_status",
+    "upstream_error_body",
+]
+
+_PATHS = {
+    Endpoint.chat: "/chat/completions",
+    Endpoint.completions: "/completions",
+    Endpoint.responses: "/responses",
+}
+#: Client errors the client should see as they are; anything else is the gateway's problem.
+_PASS_THROUGH = frozenset({400, 404, 409, 413, 415, 422, 429})
+_MAX_ERROR_BODY = 16 * 1024
+_MAX_MESSAGE = 1000
+
+
+class UpstreamError(Exception):
+    """The upstream gave no HTTP answer; ``status`` is what the gateway answers with."""
+
+    status = 502
+    code = "upstream_error"
+
+    def __init__(self, upstream: str, message: str) -> None:
+        super().__init__(message)
+        self.upstream = upstream
+        self.message = message
+
+    def as_engine_json(self) -> EngineJSON:
+        """This error as our OpenAI error body (``upstream_status`` is null: no answer)."""
+        return EngineJSON(self.status, upstream_error_body(self.upstream, None, self.message, code=self.code))
+
+
+class UpstreamBusyError(UpstreamError):
+    code = "upstream_busy"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def map_status(upstream_status: int) -> int:
+    """Our status for an upstream error status: client errors pass, the rest is 502/504.
+
+    401 and 403 are not passed: they concern the gateway's key, not the client's.
+    """
+    if upstream_status in _PASS_THROUGH:
+        return upstream_status
+    if upstream_status == 504:
+        return 504
+    return 502
+
+
+def upstream_error_body(
+    upstream: str,
+    upstream_status: int | None,
+    message: str,
+    *,
+    kind: str = "upstream_error",
+    param: str | None = None,
+    code: str | None = "upstream_error",
+) -> dict[str, Any]:
+    """Our OpenAI error body for an upstream failure, with the upstream and its status."""
+    return {
+        "error": {
+            "message": message[:_MAX_MESSAGE],
+            "type": kind,
+            "param": param,
+            "code": code,
+            "upstream": upstream,
+            "upstream_status": upstream_status,
+        }
+    }
+
+
+def _mapped_error(upstream: str, status: int, raw: bytes) -> EngineJSON:
+    """An upstream HTTP error as our error body; the upstream's own fields are kept when sane."""
+    message, kind, param, code = f"the upstream answered {status}", "upstream_error", None, "upstream_error"
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        data = json.loads(raw)
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            if isinstance(err.get("message"), str):
+                message = f"the upstream answered {status}: {err['message']}"
+            if status in _PASS_THROUGH and isinstance(err.get("type"), str):
+                kind = err["type"]
+            if isinstance(err.get("param"), str):
+                param = err["param"]
+            if isinstance(err.get("code"), str):
+                code = err["code"]
+    body = upstream_error_body(upstream, status, message, kind=kind, param=param, code=code)
+    return EngineJSON(map_status(status), body)
+
+
+def _in_band(upstream: str, message: str, code: str) -> EngineSSE:
+    body = upstream_error_body(upstream, None, message, code=code)
+    return EngineSSE(f"data: {json.dumps(body, separators=(',', ':'))}\n\n")
+
+
+class UpstreamClient(EngineClient):
+    """One upstream API over one pooled httpx client.
+
+    ``api_key`` is given by the caller (see :meth:`from_config`, which reads the variable
+    named by ``api_key_env`` when the gateway starts, never at import).
+    """
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        api_key: str | None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        headers = {"Accept": "application/json, text/event-stream"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        limit = config.max_concurrent_requests
+        self._http = httpx.AsyncClient(
+            base_url=config.base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=config.connect_timeout_s,
+                read=config.read_timeout_s,
+                write=config.read_timeout_s,
+                pool=config.connect_timeout_s,
+            ),
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+            transport=transport,
+            trust_env=False,
+        )
+        self.in_flight = 0
+
+    @classmethod
+    def from_config(cls, config: UpstreamConfig, environ: Mapping[str, str] | None = None) -> UpstreamClient:
+        """A client whose key comes from the environment variable ``config.api_key_env``."""
+        env = os.environ if environ is None else environ
+        key = env.get(config.api_key_env) if config.api_key_env else None
+        return cls(config, key or None)
+
+    def has_capacity(self) -> bool:
+        """Whether a request sent now stays within ``max_concurrent_requests``."""
+        return self.in_flight < self.config.max_concurrent_requests
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
+    ) -> AsyncIterator[EngineJSON | EngineSSE]:
+        if not self.has_capacity():
+            raise UpstreamBusyError(self.name, f"the upstream {self.name!r} is at its concurrency limit")
+        self.in_flight += 1
+        try:
+            async for item in self._generate(endpoint, body, headers):
+                yield item
+        finally:
+            self.in_flight -= 1
+
+    async def _generate(
+        self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
+    ) -> AsyncIterator[EngineJSON | EngineSSE]:
+        extra = {"X-Request-Id": headers["x-request-id"]} if "x-request-id" in headers else {}
+        request = self._http.build_request("POST", _PATHS[endpoint], json=body, headers=extra)
+        streaming = bool(body.get("stream"))
+        response: httpx.Response | None = None
+        lines: AsyncIterator[str] | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.config.first_byte_timeout_s):
+                    response = await self._http.send(request, stream=True)
+                    if response.status_code >= 400 or not streaming:
+                        raw = await _read_capped(
+                            response, None if response.status_code < 400 else _MAX_ERROR_BODY
+                        )
+                    else:
+                        lines = response.aiter_lines()
+                        first = await _next_event(lines)
+            except TimeoutError:
+                limit_s = self.config.first_byte_timeout_s
+                raise UpstreamTimeoutError(
+                    self.name, f"the upstream {self.name!r} did not answer within {limit_s:g} s"
+                ) from None
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeoutError(
+                    self.name, f"the upstream {self.name!r} timed out: {exc!r}"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise UpstreamUnavailableError(
+                    self.name, f"the upstream {self.name!r} is unreachable: {type(exc).__name__}"
+                ) from None
+            if response.status_code >= 400:
+                yield _mapped_error(self.name, response.status_code, raw)
+                return
+            if lines is None:
+                try:
+                    answer = json.loads(raw)
+                except ValueError:
+                    answer = None
+                if not isinstance(answer, dict):
+                    raise UpstreamUnavailableError(
+                        self.name, f"the upstream {self.name!r} sent no JSON object"
+                    )
+                yield EngineJSON(response.status_code, answer)
+                return
+            if first is None:
+                raise UpstreamUnavailableError(
+                    self.name, f"the upstream {self.name!r} closed the stream at once"
+                )
+            yield EngineSSE(first)
+            while True:
+                try:
+                    event = await _next_event(lines)
+                except httpx.TimeoutException:
+                    yield _in_band(
+                        self.name,
+                        f"the upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
+                        "upstream_timeout",
+                    )
+                    return
+                except httpx.HTTPError as exc:
+                    yield _in_band(
+                        self.name,
+                        f"the upstream {self.name!r} broke off: {type(exc).__name__}",
+                        "upstream_error",
+                    )
+                    return
+                if event is None:
+                    return
+                yield EngineSSE(event)
+        finally:
+            if response is not None:
+                await response.aclose()
+
+    async def check_health(self, timeout_s: float) -> None:
+        """The upstream answers ``GET /models`` with 2xx."""
+        started = time.monotonic()
+        response = await self._http.get("/models", timeout=timeout_s)
+        if response.status_code >= 300:
+            raise RuntimeError(
+                f"upstream {self.name!r} answered {response.status_code} after "
+                f"{time.monotonic() - started:.1f} s"
+            )
+
+    async def stats(self, timeout_s: float) -> EngineStats:
+        return EngineStats(replicas=1, unfinished_requests=self.in_flight)
+
+
+async def _read_capped(response: httpx.Response, limit: int | None) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if limit is not None and size >= limit:
+            break
+    data = b"".join(chunks)
+    return data if limit is None else data[:limit]
+
+
+async def _next_event(lines: AsyncIterator[str]) -> str | None:
+    """The next server-sent event (its lines and the blank line after), or None at the end."""
+    buf: list[str] = []
+    async for line in lines:
+        if line:
+            buf.append(line)
+        elif buf:
+            return "\n".join(buf) + "\n\n"
+    return "\n".join(buf) + "\n\n" if buf else None
