@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "BUILTIN_SOURCES",
     "UPSTREAM_API_KEY_ENV",
+    "AuthConfig",
     "ConfigError",
     "GatewayConfig",
     "HandoffConfig",
@@ -30,9 +31,13 @@ __all__ = [
     "ModelConfig",
     "ModelFamily",
     "OverflowConfig",
+    "QueueConfig",
     "RayConfig",
     "RedisConfig",
+    "ResponseCacheConfig",
+    "RoutingConfig",
     "ServingConfig",
+    "TenantSeed",
     "TopologyConfig",
     "UpstreamConfig",
     "VirtualModelConfig",
@@ -170,6 +175,10 @@ class ModelConfig(_Strict):
             }
         topo = self.topology
         defaults["tensor_parallel_size"] = topo.tensor_parallel_size
+        # Prompt caching: reuse KV of shared prefixes, and report it in
+        # usage.prompt_tokens_details.cached_tokens (OpenAI's semantics).
+        defaults["enable_prefix_caching"] = True
+        defaults["enable_prompt_tokens_details"] = True
         if topo.kind == "expert_parallel":
             defaults["data_parallel_size"] = topo.data_parallel_size
             defaults["enable_expert_parallel"] = True
@@ -217,6 +226,157 @@ class RedisConfig(_Strict):
 
     connect_timeout_s: float = Field(default=1.0, gt=0)
     """Connection and command timeout."""
+
+
+class AuthConfig(_Strict):
+    """API keys and tenants."""
+
+    required: bool = True
+    """Require an API key on every request. ``oss-serve up``'s built-in configuration turns it
+    off (local mode: every request is the tenant ``local``) and says so at start."""
+
+    tenants_file: Path | None = None
+    """YAML file of tenants with plaintext API keys (``tenants: [{id, api_keys: [...], ...}]``),
+    typically a mounted Secret; seeded into Redis (keys hashed) at start."""
+
+    refresh_s: float = Field(default=2.0, gt=0)
+    """How often each gateway re-reads keys and tenants from Redis: a revoked key stops
+    working within this time."""
+
+
+class TenantSeed(_Strict):
+    """A tenant from the configuration (seeded into Redis at gateway start)."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    """Tenant id."""
+
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    """Fair-share weight."""
+
+    priority: Literal["interactive", "standard", "batch"] = "standard"
+    """Admission lane."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Rate limit on requests."""
+
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Rate limit on tokens."""
+
+    max_concurrent_requests: int | None = Field(default=None, ge=1)
+    """Requests queued or running at once."""
+
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    """Cap on a request's output tokens."""
+
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    """Models the tenant may use (``*``: all)."""
+
+    handoff: Literal["never", "overflow-only", "allowed"] = "never"
+    """Whether requests may leave the cluster through a handoff."""
+
+    api_key_sha256: list[str] = Field(default_factory=list)
+    """sha256 hex digests of the tenant's API keys (never the keys themselves)."""
+
+
+class QueueConfig(_Strict):
+    """Admission: the Redis queue shared by every gateway replica."""
+
+    enabled: bool = True
+    """Admit through the queue (off: every validated request goes straight to the engines)."""
+
+    capacity_per_replica: int | None = Field(default=None, ge=1)
+    """Concurrent sequences one engine replica runs well. ``None``: the engine's own
+    ``max_num_seqs`` as it reports it."""
+
+    default_capacity: int = Field(default=8, ge=1)
+    """Capacity of a model until its engines have reported their stats."""
+
+    lease_ttl_s: float = Field(default=15.0, gt=0)
+    """A granted request's lease lives this long unless its gateway renews it (every third
+    of it): a crashed gateway's capacity returns within this time."""
+
+    default_deadline_s: float | None = Field(default=None, gt=0)
+    """Deadline to start a request that sends none (``X-Oss-Deadline-Ms``); ``None``: wait
+    up to ``max_wait_s``."""
+
+    max_wait_s: float = Field(default=600.0, gt=0)
+    """Longest a request waits in the queue before it is rejected with 503."""
+
+    max_grants_per_release: int = Field(default=32, ge=1)
+    """Waiting requests granted together when capacity frees (batched admission)."""
+
+    poll_interval_s: float = Field(default=0.05, gt=0)
+    """How often a waiting request re-checks its ticket besides the grant notifications."""
+
+    key_prefix: str = Field(default="oss", pattern=r"^[A-Za-z0-9_:-]{1,32}$")
+    """Prefix of every Redis key oss-serving writes."""
+
+
+class RoutingConfig(_Strict):
+    """Prefix-affinity routing: send requests that share a prompt prefix to the engine replica
+    that most likely still holds that prefix in vLLM's prefix cache, balanced against load.
+
+    The prefix index lives in Redis, shared by every gateway replica: chained hashes of
+    fixed-size text blocks of the rendered prompt -> the replicas that served them, per
+    model, with a TTL and a per-replica LRU bound that tracks the engine's own eviction
+    roughly. The engine deployment's request router (``serving.engine.router``) makes the
+    final choice with Ray Serve's live queue lengths."""
+
+    enabled: bool = True
+    """Route by prefix affinity (off: Ray Serve's default power-of-two-choices router)."""
+
+    strategy: Literal["prefix", "power_of_two", "round_robin"] = "prefix"
+    """``prefix``: affinity balanced with load. ``power_of_two``: Ray Serve's default.
+    ``round_robin``: strict rotation (a baseline for benchmarks)."""
+
+    block_chars: int = Field(default=256, ge=16, le=65536)
+    """Characters of rendered prompt per index block (about 64 tokens of English)."""
+
+    max_blocks: int = Field(default=256, ge=1, le=4096)
+    """Blocks of one prompt looked up and recorded (longer prompts: their first blocks)."""
+
+    index_ttl_s: float = Field(default=900.0, gt=0)
+    """How long an index entry lives without being used again."""
+
+    replica_capacity_blocks: int = Field(default=50_000, ge=1)
+    """Blocks remembered per engine replica; beyond it the least recently used are dropped
+    (set it near the replica's KV cache size in blocks of ``block_chars``)."""
+
+    imbalance_threshold: int = Field(default=8, ge=0)
+    """Load wins over affinity when the affine replica has more than this many requests
+    more than the least busy replica."""
+
+    min_match_blocks: int = Field(default=1, ge=1)
+    """Fewest matched leading blocks that count as an affinity hit."""
+
+    session_headers: list[str] = Field(default_factory=lambda: ["x-session-id"])
+    """Headers used as the affinity key when the request has no ``prompt_cache_key``
+    (checked after these, the body's ``user``)."""
+
+    key_prefix: str = Field(default="oss:prefix", min_length=1)
+    """Redis key prefix of the index."""
+
+
+class ResponseCacheConfig(_Strict):
+    """Exact-match response cache in Redis for deterministic requests (temperature 0 or a
+    fixed seed; no tools that act on the world). Used only when it is enabled here, the
+    tenant opted in (``Tenant.response_cache``) and the request asks for it with the
+    ``X-OSS-Response-Cache: on`` header."""
+
+    enabled: bool = False
+    """Serve and store cached answers."""
+
+    ttl_s: float = Field(default=3600.0, gt=0)
+    """How long a cached answer lives."""
+
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Answers larger than this are not stored."""
+
+    max_total_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    """Memory bound of the whole cache; the oldest entries are evicted beyond it."""
+
+    key_prefix: str = Field(default="oss:rc", min_length=1)
+    """Redis key prefix of the cache."""
 
 
 class MetricsConfig(_Strict):
@@ -401,11 +561,26 @@ class ServingConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Prometheus metrics."""
 
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    """API keys."""
+
+    tenants: list[TenantSeed] = Field(default_factory=list)
+    """Tenants seeded from the configuration."""
+
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    """Admission queue."""
+
     ray: RayConfig = Field(default_factory=RayConfig)
     """Local Ray start-up."""
 
     local: LocalConfig = Field(default_factory=LocalConfig)
     """Local mode."""
+
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    """Prefix-affinity routing."""
+
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+    """Exact-match response cache."""
 
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     """OpenAI-compatible APIs outside the cluster that requests may be handed off to."""
@@ -463,7 +638,8 @@ def default_config() -> ServingConfig:
                 engine_kwargs={"max_model_len": 2048, "dtype": "bfloat16"},
                 engine_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
             )
-        ]
+        ],
+        auth=AuthConfig(required=False),
     )
 
 
