@@ -28,10 +28,12 @@ import yaml
 
 from loadtest.calibrate import CalibrationPoint, fit_profile
 from loadtest.config import LoadTestConfig
-from loadtest.results import write_run
+from loadtest.metrics import RunMetrics, compute_run_metrics
+from loadtest.results import load_run_records, write_run
 from loadtest.runner import run_load
+from loadtest.scrape import Sample
 from loadtest.simulate import simulate_run
-from loadtest.sweep import SweepResult, run_sweep
+from loadtest.sweep import SweepResult, run_sweep, served_rate
 
 SMOLLM = Path("~/.cache/oss-serving/models/smollm2-135m-instruct").expanduser()
 WORKLOAD_A = {
@@ -58,22 +60,47 @@ def _cfg(
     )
 
 
-def _summary(res: SweepResult) -> dict[str, Any]:
-    low = res.points[0].metrics.distributions["ttft"].percentiles["p50"]
+Point = tuple[float, RunMetrics, bool, bool]
+"""(rate, metrics, saturated, valid)"""
+
+
+def _points(res: SweepResult) -> list[Point]:
+    return [(p.rate, p.metrics, p.saturated, bool(p.result["valid"])) for p in res.points]
+
+
+def _saved(folder: Path) -> list[tuple[float, RunMetrics, bool, bool, list[Any], list[Sample]]]:
+    """Points saved by an earlier live run: (rate, metrics, saturated, valid, records, samples)."""
+    out = []
+    for sub in sorted(folder.iterdir(), key=lambda p: float(p.name.removeprefix("rate_"))):
+        result = json.loads((sub / "result.json").read_text())
+        records = load_run_records(sub)
+        with (sub / "server_metrics.jsonl").open() as fh:
+            samples = [Sample(**json.loads(line)) for line in fh if line.strip()]
+        metrics = compute_run_metrics(records, [50, 90, 99])
+        served = served_rate(records)
+        offered = result["validity"]["scheduled_rate"] or result["target_rate"]
+        saturated = served is not None and served < 0.9 * offered
+        out.append(
+            (float(result["target_rate"]), metrics, saturated, bool(result["valid"]), records, samples)
+        )
+    return out
+
+
+def _summary(points: list[Point]) -> dict[str, Any]:
     return {
-        "saturation_rps": res.saturation_throughput,
-        "saturation_output_tps": res.saturation_output_tps,
-        "ttft_p50_lowest_rate_s": low,
+        "saturation_rps": max(m.request_throughput for _, m, _, _ in points),
+        "saturation_output_tps": max(m.output_token_throughput for _, m, _, _ in points),
+        "ttft_p50_lowest_rate_s": points[0][1].distributions["ttft"].percentiles["p50"],
         "points": [
             {
-                "rate": p.rate,
-                "rps": p.metrics.request_throughput,
-                "ttft_p50": p.metrics.distributions["ttft"].percentiles["p50"],
-                "tpot_p50": p.metrics.distributions["tpot"].percentiles["p50"],
-                "saturated": p.saturated,
-                "valid": p.result["valid"],
+                "rate": rate,
+                "rps": m.request_throughput,
+                "ttft_p50": m.distributions["ttft"].percentiles["p50"],
+                "tpot_p50": m.distributions["tpot"].percentiles["p50"],
+                "saturated": saturated,
+                "valid": valid,
             }
-            for p in res.points
+            for rate, m, saturated, valid in points
         ],
     }
 
@@ -86,7 +113,10 @@ def _summary(res: SweepResult) -> dict[str, Any]:
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/calibrate-validate")
 )
-def main(base_url: str, model: str, rates: str, duration: float, out: Path) -> None:
+@click.option(
+    "--from-saved", is_flag=True, help="Refit and predict from the sweeps saved in --out (no endpoint)."
+)
+def main(base_url: str, model: str, rates: str, duration: float, out: Path, from_saved: bool) -> None:
     rate_list = [float(x) for x in rates.split(",")]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -106,32 +136,36 @@ def main(base_url: str, model: str, rates: str, duration: float, out: Path) -> N
 
         return run_sweep(cfg, run_load, on_point)
 
-    a = live_sweep("A", WORKLOAD_A)
+    if from_saved:
+        saved_a = _saved(out / "A")
+        measured_a = [p[:4] for p in saved_a]
+        calib = [CalibrationPoint(p[0], p[4], p[5]) for p in saved_a]
+        rate_list = [p[0] for p in saved_a]
+    else:
+        res_a = live_sweep("A", WORKLOAD_A)
+        measured_a = _points(res_a)
+        calib = [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in res_a.points]
     cfg_a = _cfg(base_url, model, WORKLOAD_A, rate_list, duration)
-    report = fit_profile(
-        [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in a.points],
-        cfg_a.calibrate,
-        "smollm2-cpu",
-    )
+    report = fit_profile(calib, cfg_a.calibrate, "smollm2-cpu")
     (out / "profile.yaml").write_text(yaml.safe_dump(report.profile.model_dump(mode="json"), sort_keys=False))
     print(yaml.safe_dump(report.to_dict(), sort_keys=False))
     cfg_b = _cfg(base_url, model, WORKLOAD_B, rate_list, duration)
-    predicted = run_sweep(cfg_b, lambda c: simulate_run(c, report.profile))
-    predicted_a = run_sweep(cfg_a, lambda c: simulate_run(c, report.profile))
-    measured = live_sweep("B", WORKLOAD_B)
+    predicted = _points(run_sweep(cfg_b, lambda c: simulate_run(c, report.profile)))
+    predicted_a = _points(run_sweep(cfg_a, lambda c: simulate_run(c, report.profile)))
+    measured = [p[:4] for p in _saved(out / "B")] if from_saved else _points(live_sweep("B", WORKLOAD_B))
     doc = {
         "profile": report.to_dict(),
-        "A_measured": _summary(a),
+        "A_measured": _summary(measured_a),
         "A_simulated": _summary(predicted_a),
         "B_predicted": _summary(predicted),
         "B_measured": _summary(measured),
     }
     (out / "validation.json").write_text(json.dumps(doc, indent=1))
-    p, m = doc["B_predicted"], doc["B_measured"]
     print(f"{'workload B':<28}{'predicted':>12}{'measured':>12}{'error':>9}")
     for key in ("saturation_rps", "saturation_output_tps", "ttft_p50_lowest_rate_s"):
-        err = (p[key] - m[key]) / m[key] if m[key] else float("nan")
-        print(f"{key:<28}{p[key]:>12.4f}{m[key]:>12.4f}{err:>+9.1%}")
+        p, m = doc["B_predicted"][key], doc["B_measured"][key]
+        err = (p - m) / m if m else float("nan")
+        print(f"{key:<28}{p:>12.4f}{m:>12.4f}{err:>+9.1%}")
     pa, ma = doc["A_simulated"], doc["A_measured"]
     print(f"(workload A, fitted: saturation {pa['saturation_rps']:.3f} simulated")
     print(f" vs {ma['saturation_rps']:.3f} req/s measured)")

@@ -2,15 +2,19 @@
 
 Only what the client saw is needed (plus ``vllm:cache_config_info`` when scraped):
 
-1. **Decode step.** For each completed streamed request, its TPOT is the mean step time
-   while it decoded. The number of sequences decoding alongside it and the KV tokens they
-   held are rebuilt from all requests of the same point (each decodes between its first
-   and last chunk). Prefill work of requests that started during the window is taken
-   out, then ``TPOT = step_base + step_per_seq * running + step_per_kv_token * kv`` is
-   fitted by least squares (terms with negative coefficients are dropped).
-2. **Prefill.** At the lowest rate, time from send to first token is regressed on the
-   uncached prompt tokens; the slope is ``prefill_per_token_s``; what the intercept has
-   beyond one decode step becomes ``request_overhead_s`` (HTTP, tokenization).
+1. **Step and prefill costs, jointly.** For each completed streamed request, its decode
+   window (first to last output chunk) spans ``n - 1`` engine steps. The sequences
+   decoding alongside it and the KV tokens they held are rebuilt from all requests of
+   the same point, and so are the uncached prompt tokens of requests that started
+   during the window (their prefill stalls everyone's steps). Per request:
+   ``TPOT = step_base + step_per_seq * running + step_per_kv_token * kv
+   + prefill_per_token * prefill_tokens_in_window / (n - 1)``. At the lowest rate each
+   request also gives ``TTFT(from send) = request_overhead + step_base + step_per_seq
+   + prefill_per_token * uncached_prompt``. All rows are solved together by least
+   squares with non-negative coefficients (a term that comes out negative is dropped
+   and the rest refitted), so the prefill cost is pinned by both its effect on first
+   tokens and its stalls of other requests' decoding.
+2. **Fit quality.** ``decode_r2`` is the R^2 of the TPOT rows.
 3. **Capacity.** KV blocks and block size from the scraped cache configuration (or the
    configuration), ``max_num_seqs`` from the configuration; the chat template's tokens
    from ``usage.prompt_tokens`` minus the tokens the prompt was built with.
@@ -105,21 +109,21 @@ def _cache_config(samples: Sequence[Sample]) -> dict[str, str]:
 
 
 def _lstsq_nonneg(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares dropping columns (after the first) whose coefficient comes out negative."""
+    """Least squares with non-negative coefficients: the most negative column is dropped
+    and the rest refitted until none is negative (an active-set approximation)."""
     cols = list(range(x.shape[1]))
-    while True:
+    full = np.zeros(x.shape[1])
+    while cols:
         coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
-        neg = [c for c, v in zip(cols, coef, strict=True) if v < 0 and c != 0]
-        if not neg:
-            full = np.zeros(x.shape[1])
+        if (coef >= 0).all():
             full[cols] = coef
-            full[0] = max(full[0], 0.0)
             return full
-        cols.remove(neg[0])
+        cols.pop(int(np.argmin(coef)))
+    return full
 
 
-def _fit_decode(per_point: Sequence[list[_Req]], prefill_per_token: float) -> tuple[np.ndarray, float, int]:
-    """Least-squares decode-step model; returns (coefficients, R^2, rows)."""
+def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], list[float]]:
+    """TPOT rows ``[0, 1, running, kv, prefill_tokens / (n - 1)]`` -> TPOT."""
     rows: list[list[float]] = []
     ys: list[float] = []
     for reqs in per_point:
@@ -137,15 +141,9 @@ def _fit_decode(per_point: Sequence[list[_Req]], prefill_per_token: float) -> tu
             running = float(active.sum(axis=1).mean())
             kv = float((active * (prompts[None, :] + frac * ns[None, :])).sum(axis=1).mean())
             started = (firsts > q.first) & (firsts <= q.last)
-            interference = prefill_per_token * float(uncs[started].sum())
-            rows.append([1.0, running, kv])
-            ys.append((q.last - q.first - interference) / (q.n - 1))
-    x = np.asarray(rows)
-    y = np.asarray(ys)
-    coef = _lstsq_nonneg(x, y)
-    ss_res = float(((y - x @ coef) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return coef, (1 - ss_res / ss_tot if ss_tot > 0 else 1.0), len(ys)
+            rows.append([0.0, 1.0, running, kv, float(uncs[started].sum()) / (q.n - 1)])
+            ys.append((q.last - q.first) / (q.n - 1))
+    return rows, ys
 
 
 def fit_profile(
@@ -157,27 +155,24 @@ def fit_profile(
     per_point = [_usable(p.records) for p in points]
     if sum(len(p) for p in per_point) < 5:
         raise ValueError("too few completed streamed requests with 2+ tokens to fit a profile")
-    # -- prefill, from the lowest rate -------------------------------------------------------
+    rows, ys = _decode_rows(per_point)
     low = next(p for p in per_point if p)
-    ttft = np.asarray([q.first - q.sent for q in low])
     unc = np.asarray([q.uncached for q in low], dtype=float)
-    separable = bool(unc.std() > 0.05 * max(unc.mean(), 1.0) and len(low) >= 5)
-    if separable:
-        slope, _ = np.polyfit(unc, ttft, 1)
-        slope = max(float(slope), 0.0)
-        coef, r2, n_rows = _fit_decode(per_point, slope)
-    else:
+    if not (unc.std() > 0.05 * max(unc.mean(), 1.0) and len(low) >= 5):
         notes.append(
-            "prompt lengths barely vary at the lowest rate: the first token is taken to cost one decode "
-            "step plus prefill, with no fixed request overhead"
+            "prompt lengths barely vary at the lowest rate: prefill cost rests on decode stalls only"
         )
-        coef, _, _ = _fit_decode(per_point, 0.0)
-        one_step = float(coef[0] + coef[1])
-        slope = max(0.0, float(np.median(ttft)) - one_step) / max(float(unc.mean()), 1.0)
-        coef, r2, n_rows = _fit_decode(per_point, slope)
-    intercept = float(np.median(ttft - slope * unc))
-    base, per_seq, per_kv = (float(c) for c in coef)
-    overhead = max(0.0, intercept - (base + per_seq)) if separable else 0.0
+    ttft_rows = [[1.0, 1.0, 1.0, 0.0, float(q.uncached)] for q in low]
+    ttft_ys = [q.first - q.sent for q in low]
+    x = np.asarray(rows + ttft_rows)
+    y = np.asarray(ys + ttft_ys)
+    coef = _lstsq_nonneg(x, y)
+    xd, yd = np.asarray(rows), np.asarray(ys)
+    ss_res = float(((yd - xd @ coef) ** 2).sum())
+    ss_tot = float(((yd - yd.mean()) ** 2).sum())
+    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    n_rows = len(ys)
+    overhead, base, per_seq, per_kv, slope = (float(c) for c in coef)
     cache = next((c for c in (_cache_config(p.samples) for p in points) if c), {})
     blocks = cfg.num_kv_blocks or (int(cache["num_gpu_blocks"]) if cache.get("num_gpu_blocks") else None)
     block_size = int(cache.get("block_size") or cfg.block_size)
