@@ -34,6 +34,7 @@ from serving.config import QueueConfig
 from serving.gateway import queue_scripts as lua
 from serving.gateway.errors import OverloadedError, RateLimitError
 from serving.gateway.tenants import PriorityClass, Tenant
+from serving.tasks import cancel_and_wait
 
 __all__ = ["Admission", "Lease", "LocalQueue", "QueueSnapshot", "RedisQueue"]
 
@@ -379,11 +380,8 @@ class Admission:
             self._task = asyncio.create_task(self._maintain(), name="oss-serving-admission")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         if self.redis_queue is not None:
             await self.redis_queue.close()
 

@@ -15,7 +15,6 @@ the configuration (and from ``auth.tenants_file``) are seeded into Redis at star
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -37,6 +36,7 @@ from serving.gateway.tenants import (
     local_tenant,
     new_api_key,
 )
+from serving.tasks import cancel_and_wait
 
 __all__ = ["IssuedKey", "TenantDirectory", "TenantStore", "tenant_from_seed"]
 
@@ -237,11 +237,8 @@ class TenantDirectory:
             await self.refresh()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant of an ``Authorization: Bearer <key>`` header; 401 otherwise."""

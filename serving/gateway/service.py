@@ -35,6 +35,7 @@ from serving.gateway.handoff import HandoffPolicy
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.metrics import GatewayMetrics
+from serving.tasks import cancel_and_wait
 
 __all__ = ["GatewayService", "ModelHealth"]
 
@@ -125,10 +126,7 @@ class GatewayService:
 
     async def stop(self) -> None:
         task, self._probe_task = self._probe_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self._admission is not None:
             await self._admission.stop()
         if self._auth is not None:

@@ -68,6 +68,8 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         "gateway": {"port": port, "max_body_bytes": MAX_BODY, "health_check_interval_s": 1.0},
         "auth": {"required": False},
         "response_cache": {"enabled": True},
+        # A key prefix of its own: the session's queue state never mixes with another stack's.
+        "queue": {"key_prefix": f"osstest{port}"},
         "local": {"state_dir": str(root / "run")},
     }
     config_file = root / "config.yaml"
