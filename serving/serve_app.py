@@ -33,6 +33,7 @@ class Gateway:
 
     def __init__(self, config: dict[str, Any], **engine_handles: Any) -> None:
         from serving.engine.ray_client import RayEngineClient
+        from serving.gateway.handoff import build_handoff
         from serving.gateway.prefix_caching import PromptCaching
         from serving.gateway.service import GatewayService
         from serving.metrics import GatewayMetrics
@@ -49,8 +50,21 @@ class Gateway:
             redis_ping=self._ping_redis,
             **policy_components(cfg, self._redis),
             prompt_caching=PromptCaching(cfg.routing, cfg.response_cache, self._metrics, self._redis),
+            handoff=build_handoff(
+                cfg,
+                self._redis,
+                self._metrics.handoff,
+                is_ready=lambda model: self._service.is_ready(model),
+                predicted_wait=self._predicted_wait,
+                tenant_label=lambda tenant: self._service.tenant_label(tenant),
+            ),
         )
         _configure_logging()
+
+    async def _predicted_wait(self, model: str, priority: Any) -> float:
+        """The admission queue's predicted wait, for the handoff overflow policy."""
+        admission = self._service.admission
+        return 0.0 if admission is None else await admission.predicted_wait_s(model, priority)
 
     async def _ping_redis(self) -> bool:
         assert self._redis is not None

@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from serving.config import HandoffConfig, ModelConfig, UpstreamConfig, VirtualModelConfig
+from serving.config import HandoffConfig, ModelConfig, ServingConfig, UpstreamConfig, VirtualModelConfig
 from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE
-from serving.engine.upstream import UpstreamError, upstream_error_body
+from serving.engine.upstream import UpstreamClient, UpstreamError, upstream_error_body
 from serving.gateway.context import RequestContext
 from serving.gateway.tenants import HandoffRight, PriorityClass
 from serving.metrics import HandoffMetrics
@@ -57,6 +57,7 @@ __all__ = [
     "RedisCounters",
     "Upstream",
     "UpstreamBudget",
+    "build_handoff",
 ]
 
 log = logging.getLogger("oss_serving.handoff")
@@ -642,6 +643,45 @@ class HandoffPolicy:
     async def _record_budget(self, upstream: Upstream) -> None:
         for window, used in (await upstream.budget.used()).items():
             self._metrics.budget_used.labels(upstream=upstream.name, window=window).set(used)
+
+
+def build_handoff(
+    cfg: ServingConfig,
+    redis: Any,
+    metrics: HandoffMetrics,
+    *,
+    is_ready: IsReady,
+    predicted_wait: PredictedWait | None,
+    tenant_label: Callable[[str], str] = lambda tenant: tenant,
+    environ: Mapping[str, str] | None = None,
+) -> HandoffPolicy | None:
+    """The handoff policy of one gateway replica; None when the configuration names no
+    upstream and no virtual model. Upstream keys are read from the environment here, at
+    gateway start. Budgets are counted in ``redis`` (shared by every replica), or in this
+    process when there is none."""
+    h = cfg.handoff
+    if h.upstream is None and not h.virtual_models:
+        return None
+    counters: Counters = RedisCounters(redis) if redis is not None else MemoryCounters()
+    upstreams = [
+        Upstream(
+            u,
+            UpstreamClient.from_config(u, environ),
+            UpstreamBudget(u, counters, key_prefix=cfg.queue.key_prefix),
+        )
+        for u in cfg.upstreams
+    ]
+    return HandoffPolicy(
+        h,
+        upstreams,
+        {m.name: m for m in cfg.models},
+        metrics,
+        is_ready=is_ready,
+        predicted_wait=predicted_wait,
+        request_timeout_s=cfg.gateway.request_timeout_s,
+        default_deadline_s=cfg.queue.default_deadline_s,
+        tenant_label=tenant_label,
+    )
 
 
 # --------------------------------------------------------------------------- helpers
