@@ -1,8 +1,8 @@
 """Calibrate a simulated-engine profile on one workload, predict another, compare.
 
-1. Sweep workload A (chat, input 32-256 tokens uniform, 24 output tokens) against a real
+1. Sweep workload A (chat, input 64-512 tokens uniform, 32 output tokens) against a real
    endpoint, scraping its ``/metrics``; fit a profile (``loadtest.calibrate``).
-2. Predict workload B (input 256, output 64 tokens) at the same rates with the
+2. Predict workload B (input 512, output 96 tokens) at the same rates with the
    virtual-time simulator and that profile.
 3. Sweep workload B against the real endpoint.
 4. Print predicted and measured saturation throughput (highest completed request rate
@@ -114,7 +114,9 @@ def _summary(points: list[Point]) -> dict[str, Any]:
     "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("results/calibrate-validate")
 )
 @click.option(
-    "--from-saved", is_flag=True, help="Refit and predict from the sweeps saved in --out (no endpoint)."
+    "--from-saved",
+    is_flag=True,
+    help="Refit from sweep A saved in --out; sweep B too if saved, else run it live.",
 )
 def main(base_url: str, model: str, rates: str, duration: float, out: Path, from_saved: bool) -> None:
     rate_list = [float(x) for x in rates.split(",")]
@@ -152,7 +154,8 @@ def main(base_url: str, model: str, rates: str, duration: float, out: Path, from
     cfg_b = _cfg(base_url, model, WORKLOAD_B, rate_list, duration)
     predicted = _points(run_sweep(cfg_b, lambda c: simulate_run(c, report.profile)))
     predicted_a = _points(run_sweep(cfg_a, lambda c: simulate_run(c, report.profile)))
-    measured = [p[:4] for p in _saved(out / "B")] if from_saved else _points(live_sweep("B", WORKLOAD_B))
+    have_b = from_saved and (out / "B").is_dir()
+    measured = [p[:4] for p in _saved(out / "B")] if have_b else _points(live_sweep("B", WORKLOAD_B))
     doc = {
         "profile": report.to_dict(),
         "A_measured": _summary(measured_a),

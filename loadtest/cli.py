@@ -493,7 +493,7 @@ def calibrate(**opts: Any) -> None:
     console.print(f"profile written to {opts['profile_out']}")
 
 
-@main.command("sim-engine", context_settings={"ignore_unknown_options": True})
+@main.command("sim-engine", context_settings={"ignore_unknown_options": True}, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def sim_engine(args: tuple[str, ...]) -> None:
     """Serve a SIMULATED engine (planning and test tool): python -m serving.engine.sim ARGS."""
