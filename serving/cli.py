@@ -192,6 +192,7 @@ def tenants_group() -> None:
 @click.option("--max-output-tokens", type=int, default=None)
 @click.option("--model", "models", multiple=True, help="Allowed model (repeat); default: all.")
 @click.option("--handoff", type=click.Choice(["never", "overflow-only", "allowed"]), default="never")
+@click.option("--response-cache/--no-response-cache", default=False, help="May use the response cache.")
 @config_option
 @redis_option
 def tenants_add(
@@ -204,6 +205,7 @@ def tenants_add(
     max_output_tokens: int | None,
     models: tuple[str, ...],
     handoff: str,
+    response_cache: bool,
     config_path: str | None,
     redis_url: str | None,
 ) -> None:
@@ -225,6 +227,7 @@ def tenants_add(
             ),
             models=list(models) or ["*"],
             handoff=HandoffRight(handoff),
+            response_cache=response_cache,
         )
     except ValidationError as exc:
         _err_console().print(

@@ -274,6 +274,10 @@ class TenantSeed(_Strict):
     handoff: Literal["never", "overflow-only", "allowed"] = "never"
     """Whether requests may leave the cluster through a handoff."""
 
+    response_cache: bool = False
+    """Whether the tenant's deterministic requests may be answered from the response cache
+    (each request still opts in)."""
+
     api_key_sha256: list[str] = Field(default_factory=list)
     """sha256 hex digests of the tenant's API keys (never the keys themselves)."""
 

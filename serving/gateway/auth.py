@@ -56,6 +56,7 @@ def tenant_from_seed(seed: TenantSeed) -> Tenant:
         ),
         models=list(seed.models),
         handoff=HandoffRight(seed.handoff),
+        response_cache=seed.response_cache,
     )
 
 

@@ -202,18 +202,18 @@ async def test_killed_gateway_capacity_returns_within_lease_ttl(
     server: RedisServer, client: aioredis.Redis
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.queue_worker", server.url, "hold", "3"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.queue_worker", server.url, "hold", "3",
+        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
-    assert proc.stdout.readline().startswith("held 3")
+    assert (await asyncio.wait_for(proc.stdout.readline(), 60)).startswith(b"held 3")
     admission = _admission(client, 3, lease_ttl_s=1.5)
     assert (await admission.snapshot("m")).in_use == 3
-    time.sleep(2.0)  # the holder renews every 0.5 s: its leases stay
+    await asyncio.sleep(2.0)  # the holder renews every 0.5 s: its leases stay
     assert (await admission.snapshot("m")).in_use == 3
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    await proc.wait()
     killed = time.monotonic()
     lease: Lease = await asyncio.wait_for(admission.acquire("m", Tenant(id="n"), None), 10)
     assert time.monotonic() - killed <= 1.5 + 0.5  # within the lease TTL (plus one poll)
