@@ -36,7 +36,11 @@ class FakeEngine(EngineClient):
                     "created": 1,
                     "model": body["model"],
                     "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": self.text}, "finish_reason": "stop"}
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": self.text},
+                            "finish_reason": "stop",
+                        }
                     ],
                     "usage": usage,
                 },
@@ -50,13 +54,21 @@ class FakeEngine(EngineClient):
                     "object": "chat.completion.chunk",
                     "created": 1,
                     "model": body["model"],
-                    "choices": [{"index": 0, "delta": {"content": (" " if i else "") + word}, "finish_reason": None}],
+                    "choices": [
+                        {"index": 0, "delta": {"content": (" " if i else "") + word}, "finish_reason": None}
+                    ],
                 }
                 yield EngineSSE(f"data: {json.dumps(chunk)}\n\n")
                 if self.chunk_delay_s:
                     await asyncio.sleep(self.chunk_delay_s)
-            final = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
-                     "model": body["model"], "choices": [], "usage": usage}
+            final = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body["model"],
+                "choices": [],
+                "usage": usage,
+            }
             yield EngineSSE(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n")
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1

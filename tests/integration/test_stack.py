@@ -34,19 +34,27 @@ def test_smollm2_answers_paris(client: openai.OpenAI) -> None:
         model=SMOLLM, temperature=0, max_tokens=32, messages=[SYSTEM, QUESTION]
     )
     assert "Paris" in (reply.choices[0].message.content or "")
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens > 0
 
 
 def test_completions_endpoint(client: openai.OpenAI) -> None:
-    reply = client.completions.create(model=SMOLLM, prompt="The capital of France is", max_tokens=8, temperature=0)
+    reply = client.completions.create(
+        model=SMOLLM, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert reply.choices[0].text
-    assert reply.usage is not None and reply.usage.completion_tokens <= 8
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens <= 8
 
 
 def test_streaming_is_ordered_and_ends_with_done_and_usage(live_stack: LiveStack) -> None:
     body = {
-        "model": SMOLLM, "temperature": 0, "max_tokens": 24, "stream": True,
-        "stream_options": {"include_usage": True}, "messages": [SYSTEM, QUESTION],
+        "model": SMOLLM,
+        "temperature": 0,
+        "max_tokens": 24,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [SYSTEM, QUESTION],
     }
     with httpx.stream("POST", live_stack.api + "/chat/completions", json=body, timeout=120) as resp:
         assert resp.status_code == 200
@@ -56,16 +64,24 @@ def test_streaming_is_ordered_and_ends_with_done_and_usage(live_stack: LiveStack
     chunks = [json.loads(e) for e in events[:-1]]
     assert len({c["id"] for c in chunks}) == 1  # one completion, chunks in one order
     usage = chunks[-1]["usage"]
-    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] > 0
+    assert chunks[-1]["choices"] == []
+    assert usage["completion_tokens"] > 0
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert "Paris" in text
-    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    assert finish and finish[-1] in ("stop", "length")
+    finish = [
+        c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]
+    ]
+    assert finish
+    assert finish[-1] in ("stop", "length")
 
 
 def test_sdk_streaming(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=SMOLLM, temperature=0, max_tokens=24, stream=True, messages=[SYSTEM, QUESTION],
+        model=SMOLLM,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        messages=[SYSTEM, QUESTION],
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -76,19 +92,26 @@ def test_sdk_streaming(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("effort", ["low", "medium", "high"])
 def test_gpt_oss_accepts_reasoning_effort(client: openai.OpenAI, effort: str) -> None:
     reply = client.chat.completions.create(
-        model=GPT_OSS, max_tokens=16, reasoning_effort=effort,  # type: ignore[arg-type]
+        model=GPT_OSS,
+        max_tokens=16,
+        reasoning_effort=effort,  # type: ignore[arg-type]
         messages=[{"role": "user", "content": "hi"}],
     )
     message = reply.model_dump()["choices"][0]["message"]
     # The harmony path parses reasoning apart from the answer: the field is always there.
     assert "reasoning" in message or "reasoning_content" in message
-    assert reply.usage is not None and reply.usage.prompt_tokens > 20  # harmony system + developer framing
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 20
 
 
 def test_gpt_oss_rejects_unknown_reasoning_effort(live_stack: LiveStack) -> None:
     resp = httpx.post(
         live_stack.api + "/chat/completions",
-        json={"model": GPT_OSS, "reasoning_effort": "extreme", "messages": [{"role": "user", "content": "hi"}]},
+        json={
+            "model": GPT_OSS,
+            "reasoning_effort": "extreme",
+            "messages": [{"role": "user", "content": "hi"}],
+        },
         timeout=30,
     )
     assert resp.status_code == 400
@@ -96,10 +119,13 @@ def test_gpt_oss_rejects_unknown_reasoning_effort(live_stack: LiveStack) -> None
 
 
 def test_gpt_oss_responses_api(client: openai.OpenAI) -> None:
-    response = client.responses.create(model=GPT_OSS, input="hi", max_output_tokens=16, reasoning={"effort": "low"})
+    response = client.responses.create(
+        model=GPT_OSS, input="hi", max_output_tokens=16, reasoning={"effort": "low"}
+    )
     assert response.object == "response"
     assert response.model == GPT_OSS
-    assert response.usage is not None and response.usage.input_tokens > 0
+    assert response.usage is not None
+    assert response.usage.input_tokens > 0
 
 
 def test_gpt_oss_responses_api_streaming(client: openai.OpenAI) -> None:
@@ -110,10 +136,25 @@ def test_gpt_oss_responses_api_streaming(client: openai.OpenAI) -> None:
 
 
 def test_gpt_oss_tool_call_request_is_accepted(client: openai.OpenAI) -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
     reply = client.chat.completions.create(
-        model=GPT_OSS, max_tokens=16, tools=tools, tool_choice="auto",  # type: ignore[arg-type]
+        model=GPT_OSS,
+        max_tokens=16,
+        tools=tools,
+        tool_choice="auto",  # type: ignore[arg-type]
         messages=[{"role": "user", "content": "Weather in Paris?"}],
     )
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
@@ -122,13 +163,15 @@ def test_gpt_oss_tool_call_request_is_accepted(client: openai.OpenAI) -> None:
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-5", messages=[QUESTION])
-    assert isinstance(err.value.body, dict) and err.value.body["param"] == "model"
+    assert isinstance(err.value.body, dict)
+    assert err.value.body["param"] == "model"
     assert err.value.request_id
 
 
 def test_invalid_json_and_parameters_are_400(live_stack: LiveStack) -> None:
     bad_json = httpx.post(live_stack.api + "/chat/completions", content=b"{nope", timeout=30)
-    assert bad_json.status_code == 400 and bad_json.json()["error"]["type"] == "invalid_request_error"
+    assert bad_json.status_code == 400
+    assert bad_json.json()["error"]["type"] == "invalid_request_error"
     bad_param = httpx.post(
         live_stack.api + "/chat/completions",
         json={"model": SMOLLM, "max_tokens": -3, "messages": [QUESTION]},
@@ -144,7 +187,9 @@ def test_invalid_json_and_parameters_are_400(live_stack: LiveStack) -> None:
 
 def test_body_over_limit_is_413(live_stack: LiveStack) -> None:
     huge = {"role": "user", "content": "x" * (MAX_BODY + 1)}
-    resp = httpx.post(live_stack.api + "/chat/completions", json={"model": SMOLLM, "messages": [huge]}, timeout=30)
+    resp = httpx.post(
+        live_stack.api + "/chat/completions", json={"model": SMOLLM, "messages": [huge]}, timeout=30
+    )
     assert resp.status_code == 413
     assert resp.json()["error"]["code"] == "request_too_large"
 
@@ -155,8 +200,13 @@ def _engine_unfinished(live_stack: LiveStack) -> int:
 
 
 def test_client_disconnect_cancels_engine_request(live_stack: LiveStack) -> None:
-    body = {"model": SMOLLM, "max_tokens": 1500, "stream": True, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "Count to ten thousand."}]}
+    body = {
+        "model": SMOLLM,
+        "max_tokens": 1500,
+        "stream": True,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Count to ten thousand."}],
+    }
     with httpx.stream("POST", live_stack.api + "/chat/completions", json=body, timeout=120) as resp:
         seen = 0
         for line in resp.iter_lines():
@@ -179,7 +229,8 @@ def test_health_and_metrics(live_stack: LiveStack) -> None:
     health = httpx.get(live_stack.base_url + "/health", timeout=10)
     assert health.status_code == 200
     report = health.json()
-    assert report["ready"] is True and report["redis"] == "ok"
+    assert report["ready"] is True
+    assert report["redis"] == "ok"
     assert set(report["models"]) == {SMOLLM, GPT_OSS}
     metrics = httpx.get(live_stack.base_url + "/metrics", timeout=10).text
     assert f'oss_serving_requests_total{{endpoint="chat",model="{SMOLLM}",status="200"}}' in metrics
@@ -190,7 +241,12 @@ def test_health_and_metrics(live_stack: LiveStack) -> None:
 def test_status_command(live_stack: LiveStack) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "serving.cli", "status", "--config", str(live_stack.config_file)],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert SMOLLM in out.stdout and GPT_OSS in out.stdout and "running" in out.stdout
+    assert SMOLLM in out.stdout
+    assert GPT_OSS in out.stdout
+    assert "running" in out.stdout
