@@ -261,8 +261,11 @@ class GatewayService:
     async def run(self, ctx: RequestContext) -> tuple[EngineJSON | None, AsyncIterator[str] | None]:
         """Start a request. Returns either a complete JSON answer, or an SSE text stream.
 
-        Steps: authenticate and authorize the tenant, check the model, apply the tenant's
-        limits, wait for admission, then call the engine. Errors before the first byte
+        Steps: resolve a virtual model, authenticate and authorize the tenant, hand off
+        (escalation, overflow) if the policy says so, check the model, apply the tenant's
+        limits, answer from the response cache if it may, wait for admission, route by
+        prefix affinity, call the engine (failing over to an upstream if it fails before
+        the first token). Errors before the first byte
         raise :class:`GatewayError`; after it they are sent in-band by the stream. Metrics
         are recorded for both paths. Headers for the answer are left in
         ``ctx.response_headers``.
