@@ -50,6 +50,7 @@ class Gateway:
             redis_ping=self._ping_redis,
             **policy_components(cfg, self._redis),
             prompt_caching=PromptCaching(cfg.routing, cfg.response_cache, self._metrics, self._redis),
+            scale_from_zero=frozenset(m.name for m in cfg.models if m.topology.min_replicas == 0),
             handoff=build_handoff(
                 cfg,
                 self._redis,

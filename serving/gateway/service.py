@@ -96,6 +96,7 @@ class GatewayService:
         queue: QueueConfig | None = None,
         prompt_caching: PromptCaching | None = None,
         handoff: HandoffPolicy | None = None,
+        scale_from_zero: frozenset[str] = frozenset(),
     ) -> None:
         self._config = config
         self._engines = dict(engines)
@@ -111,6 +112,12 @@ class GatewayService:
         self._expired_seen: dict[str, int] = {}
         self._redis_ok: bool | None = None
         self._health = {name: ModelHealth() for name in self._engines}
+        # Models that may scale to zero are never probed (a probe through the handle would
+        # wake them) and never refused as "not ready": their requests wait in admission and
+        # at the deployment handle while Ray Serve starts a replica.
+        self._scale_from_zero = frozenset(scale_from_zero) & set(self._engines)
+        for name in self._scale_from_zero:
+            self._health[name] = ModelHealth(ready=True, last_error=None)
         self._created = created_unix if created_unix is not None else int(time.time())
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -182,6 +189,10 @@ class GatewayService:
         health = self._health[name]
         engine = self._engines[name]
         now = time.time()
+        if name in self._scale_from_zero:
+            health.last_probe = now
+            self._metrics.model_ready.labels(model=name).set(1)
+            return
         try:
             await engine.check_health(self._config.health_check_timeout_s)
             stats = await engine.stats(self._config.health_check_timeout_s)
@@ -223,7 +234,10 @@ class GatewayService:
 
     def health(self) -> dict[str, Any]:
         """Liveness, readiness per model, and Redis reachability."""
-        models = {name: h.as_dict() for name, h in self._health.items()}
+        models = {
+            name: {**h.as_dict(), "scales_from_zero": name in self._scale_from_zero}
+            for name, h in self._health.items()
+        }
         ready = all(h.ready for h in self._health.values())
         redis = "not configured" if self._redis_ping is None else _redis_word(self._redis_ok)
         queue_degraded = self._admission is not None and self._admission.degraded

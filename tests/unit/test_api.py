@@ -236,3 +236,27 @@ async def test_request_that_does_not_start_in_time_is_504() -> None:
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "timeout"
     await s.http.aclose()
+
+
+async def test_scale_from_zero_model_is_held_not_refused() -> None:
+    class Sleeping(FakeEngine):
+        probes = 0
+
+        async def check_health(self, timeout_s: float) -> None:
+            self.probes += 1
+            raise RuntimeError("no replica")
+
+    engine = Sleeping()
+    metrics = GatewayMetrics([MODEL], [0.1])
+    service = GatewayService(GatewayConfig(), {MODEL: engine}, metrics, scale_from_zero=frozenset({MODEL}))
+    app = create_app(service, GatewayConfig(), metrics)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        await service.probe_once()
+        assert engine.probes == 0  # a probe through the handle would wake the deployment
+        health = (await http.get("/health")).json()
+        assert health["models"][MODEL]["scales_from_zero"] is True
+        assert health["ready"] is True
+        resp = await http.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+        )
+        assert resp.status_code == 200  # held until the engine answered, not refused with 503
