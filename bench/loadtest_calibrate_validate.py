@@ -1,7 +1,8 @@
 """Calibrate a simulated-engine profile on one workload, predict another, compare.
 
-1. Sweep workload A (chat, input 64-512 tokens uniform, 32 output tokens) against a real
-   endpoint, scraping its ``/metrics``; fit a profile (``loadtest.calibrate``).
+1. Sweep workload A (chat, half 64-token and half 768-token prompts, 32 output tokens;
+   ``--workload-a uniform``: prompts of 64-512 tokens) against a real endpoint,
+   scraping its ``/metrics``; fit a profile (``loadtest.calibrate``).
 2. Predict workload B (input 512, output 96 tokens) at the same rates with the
    virtual-time simulator and that profile.
 3. Sweep workload B against the real endpoint.
@@ -36,8 +37,19 @@ from loadtest.simulate import simulate_run
 from loadtest.sweep import SweepResult, run_sweep, served_rate
 
 SMOLLM = Path("~/.cache/oss-serving/models/smollm2-135m-instruct").expanduser()
+#: Two prompt lengths mixed at every rate, so that the KV tokens a sequence holds vary
+#: independently of how many sequences run (a single length distribution leaves the
+#: per-sequence and per-KV-token step costs confounded).
 WORKLOAD_A = {
     "name": "A",
+    "classes": [
+        {"name": "short", "input_tokens": 64, "output_tokens": 32},
+        {"name": "long", "input_tokens": 768, "output_tokens": 32},
+    ],
+}
+#: The first validation used one class, prompts uniform in 64-512 tokens.
+WORKLOAD_A_UNIFORM = {
+    "name": "A-uniform",
     "classes": [{"input_tokens": {"dist": "uniform", "min": 64, "max": 512}, "output_tokens": 32}],
 }
 WORKLOAD_B = {"name": "B", "classes": [{"input_tokens": 512, "output_tokens": 96}]}
@@ -118,8 +130,12 @@ def _summary(points: list[Point]) -> dict[str, Any]:
     is_flag=True,
     help="Refit from sweep A saved in --out; sweep B too if saved, else run it live.",
 )
-def main(base_url: str, model: str, rates: str, duration: float, out: Path, from_saved: bool) -> None:
+@click.option("--workload-a", type=click.Choice(["mixed", "uniform"]), default="mixed", show_default=True)
+def main(
+    base_url: str, model: str, rates: str, duration: float, out: Path, from_saved: bool, workload_a: str
+) -> None:
     rate_list = [float(x) for x in rates.split(",")]
+    work_a = WORKLOAD_A if workload_a == "mixed" else WORKLOAD_A_UNIFORM
     out.mkdir(parents=True, exist_ok=True)
 
     def live_sweep(name: str, workload: dict[str, Any]) -> SweepResult:
@@ -144,10 +160,10 @@ def main(base_url: str, model: str, rates: str, duration: float, out: Path, from
         calib = [CalibrationPoint(p[0], p[4], p[5]) for p in saved_a]
         rate_list = [p[0] for p in saved_a]
     else:
-        res_a = live_sweep("A", WORKLOAD_A)
+        res_a = live_sweep("A", work_a)
         measured_a = _points(res_a)
         calib = [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in res_a.points]
-    cfg_a = _cfg(base_url, model, WORKLOAD_A, rate_list, duration)
+    cfg_a = _cfg(base_url, model, work_a, rate_list, duration)
     report = fit_profile(calib, cfg_a.calibrate, "smollm2-cpu")
     (out / "profile.yaml").write_text(yaml.safe_dump(report.profile.model_dump(mode="json"), sort_keys=False))
     print(yaml.safe_dump(report.to_dict(), sort_keys=False))
