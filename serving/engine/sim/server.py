@@ -27,55 +27,11 @@ from starlette.routing import Route
 
 from serving.engine.sim.profile import EngineProfile
 from serving.engine.sim.scheduler import SimRequest, SimScheduler, block_hashes
+from serving.engine.sim.words import WORDS
 
 __all__ = ["SimEngine", "SimFaults", "build_app", "prompt_text", "word_token_ids"]
 
-_WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "his",
-    "her",
-    "it",
-    "an",
-    "were",
-    "are",
-    "which",
-    "this",
-    "be",
-    "or",
-    "had",
-    "not",
-    "but",
-    "one",
-    "have",
-    "they",
-    "you",
-    "all",
-    "their",
-    "has",
-    "been",
-    "there",
-    "who",
-    "more",
-    "she",
-    "when",
-    "would",
-    "other",
-    "time",
-]
+_WORDS = WORDS[:44]  # the simulated engine's vocabulary: the 44 commonest words
 
 _LAT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
