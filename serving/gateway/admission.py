@@ -112,6 +112,7 @@ class RedisQueue:
         self._keys: dict[str, _Keys] = {}
         self._waiters: dict[str, asyncio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._listener_lock = asyncio.Lock()
         self._pubsub: Any = None
         self._seq = itertools.count()
         self._gateway_id = uuid.uuid4().hex[:8]
@@ -143,12 +144,18 @@ class RedisQueue:
     async def ensure_listener(self, models: list[str]) -> None:
         if self._listener is not None and not self._listener.done():
             return
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(*(self.keys(m).channel for m in models))
-        self._listener = asyncio.create_task(self._listen(), name="oss-serving-grants")
+        async with self._listener_lock:  # one listener, however many requests arrive at once
+            if self._listener is not None and not self._listener.done():
+                return
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._pubsub.aclose(), 2.0)
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe(*(self.keys(m).channel for m in models))
+            self._pubsub = pubsub
+            self._listener = asyncio.create_task(self._listen(pubsub), name="oss-serving-grants")
 
-    async def _listen(self) -> None:
-        pubsub = self._pubsub
+    async def _listen(self, pubsub: Any) -> None:
         try:
             async for message in pubsub.listen():
                 data = message.get("data")
@@ -162,16 +169,20 @@ class RedisQueue:
                         event.set()
         except REDIS_DOWN:
             pass  # waiters fall back to polling; the listener is rebuilt on the next acquire
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-            self._listener = None
+        """Stop listening for grants. Bounded: a pub/sub read that does not notice its
+        cancellation is cut off by closing its connection."""
+        task, self._listener = self._listener, None
+        pubsub, self._pubsub = self._pubsub, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=2.0)
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), 2.0)
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=2.0)
 
     # --------------------------------------------------------------- operations
     def _common(self, model: str) -> list[Any]:
