@@ -11,12 +11,15 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 import yaml
+
+from tests.redis_server import RedisServer
 
 SMOLLM = "smollm2-135m-instruct"
 GPT_OSS = "gpt-oss-tiny"
@@ -84,3 +87,18 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         yield LiveStack(base_url=f"http://127.0.0.1:{port}", config_file=config_file)
     finally:
         _oss_serve("down", "--config", str(config_file), timeout=180)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server on a free port, for tests that stop it or need it empty."""
+    srv = RedisServer(tmp_path / "redis").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
+    yield c
+    await c.aclose()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,20 +18,6 @@ from tests.redis_server import RedisServer
 from tests.unit.test_handoff import BIG, SMALL, Stack, chat, key
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis").start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -32,13 +32,6 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.integration
 MODEL = "smol"
 MSG = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path / "redis").start()
-    yield srv
-    srv.stop()
 
 
 class Gateway:
