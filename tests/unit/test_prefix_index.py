@@ -23,18 +23,6 @@ def chat(system: str, question: str) -> dict[str, object]:
 
 
 @pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except Exception:
-        await client.aclose()
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def config(redis_client: aioredis.Redis) -> AsyncIterator[RoutingConfig]:
     prefix = f"test-prefix-{uuid.uuid4().hex[:8]}"
     yield RoutingConfig(key_prefix=prefix, block_chars=64, index_ttl_s=60, replica_capacity_blocks=1000)

@@ -88,18 +88,6 @@ def test_stream_synthesized_from_json_answer() -> None:
     assert text.endswith("data: [DONE]\n\n")
 
 
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except Exception:
-        await client.aclose()
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    yield client
-    await client.aclose()
-
-
 class Gateway:
     def __init__(self, redis: Any, cfg: ResponseCacheConfig) -> None:
         self.engine = FakeEngine()
