@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from serving.config import QueueConfig
 from serving.gateway import queue_scripts as lua
 from serving.gateway.errors import OverloadedError, RateLimitError
+from serving.gateway.redis_batch import ScriptPipeline
 from serving.gateway.tenants import PriorityClass, Tenant
 from serving.tasks import cancel_and_wait
 
@@ -116,16 +117,18 @@ class RedisQueue:
         self._pubsub: Any = None
         self._seq = itertools.count()
         self._gateway_id = uuid.uuid4().hex[:8]
-        self._scripts = {
-            name: redis.register_script(src)
-            for name, src in {
+        # Every script call goes through one auto-pipeline: the calls of one loop turn
+        # share a round trip (see ``redis_batch``).
+        self._scripts = ScriptPipeline(
+            redis,
+            {
                 "enqueue": lua.ENQUEUE,
                 "check": lua.CHECK,
                 "release": lua.RELEASE,
                 "cancel": lua.CANCEL,
                 "renew": lua.RENEW,
-            }.items()
-        }
+            },
+        )
 
     def keys(self, model: str) -> _Keys:
         if model not in self._keys:
@@ -183,6 +186,7 @@ class RedisQueue:
                 await asyncio.wait_for(pubsub.aclose(), 2.0)
         if task is not None and not task.done():
             await asyncio.wait({task}, timeout=2.0)
+        await self._scripts.drain()
 
     # --------------------------------------------------------------- operations
     def _common(self, model: str) -> list[Any]:
@@ -209,9 +213,10 @@ class RedisQueue:
     async def enqueue(self, ticket: str, model: str, tenant: Tenant, deadline_ms: int) -> tuple[int, int]:
         keys = self.keys(model)
         limit = tenant.limits.max_concurrent_requests or 0
-        status, position, _depth = await self._scripts["enqueue"](
-            keys=keys.all(tenant.id),
-            args=[
+        status, position, _depth = await self._scripts.call(
+            "enqueue",
+            keys.all(tenant.id),
+            [
                 ticket,
                 tenant.id,
                 tenant.priority.rank,
@@ -230,21 +235,22 @@ class RedisQueue:
 
     async def check(self, ticket: str, model: str, tenant: str) -> int:
         return int(
-            await self._scripts["check"](
-                keys=self.keys(model).all(tenant), args=[ticket, _now_ms(), *self._common(model)]
+            await self._scripts.call(
+                "check", self.keys(model).all(tenant), [ticket, _now_ms(), *self._common(model)]
             )
         )
 
     async def release(self, lease: Lease, service_ms: int) -> None:
-        await self._scripts["release"](
-            keys=self.keys(lease.model).all(lease.tenant),
-            args=[lease.ticket, _now_ms(), *self._common(lease.model), service_ms],
+        await self._scripts.call(
+            "release",
+            self.keys(lease.model).all(lease.tenant),
+            [lease.ticket, _now_ms(), *self._common(lease.model), service_ms],
         )
 
     async def cancel(self, ticket: str, model: str, tenant: str) -> int:
         return int(
-            await self._scripts["cancel"](
-                keys=self.keys(model).all(tenant), args=[ticket, _now_ms(), *self._common(model)]
+            await self._scripts.call(
+                "cancel", self.keys(model).all(tenant), [ticket, _now_ms(), *self._common(model)]
             )
         )
 
@@ -252,15 +258,17 @@ class RedisQueue:
         if not leases:
             return
         expiry = _now_ms() + self.ttl_ms
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for lease in leases:
-                keys = self.keys(lease.model)
-                await self._scripts["renew"](
-                    keys=[keys.leases, keys.lease_tenant, keys.tenant_active(lease.tenant)],
-                    args=[lease.ticket, lease.tenant, expiry, self.ttl_ms],
-                    client=pipe,
+        renewals = []
+        for lease in leases:
+            keys = self.keys(lease.model)
+            renewals.append(
+                self._scripts.call(
+                    "renew",
+                    [keys.leases, keys.lease_tenant, keys.tenant_active(lease.tenant)],
+                    [lease.ticket, lease.tenant, expiry, self.ttl_ms],
                 )
-            await pipe.execute()
+            )
+        await asyncio.gather(*renewals)  # one round trip: the calls share a batch
 
     async def wait_granted(self, ticket: str, model: str, tenant: str, timeout_s: float) -> int:
         """Wait for ``ticket``: 1 granted, -2 dropped (deadline), -3 lost; raises TimeoutError."""
