@@ -17,22 +17,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.local_stack import free_port, percentile
 
 MODEL = "smollm2-135m-instruct"
 ENGINE_KWARGS = {"max_model_len": 2048, "dtype": "bfloat16"}
@@ -48,12 +54,6 @@ QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class PhaseResult:
     target: str
@@ -64,6 +64,12 @@ class PhaseResult:
     output_tokens: int
     ttft_p50_ms: float
     ttft_p99_ms: float
+    serving_cpu_s: float
+    """CPU seconds of the serving path in the timed part (not the engine core and its workers)."""
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.serving_cpu_s * 1000 / self.requests
 
     @property
     def req_per_s(self) -> float:
@@ -72,15 +78,6 @@ class PhaseResult:
     @property
     def tok_per_s(self) -> float:
         return self.output_tokens / self.wall_s
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> tuple[float, int]:
@@ -111,8 +108,35 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: i
     return ttft, tokens
 
 
+def serving_cpu_s(target: str, direct_pid: int) -> float:
+    """CPU seconds used so far by ``target``'s serving path: vLLM's API server process
+    (``direct``), or Ray Serve's proxy and replicas, the engine replica holding vLLM's
+    front end (``gateway``); never the engine core and its workers (``VLLM::*``)."""
+    total = 0.0
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            ours = (
+                proc.info["pid"] == direct_pid
+                if target == "direct"
+                else ("ray::ServeReplica" in cmd or "ray::ProxyActor" in cmd)
+            )
+            if ours and not cmd.startswith("VLLM::"):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 async def run_phase(
-    target: str, url: str, n: int, concurrency: int, max_tokens: int, progress: Progress
+    target: str,
+    url: str,
+    n: int,
+    concurrency: int,
+    max_tokens: int,
+    progress: Progress,
+    cpu: Callable[[], float],
 ) -> PhaseResult:
     task = progress.add_task(f"{target:>8} c={concurrency}", total=n)
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -138,9 +162,11 @@ async def run_phase(
                     errors += 1
                 progress.advance(task)
 
+        cpu_before = cpu()
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        cpu_used = cpu() - cpu_before
     return PhaseResult(
         target=target,
         concurrency=concurrency,
@@ -150,6 +176,7 @@ async def run_phase(
         output_tokens=tokens,
         ttft_p50_ms=percentile(ttfts, 0.5) * 1000,
         ttft_p99_ms=percentile(ttfts, 0.99) * 1000,
+        serving_cpu_s=cpu_used,
     )
 
 
@@ -230,7 +257,15 @@ def main() -> int:
                 for target in ("direct", "gateway"):
                     results.append(
                         asyncio.run(
-                            run_phase(target, urls[target], args.requests, c, args.max_tokens, progress)
+                            run_phase(
+                                target,
+                                urls[target],
+                                args.requests,
+                                c,
+                                args.max_tokens,
+                                progress,
+                                functools.partial(serving_cpu_s, target, direct.pid),
+                            )
                         )
                     )
     finally:
@@ -244,7 +279,16 @@ def main() -> int:
     table = Table(
         title=f"{args.requests} streamed chat requests x {args.max_tokens} output tokens, SmolLM2 on vLLM CPU"
     )
-    for col in ("concurrency", "target", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "errors"):
+    columns = (
+        "concurrency",
+        "target",
+        "req/s",
+        "output tok/s",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "serving CPU ms/req",
+    )
+    for col in (*columns, "errors"):
         table.add_column(col, justify="right")
     summary: list[dict[str, Any]] = []
     for c in args.concurrency:
@@ -256,15 +300,28 @@ def main() -> int:
                 f"{r.tok_per_s:.1f}",
                 f"{r.ttft_p50_ms:.1f}",
                 f"{r.ttft_p99_ms:.1f}",
+                f"{r.cpu_ms_per_request:.1f}",
             ]
             table.add_row(str(c), r.target, *cells, str(r.errors))
         ratio = g.tok_per_s / d.tok_per_s
         added = g.ttft_p50_ms - d.ttft_p50_ms
-        cells = [f"{g.req_per_s / d.req_per_s:.3f}", f"{ratio:.3f}", f"+{added:.1f}"]
-        table.add_row(
-            str(c), "[bold]gateway/direct[/bold]", *cells, f"+{g.ttft_p99_ms - d.ttft_p99_ms:.1f}", ""
+        extra_cpu = g.cpu_ms_per_request - d.cpu_ms_per_request
+        cells = [
+            f"{g.req_per_s / d.req_per_s:.3f}",
+            f"{ratio:.3f}",
+            f"+{added:.1f}",
+            f"+{g.ttft_p99_ms - d.ttft_p99_ms:.1f}",
+            f"+{extra_cpu:.1f}",
+        ]
+        table.add_row(str(c), "[bold]gateway/direct[/bold]", *cells, "")
+        summary.append(
+            {
+                "concurrency": c,
+                "throughput_ratio": ratio,
+                "added_ttft_p50_ms": added,
+                "added_serving_cpu_ms_per_request": extra_cpu,
+            }
         )
-        summary.append({"concurrency": c, "throughput_ratio": ratio, "added_ttft_p50_ms": added})
     console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"phases": [asdict(r) for r in results], "summary": summary}, indent=2))

@@ -127,6 +127,23 @@ class TopologyConfig(_Strict):
         return self
 
 
+class StreamingConfig(_Strict):
+    """How an engine replica batches the chunks of streamed answers
+    (``serving.engine.server.StreamPacer``): every chunk costs CPU on two Ray hops, so the
+    replica spends a budget of chunks per second over all its streams. The first token and
+    anything after a pause always go out at once."""
+
+    min_interval_ms: float = Field(default=20.0, ge=0)
+    """Shortest time between two sends of one stream (one stream alone: about per token)."""
+
+    max_interval_ms: float = Field(default=200.0, ge=0)
+    """Longest a ready chunk waits, however many streams run."""
+
+    items_per_s: float = Field(default=100.0, gt=0)
+    """Sends per second one replica aims at over all its streams: with ``n`` streams each
+    sends every ``n / items_per_s`` seconds (within the two bounds above)."""
+
+
 class ModelConfig(_Strict):
     """One served model."""
 
@@ -148,6 +165,9 @@ class ModelConfig(_Strict):
 
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     """Engine layout and scaling."""
+
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    """How streamed chunks are batched on their way out of the engine replica."""
 
     @field_validator("source")
     @classmethod
@@ -359,6 +379,12 @@ class RoutingConfig(_Strict):
 
     key_prefix: str = Field(default="oss:prefix", min_length=1)
     """Redis key prefix of the index."""
+
+    decision_headers: bool = False
+    """Add the routing decision to every answer: ``x-oss-serving-replica`` (the engine replica
+    that served it), ``x-oss-serving-route`` (why: ``affinity``, ``load``, ``fallback`` or
+    ``round_robin``) and ``x-oss-serving-gateway`` (the gateway replica). For debugging
+    placement and for tests; off by default, replica ids being internal."""
 
 
 class ResponseCacheConfig(_Strict):

@@ -18,7 +18,6 @@ from serving.engine.builtin_models import ensure_builtin_model
 __all__ = ["ENGINE_DEPLOYMENT_PREFIX", "build_engine_deployment", "deployment_name", "llm_config_kwargs"]
 
 ENGINE_DEPLOYMENT_PREFIX = "engine-"
-STREAM_BATCH_INTERVAL_MS = 20
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -78,7 +77,12 @@ def llm_config_kwargs(
         "runtime_env": {"env_vars": env},
         "placement_group_config": {"bundles": [dict(bundle) for _ in range(topo.tensor_parallel_size)]},
         "deployment_config": deployment,
-        "experimental_configs": {"stream_batching_interval_ms": STREAM_BATCH_INTERVAL_MS},
+        # Read by OssLLMServer's StreamPacer (``stream_batching_interval_ms`` is also Ray's name).
+        "experimental_configs": {
+            "stream_batching_interval_ms": model.streaming.min_interval_ms,
+            "stream_max_interval_ms": model.streaming.max_interval_ms,
+            "stream_items_per_s": model.streaming.items_per_s,
+        },
         "log_engine_metrics": True,
     }
 

@@ -8,43 +8,118 @@ health checks, vLLM's own OpenAI serving objects) and adds:
   pydantic iterator pitfalls) and yields the neutral items of
   :mod:`serving.engine.protocol`. ``/v1/responses`` uses the responses serving object
   that vLLM's ``init_app_state`` already built but Ray's ingress does not expose.
-- stream batching that sends the first chunk at once (Ray's batcher holds it for up to
-  one batching interval, which adds straight to time to first token) and batches the
-  rest.
+- paced stream batching (:class:`StreamPacer`): what is ready goes out at once after a
+  quiet spell, so the first token is never held (Ray's batcher holds it for up to one
+  interval, which adds straight to time to first token); during steady decoding each
+  stream sends at most one batch per interval, and the interval grows with the number of
+  streams so that the replica's items per second, each costing CPU on two Ray hops, stay
+  within a budget.
 - ``stats()``: requests the engine is generating right now.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
-from ray.llm._internal.serve.utils.batcher import Batcher
 
 from serving.engine.protocol import Endpoint, EngineJSON, EngineSSE
 
-__all__ = ["OssDPServer", "OssLLMServer", "first_fast_batches"]
+__all__ = ["OssDPServer", "OssLLMServer", "StreamPacer", "paced_batches"]
 
 
-async def first_fast_batches(
-    generator: AsyncIterator[Any], interval_ms: float
-) -> AsyncGenerator[list[Any], None]:
-    """Yield the first item alone and at once, then lists batched every ``interval_ms``."""
+class StreamPacer:
+    """How long one replica's streams gather items before sending them.
+
+    Every item a stream sends crosses two Ray hops (engine replica -> gateway replica ->
+    HTTP proxy), and each costs CPU on both ends of each hop, whatever it carries. Sending
+    one item per token makes that cost grow with concurrency (and on a small machine it
+    is taken from the engine). So the replica spends a budget of ``items_per_s`` items per
+    second over all its streams: with ``n`` streams running each sends at most one batch
+    every ``n / items_per_s`` seconds, never more often than ``min_interval_ms`` and never
+    less often than ``max_interval_ms``. One stream alone streams nearly token by token.
+    """
+
+    def __init__(self, min_interval_ms: float, max_interval_ms: float, items_per_s: float) -> None:
+        self._min_s = min_interval_ms / 1000
+        self._max_s = max(max_interval_ms, min_interval_ms) / 1000
+        self._items_per_s = items_per_s
+        self.active = 0
+        """Streams of this replica that are running now."""
+
+    def interval_s(self) -> float:
+        return min(max(self._min_s, self.active / self._items_per_s), self._max_s)
+
+
+_END = object()
+
+
+async def paced_batches(generator: AsyncIterator[Any], pacer: StreamPacer) -> AsyncGenerator[list[Any], None]:
+    """Yield ``generator``'s items in lists, paced by ``pacer``.
+
+    What is ready goes out at once when the stream has been quiet for an interval: the
+    first items (vLLM's role chunk and first token, so time to first token pays nothing)
+    and anything after a pause. Items that follow a send closely are gathered until one
+    interval after it. The end of the stream is sent as soon as it comes, and an error
+    of the generator is raised after the items before it.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    failure: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            async for item in generator:
+                queue.put_nowait(item)
+        except Exception as exc:
+            failure.append(exc)
+        finally:
+            queue.put_nowait(_END)
+
+    def take_ready(batch: list[Any]) -> bool:
+        while not queue.empty():
+            item = queue.get_nowait()
+            if item is _END:
+                return True
+            batch.append(item)
+        return False
+
+    reader = loop.create_task(read(), name="oss-serving-stream-reader")
+    pacer.active += 1
+    last_sent: float | None = None
     try:
-        first = await generator.__anext__()
-    except StopAsyncIteration:
-        return
-    yield [first]
-
-    async def rest() -> AsyncGenerator[Any, None]:
-        async for item in generator:
-            yield item
-
-    async for batch in Batcher(rest(), interval_ms=interval_ms).stream():
-        yield list(batch)
+        while True:
+            item = await queue.get()
+            ended = item is _END
+            batch = [] if ended else [item]
+            if not ended:
+                await asyncio.sleep(0)  # items of the same engine step are queued right behind it
+                if last_sent is not None:
+                    try:
+                        async with asyncio.timeout_at(last_sent + pacer.interval_s()):
+                            while not ended:
+                                item = await queue.get()
+                                ended = item is _END
+                                if not ended:
+                                    batch.append(item)
+                    except TimeoutError:
+                        pass
+                ended = take_ready(batch) or ended
+            if batch:
+                yield batch
+                last_sent = loop.time()
+            if ended:
+                if failure:
+                    raise failure[0]
+                return
+    finally:
+        pacer.active -= 1
+        if not reader.done():
+            reader.cancel()
 
 
 def _error_json(error: Any) -> EngineJSON:
@@ -80,16 +155,26 @@ class _OssServerMixin:
 
     if TYPE_CHECKING:  # provided by LLMServer at runtime
         engine: Any
-
-        def _get_batch_interval_ms(self, stream: bool = True) -> int: ...
+        _llm_config: Any
 
         async def chat(self, request: Any, raw_request_info: Any = None) -> Any: ...
 
         async def completions(self, request: Any, raw_request_info: Any = None) -> Any: ...
 
+    def _pacer(self) -> StreamPacer:
+        pacer: StreamPacer | None = getattr(self, "_oss_pacer", None)
+        if pacer is None:
+            cfg = (getattr(self, "_llm_config", None) and self._llm_config.experimental_configs) or {}
+            pacer = StreamPacer(
+                float(cfg.get("stream_batching_interval_ms", 20)),
+                float(cfg.get("stream_max_interval_ms", 200)),
+                float(cfg.get("stream_items_per_s", 100)),
+            )
+            self._oss_pacer = pacer
+        return pacer
+
     def _batch_output_stream(self, generator: AsyncGenerator[Any, None]) -> AsyncGenerator[list[Any], None]:
-        interval = self._get_batch_interval_ms()
-        return first_fast_batches(generator, interval)
+        return paced_batches(generator, self._pacer())
 
     async def generate(
         self, endpoint: str, body: dict[str, Any], headers: dict[str, str]
@@ -158,7 +243,7 @@ class _OssServerMixin:
                 kind = getattr(event, "type", "unknown")
                 yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
 
-        async for batch in first_fast_batches(events(), self._get_batch_interval_ms()):
+        async for batch in paced_batches(events(), self._pacer()):
             yield EngineSSE("".join(batch))
 
     async def stats(self) -> dict[str, Any]:
