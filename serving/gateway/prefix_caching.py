@@ -21,6 +21,7 @@ response cache (``response_cache``, plus the tenant's and the request's opt-in).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,7 +30,7 @@ from serving.engine.protocol import EngineJSON
 from serving.gateway.context import RequestContext
 from serving.gateway.prefix import PrefixIndex
 from serving.gateway.response_cache import CachePlan, ResponseCache
-from serving.gateway.routing import PrefixRouting, RoutePlan
+from serving.gateway.routing import ROUTED_REASON, ROUTED_REPLICA, PrefixRouting, RoutePlan
 from serving.metrics import GatewayMetrics
 
 __all__ = ["PromptCaching", "PromptCachingRequest"]
@@ -46,6 +47,9 @@ class PromptCaching:
         redis: Any | None,
     ) -> None:
         self._metrics = metrics
+        self._decision_headers = routing.decision_headers
+        self.gateway_id = uuid.uuid4().hex[:12]
+        """This gateway replica, as ``x-oss-serving-gateway`` names it."""
         index = PrefixIndex(redis, routing) if redis is not None and routing.enabled else None
         self.routing = PrefixRouting(routing, index, metrics)
         self.cache = (
@@ -97,6 +101,13 @@ class PromptCachingRequest:
 
     def routed(self, headers: dict[str, str]) -> None:
         self._owner.routing.routed(self._route, headers)
+        if self._owner._decision_headers:
+            out = self._ctx.response_headers
+            out["x-oss-serving-gateway"] = self._owner.gateway_id
+            if (replica := headers.get(ROUTED_REPLICA)) is not None:
+                out["x-oss-serving-replica"] = replica
+            if (reason := headers.get(ROUTED_REASON)) is not None:
+                out["x-oss-serving-route"] = reason
 
     def answer(self, answer: EngineJSON) -> EngineJSON:
         if answer.status == 200:

@@ -7,6 +7,7 @@ code path of vLLM), on a free port and a private state directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -49,32 +51,11 @@ def _oss_serve(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="session")
-def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    root = tmp_path_factory.mktemp("stack")
-    port = _free_port()
-    config = {
-        "models": [
-            {
-                "name": SMOLLM,
-                "source": "builtin:smollm2-135m-instruct",
-                "engine_kwargs": {"max_model_len": 2048, "dtype": "bfloat16"},
-                "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-            },
-            {
-                "name": GPT_OSS,
-                "source": "builtin:gpt-oss-tiny",
-                "engine_kwargs": {"max_model_len": 4096, "dtype": "bfloat16"},
-                "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-            },
-        ],
-        "gateway": {"port": port, "max_body_bytes": MAX_BODY, "health_check_interval_s": 1.0},
-        "auth": {"required": False},
-        "response_cache": {"enabled": True},
-        # A key prefix of its own: the session's queue state never mixes with another stack's.
-        "queue": {"key_prefix": f"osstest{port}"},
-        "local": {"state_dir": str(root / "run")},
-    }
+@contextlib.contextmanager
+def running_stack(root: Path, config: dict[str, Any]) -> Iterator[LiveStack]:
+    """``oss-serve up --detach`` with ``config`` (state under ``root``), ``down`` at the end."""
+    port = int(config["gateway"]["port"])
+    config = {**config, "local": {"state_dir": str(root / "run")}}
     config_file = root / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     up = _oss_serve("up", "--detach", "--config", str(config_file), timeout=1500)
@@ -87,6 +68,40 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         yield LiveStack(base_url=f"http://127.0.0.1:{port}", config_file=config_file)
     finally:
         _oss_serve("down", "--config", str(config_file), timeout=180)
+
+
+def smollm_config(**topology: Any) -> dict[str, Any]:
+    """SmolLM2 on a vLLM CPU engine with a small KV cache."""
+    return {
+        "name": SMOLLM,
+        "source": "builtin:smollm2-135m-instruct",
+        "engine_kwargs": {"max_model_len": 2048, "dtype": "bfloat16"},
+        "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        **({"topology": topology} if topology else {}),
+    }
+
+
+@pytest.fixture(scope="session")
+def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    port = _free_port()
+    config = {
+        "models": [
+            smollm_config(),
+            {
+                "name": GPT_OSS,
+                "source": "builtin:gpt-oss-tiny",
+                "engine_kwargs": {"max_model_len": 4096, "dtype": "bfloat16"},
+                "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+            },
+        ],
+        "gateway": {"port": port, "max_body_bytes": MAX_BODY, "health_check_interval_s": 1.0},
+        "auth": {"required": False},
+        "response_cache": {"enabled": True},
+        # A key prefix of its own: the session's queue state never mixes with another stack's.
+        "queue": {"key_prefix": f"osstest{port}"},
+    }
+    with running_stack(tmp_path_factory.mktemp("stack"), config) as stack:
+        yield stack
 
 
 @pytest.fixture
