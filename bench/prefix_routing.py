@@ -1,252 +1,307 @@
-"""Prefix-affinity routing vs Ray Serve's default router vs round robin, on two engine replicas.
+"""Prefix-affinity routing vs Ray Serve's default router vs round robin, on two real vLLM CPU replicas.
 
-Engines: the calibrated simulated engine (``serving.engine.sim``: vLLM's continuous
-batching, block-level prefix cache with LRU eviction, prefill cost per uncached token),
-two replicas driven in virtual time, plus one replica alone as the hit-rate reference.
-Two real vLLM CPU replicas could not be run next to each other on this shared 2-core
-machine within the time of one benchmark run, so this is the simulation the issue
-allows; the engine profile below is SmolLM2-135M on one CPU core (prefill and decode
-costs) with a KV cache that holds about five of the eight shared prefixes per replica
-(the regime where routing matters: with room for every prefix on every replica, any
-router reaches the same hit rate after warm-up).
+One run brings the oss-serving stack up (``oss-serve up --detach``) four times, one
+configuration after the other, each with fresh engines (empty prefix caches), and sends
+each the same workload:
 
-Our routing runs the real code: ``render_prompt`` and ``block_hashes`` of the gateway,
-the Redis ``PrefixIndex`` (at ``--redis``, own key prefix, virtual time as ``now``) and
-the same ``decide`` rule the engine deployment's router applies, with each replica's
-ongoing requests as load. Ray's default: power of two choices on ongoing requests.
+1. ``single replica``: one engine with the KV cache of two: the hit-rate reference (every
+   request meets every earlier prefix in one cache);
+2. ``round robin``: two replicas, ``routing.strategy: round_robin``;
+3. ``Ray default``: two replicas, ``power_of_two`` (Ray Serve's default request router);
+4. ``oss-serving prefix``: two replicas, ``prefix`` (ours: the Redis prefix index and the
+   engine deployment's request router, balanced with load).
 
-Workload: many users over 8 system prompts of 1,500 tokens, short questions (20-60
-tokens), 32 output tokens, Poisson arrivals. Prints hit rate (from the engines' own
-prefix-cache counters: hit tokens / queried tokens) and TTFT p50/p99, with the ratios
-the issue targets.
+Engines: SmolLM2-135M-Instruct on vLLM CPU, one OpenMP thread each (one core each on this
+2-core machine), a KV cache of ``--kv-blocks`` blocks of 128 tokens per replica: room for
+about five of the eight prefixes (with room for all of them on every replica, any router
+reaches the same hit rate once warm, and routing would not matter).
 
-    python bench/prefix_routing.py [--requests 1200] [--rate 2.0] [--seed 1]
+Workload: ``--requests`` streamed chat requests from many users over 8 system prompts of
+1,500 tokens (SmolLM2's tokenizer) and short questions (20-60 tokens), Poisson arrivals at
+``--rate`` per second, ``--max-tokens`` output tokens. The arrival times, prefixes and
+questions are the same for every configuration.
+
+Hit rate: cached prompt tokens / prompt tokens, summed over the requests, from vLLM's own
+per-request prefix-cache accounting (``usage.prompt_tokens_details.cached_tokens``: the
+numbers its ``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries`` counters add up).
+TTFT: request sent -> first content chunk, at the client.
+
+    python bench/prefix_routing.py [--requests 240] [--rate 1.0] [--kv-blocks 72]
+
+``bench/prefix_routing_sim.py`` runs the same comparison on the calibrated simulated engine
+in virtual time (bigger fleets, longer runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import heapq
-import itertools
+import json
 import random
-import statistics
-import uuid
-from dataclasses import dataclass, field
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-import redis.asyncio as aioredis
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from serving.config import RoutingConfig
-from serving.engine.protocol import Endpoint
-from serving.engine.sim import EngineProfile, SimRequest, SimScheduler, block_hashes
-from serving.gateway.prefix import PrefixIndex, render_prompt
-from serving.gateway.prefix import block_hashes as text_block_hashes
-from serving.gateway.routing import decide
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.local_stack import free_port, local_stack, percentile
+from serving.engine.sim.words import WORDS
+
+MODEL = "smollm2-135m-instruct"
 PREFIXES = 8
 PREFIX_TOKENS = 1500
-OUTPUT_TOKENS = 32
-CHARS_PER_TOKEN = 4
-
-# SmolLM2-135M on one CPU core (vLLM CPU): about 0.35 ms per prompt token of prefill,
-# 12 ms per decode step plus 0.5 ms per running sequence; KV room for ~5 prefixes.
-PROFILE = EngineProfile(
-    name="smollm2-135m-cpu-1core",
-    step_base_s=0.012,
-    step_per_seq_s=0.0005,
-    prefill_per_token_s=0.00035,
-    block_size=16,
-    num_kv_blocks=520,
-    max_num_seqs=32,
-    max_num_batched_tokens=2048,
-)
 
 
-@dataclass
-class Req:
-    rid: int
-    arrival: float
+@dataclass(frozen=True)
+class Job:
+    at: float
+    user: int
     prefix: int
-    question_tokens: int
-    token_ids: list[int]
-    text_body: dict[str, object]
-    replica: int = -1
-    ttft: float | None = None
+    question: str
 
 
 @dataclass
-class Replica:
-    sched: SimScheduler
-    busy_until: float | None = None
-    ongoing: int = 0
-    reqs: dict[str, Req] = field(default_factory=dict)
+class Outcome:
+    ttft_s: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    replica: str | None = None
+    route: str | None = None
+    error: str | None = None
 
 
-def workload(n: int, rate: float, seed: int) -> list[Req]:
-    rng = random.Random(seed)
-    t = 0.0
+@dataclass
+class RunResult:
+    name: str
+    requests: int
+    errors: int
+    hit_rate: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    replicas: dict[str, int] = field(default_factory=dict)
+    routes: dict[str, int] = field(default_factory=dict)
+
+
+def system_prompts(tokenizer: Any) -> list[str]:
+    """Eight distinct system prompts of exactly PREFIX_TOKENS tokens each."""
     out = []
-    for i in range(n):
-        t += rng.expovariate(rate)
-        k = rng.randrange(PREFIXES)
-        q = rng.randint(20, 60)
-        prefix_ids = [k * 1_000_000 + j for j in range(PREFIX_TOKENS)]
-        question_ids = [rng.randrange(10**9) + 10**8 for _ in range(q)]
-        system = (f"[policy {k}] " + "Our rules for this team are these. " * 200)[
-            : PREFIX_TOKENS * CHARS_PER_TOKEN
-        ]
-        body = {
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": f"question {i} " + "x" * (q * CHARS_PER_TOKEN)},
-            ]
-        }
-        out.append(Req(i, t, k, q, prefix_ids + question_ids, body))
+    for k in range(PREFIXES):
+        rng = random.Random(1000 + k)
+        text = f"Handbook {k} of the operations team. " + " ".join(rng.choice(WORDS) for _ in range(2400))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:PREFIX_TOKENS]
+        out.append(tokenizer.decode(ids))
     return out
 
 
-class Router:
-    def __init__(self, kind: str, n: int, index: PrefixIndex | None, cfg: RoutingConfig, seed: int) -> None:
-        self.kind, self.n, self.index, self.cfg = kind, n, index, cfg
-        self.rng = random.Random(seed)
-        self.rr = itertools.count()
-        self.reasons: dict[str, int] = {}
-
-    async def choose(self, req: Req, replicas: list[Replica], now: float) -> int:
-        if self.n == 1:
-            return 0
-        loads = {f"r{i}": r.ongoing for i, r in enumerate(replicas)}
-        if self.kind == "round_robin":
-            return next(self.rr) % self.n
-        if self.kind == "power_of_two":
-            a, b = self.rng.sample(range(self.n), 2)
-            if replicas[a].ongoing == replicas[b].ongoing:
-                return self.rng.choice((a, b))
-            return a if replicas[a].ongoing < replicas[b].ongoing else b
-        assert self.index is not None
-        hashes = text_block_hashes(
-            render_prompt(Endpoint.chat, req.text_body), self.cfg.block_chars, self.cfg.max_blocks
-        )
-        found = await self.index.lookup("bench", hashes, None, now=now)
-        d = decide(found.matched, None, loads, imbalance_threshold=self.cfg.imbalance_threshold)
-        self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
-        if d.ranked:
-            chosen = int(d.ranked[0][1:])
-        else:  # no affinity: Ray's default (power of two choices on load)
-            a, b = self.rng.sample(range(self.n), 2)
-            chosen = (
-                a
-                if (replicas[a].ongoing, self.rng.random()) < (replicas[b].ongoing, self.rng.random())
-                else b
-            )
-        await self.index.record("bench", f"r{chosen}", hashes, None, now=now)
-        return chosen
+def workload(n: int, rate: float, seed: int) -> list[Job]:
+    rng = random.Random(seed)
+    t = 0.0
+    jobs = []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+        jobs.append(Job(at=t, user=rng.randrange(10_000), prefix=rng.randrange(PREFIXES), question=words))
+    return jobs
 
 
-async def run(
-    kind: str, n_replicas: int, reqs: list[Req], index: PrefixIndex | None, cfg: RoutingConfig, seed: int
-) -> dict[str, float]:
-    replicas = [Replica(SimScheduler(PROFILE)) for _ in range(n_replicas)]
-    router = Router(kind, n_replicas, index, cfg, seed)
-    events: list[tuple[float, int, str, int]] = []  # (time, order, kind, index)
-    order = itertools.count()
-    for i, r in enumerate(reqs):
-        heapq.heappush(events, (r.arrival, next(order), "arrive", i))
-    by_sim: dict[str, Req] = {}
+async def one(client: httpx.AsyncClient, url: str, system: str, job: Job, max_tokens: int) -> Outcome:
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"User {job.user} asks: {job.question}"},
+        ],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    out = Outcome()
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                out.error = f"HTTP {resp.status_code}"
+                return out
+            out.replica = resp.headers.get("x-oss-serving-replica")
+            out.route = resp.headers.get("x-oss-serving-route")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                choices = chunk.get("choices") or []
+                if out.ttft_s is None and choices and choices[0].get("delta", {}).get("content"):
+                    out.ttft_s = time.perf_counter() - start
+                usage = chunk.get("usage")
+                if usage:
+                    out.prompt_tokens = int(usage["prompt_tokens"])
+                    details = usage.get("prompt_tokens_details") or {}
+                    out.cached_tokens = int(details.get("cached_tokens") or 0)
+    except httpx.HTTPError as exc:
+        out.error = type(exc).__name__
+    return out
 
-    def start_step(i: int, now: float) -> None:
-        rep = replicas[i]
-        out = rep.sched.step(now)
-        end = now + out.duration
-        rep.busy_until = end
-        heapq.heappush(events, (end, next(order), "step", i))
-        rep.pending_out = out  # type: ignore[attr-defined]
 
-    while events:
-        now, _, what, i = heapq.heappop(events)
-        if what == "arrive":
-            req = reqs[i]
-            j = await router.choose(req, replicas, now)
-            req.replica = j
-            sim = SimRequest(
-                rid=str(req.rid),
-                prompt_len=len(req.token_ids),
-                max_tokens=OUTPUT_TOKENS,
-                hashes=block_hashes(req.token_ids, PROFILE.block_size),
-                arrival=now,
-            )
-            by_sim[sim.rid] = req
-            rep = replicas[j]
-            rep.ongoing += 1
-            rep.sched.add(sim)
-            if rep.busy_until is None:
-                start_step(j, now)
-        else:
-            rep = replicas[i]
-            out = rep.pending_out  # type: ignore[attr-defined]
-            for sim in out.tokens:
-                req = by_sim[sim.rid]
-                if req.ttft is None:
-                    req.ttft = now - req.arrival
-            rep.ongoing -= len(out.finished)
-            rep.busy_until = None
-            if rep.sched.has_work:
-                start_step(i, now)
-    queries = sum(r.sched.prefix_queries for r in replicas)
-    hits = sum(r.sched.prefix_hits for r in replicas)
-    ttfts = sorted(r.ttft for r in reqs if r.ttft is not None)
+async def drive(
+    name: str, url: str, jobs: list[Job], systems: list[str], max_tokens: int, progress: Progress
+) -> RunResult:
+    task = progress.add_task(f"{name:>20}", total=len(jobs))
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def at(job: Job) -> Outcome:
+            await asyncio.sleep(max(0.0, start + job.at - time.perf_counter()))
+            result = await one(client, url, systems[job.prefix], job, max_tokens)
+            progress.advance(task)
+            return result
+
+        outcomes = await asyncio.gather(*(at(job) for job in jobs))
+    ok = [o for o in outcomes if o.error is None and o.ttft_s is not None]
+    ttfts = [o.ttft_s for o in ok if o.ttft_s is not None]
+    replicas: dict[str, int] = {}
+    routes: dict[str, int] = {}
+    for o in ok:
+        replicas[o.replica or "?"] = replicas.get(o.replica or "?", 0) + 1
+        routes[o.route or "?"] = routes.get(o.route or "?", 0) + 1
+    prompt = sum(o.prompt_tokens for o in ok)
+    return RunResult(
+        name=name,
+        requests=len(jobs),
+        errors=len(jobs) - len(ok),
+        hit_rate=sum(o.cached_tokens for o in ok) / prompt if prompt else 0.0,
+        ttft_p50_s=percentile(ttfts, 0.5),
+        ttft_p99_s=percentile(ttfts, 0.99),
+        replicas=replicas,
+        routes=routes,
+    )
+
+
+def stack_config(replicas: int, kv_blocks: int, strategy: str) -> dict[str, Any]:
+    port = free_port()
     return {
-        "hit_rate": hits / queries if queries else 0.0,
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p99": ttfts[int(0.99 * (len(ttfts) - 1))],
-        "reasons": router.reasons,  # type: ignore[dict-item]
+        "models": [
+            {
+                "name": MODEL,
+                "source": "builtin:smollm2-135m-instruct",
+                "engine_kwargs": {
+                    "max_model_len": 2048,
+                    "dtype": "bfloat16",
+                    "block_size": 128,
+                    "num_gpu_blocks_override": kv_blocks,
+                },
+                # One OpenMP thread per engine: one core each.
+                "engine_env": {
+                    "VLLM_CPU_KVCACHE_SPACE": "1",
+                    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                    "OMP_NUM_THREADS": "1",
+                },
+                "topology": {"min_replicas": replicas, "max_replicas": replicas},
+            }
+        ],
+        "gateway": {"port": port},
+        "auth": {"required": False},
+        "queue": {"key_prefix": f"bench{port}"},
+        "routing": {
+            "strategy": strategy,
+            "key_prefix": f"bench{port}:prefix",
+            "decision_headers": True,
+            # Blocks of 256 characters remembered per replica: about its KV cache.
+            "replica_capacity_blocks": max(1, kv_blocks * 128 * 4 // 256),
+        },
     }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1200)
-    parser.add_argument("--rate", type=float, default=2.0, help="requests per second (both replicas)")
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--rate", type=float, default=1.0, help="requests per second, both replicas")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--kv-blocks", type=int, default=72, help="KV blocks (128 tokens) per replica")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--only", nargs="*", help="run only these configurations (by name)")
+    parser.add_argument("--out", type=Path, default=Path("results/prefix_routing.json"))
     args = parser.parse_args()
-    redis = aioredis.Redis.from_url(args.redis)
-    prefix = f"bench-prefix-{uuid.uuid4().hex[:8]}"
-    cfg = RoutingConfig(
-        key_prefix=prefix, replica_capacity_blocks=PROFILE.num_kv_blocks * 16 * CHARS_PER_TOKEN // 256
-    )
-    reqs = workload(args.requests, args.rate, args.seed)
-    results = {}
-    try:
-        for name, kind, n in (
-            ("single replica", "single", 1),
-            ("round robin", "round_robin", 2),
-            ("Ray default (pow-2)", "power_of_two", 2),
-            ("oss-serving prefix", "prefix", 2),
+    console = Console()
+
+    from transformers import AutoTokenizer
+
+    from serving.config import default_config
+    from serving.engine.builder import resolve_source
+
+    source, _ = resolve_source(default_config().models[0], default_config().local.cache_dir)
+    systems = system_prompts(AutoTokenizer.from_pretrained(source))
+    jobs = workload(args.requests, args.rate, args.seed)
+    runs = [
+        ("single replica", 1, 2 * args.kv_blocks, "prefix"),
+        ("round robin", 2, args.kv_blocks, "round_robin"),
+        ("Ray default (pow-2)", 2, args.kv_blocks, "power_of_two"),
+        ("oss-serving prefix", 2, args.kv_blocks, "prefix"),
+    ]
+    if args.only:
+        runs = [r for r in runs if r[0] in args.only]
+    work = Path(tempfile.mkdtemp(prefix="oss-prefix-bench-"))
+    results: list[RunResult] = []
+    for i, (name, replicas, blocks, strategy) in enumerate(runs):
+        console.rule(f"{name}: {replicas} replica(s), {blocks} KV blocks each, strategy {strategy}")
+        with (
+            local_stack(stack_config(replicas, blocks, strategy), work / str(i)) as url,
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress,
         ):
-            fresh = [
-                Req(r.rid, r.arrival, r.prefix, r.question_tokens, r.token_ids, r.text_body) for r in reqs
-            ]
-            index = PrefixIndex(redis, cfg) if kind == "prefix" else None
-            results[name] = await run(kind, n, fresh, index, cfg, args.seed)
-    finally:
-        keys = [k async for k in redis.scan_iter(match="{" + prefix + "*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
-    print(
-        f"engine: simulated ({PROFILE.name}), {args.requests} requests at {args.rate:g}/s, "
-        f"{PREFIXES} prefixes x {PREFIX_TOKENS} tokens, {OUTPUT_TOKENS} output tokens"
+            results.append(asyncio.run(drive(name, url, jobs, systems, args.max_tokens, progress)))
+
+    table = Table(
+        title=(
+            f"{args.requests} requests at {args.rate:g}/s over {PREFIXES} prefixes x {PREFIX_TOKENS} tokens, "
+            f"{args.max_tokens} output tokens; SmolLM2 on vLLM CPU, one core per replica"
+        )
     )
-    print("| router | prefix-cache hit rate | TTFT p50 (s) | TTFT p99 (s) |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['hit_rate']:.3f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} |")
-    ours, single, rr = results["oss-serving prefix"], results["single replica"], results["round robin"]
-    print(f"hit rate ours / single replica: {ours['hit_rate'] / single['hit_rate']:.3f} (target >= 0.9)")
-    print(f"TTFT p50 ours / round robin: {ours['ttft_p50'] / rr['ttft_p50']:.3f} (target <= 0.6)")
-    print(f"routing decisions (ours): {ours['reasons']}")
+    for col in ("router", "hit rate", "TTFT p50 (s)", "TTFT p99 (s)", "errors", "requests per replica"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(
+            r.name,
+            f"{r.hit_rate:.3f}",
+            f"{r.ttft_p50_s:.3f}",
+            f"{r.ttft_p99_s:.3f}",
+            str(r.errors),
+            " / ".join(str(n) for n in sorted(r.replicas.values(), reverse=True)),
+        )
+    console.print(table)
+    by = {r.name: r for r in results}
+    ours, single, rr = by.get("oss-serving prefix"), by.get("single replica"), by.get("round robin")
+    summary: dict[str, float] = {}
+    if ours and single:
+        summary["hit_rate_vs_single"] = ours.hit_rate / single.hit_rate
+        console.print(f"hit rate, ours / single replica: {summary['hit_rate_vs_single']:.3f} (target >= 0.9)")
+    if ours and rr:
+        summary["ttft_p50_vs_round_robin"] = ours.ttft_p50_s / rr.ttft_p50_s
+        ratio = summary["ttft_p50_vs_round_robin"]
+        console.print(f"TTFT p50, ours / round robin: {ratio:.3f} (target <= 0.6)")
+    if ours:
+        console.print(f"routing decisions (ours): {ours.routes}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"runs": [asdict(r) for r in results], "summary": summary}, indent=2))
+    console.print(f"written {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    raise SystemExit(main())
