@@ -208,8 +208,11 @@ def test_client_disconnect_cancels_engine_request(live_stack: LiveStack) -> None
         "messages": [{"role": "user", "content": "Count to ten thousand."}],
     }
     with httpx.stream("POST", live_stack.api + "/chat/completions", json=body, timeout=120) as resp:
+        # Keep the line iterator referenced: dropping it mid-stream closes the connection
+        # (the disconnect this test makes on purpose, but only when the block ends).
+        lines = resp.iter_lines()
         seen = 0
-        for line in resp.iter_lines():
+        for line in lines:
             seen += line.startswith("data: ")
             if seen >= 5:
                 break
