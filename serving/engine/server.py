@@ -164,11 +164,14 @@ class _OssServerMixin:
     def _pacer(self) -> StreamPacer:
         pacer: StreamPacer | None = getattr(self, "_oss_pacer", None)
         if pacer is None:
+            from serving.config import StreamingConfig
+
             cfg = (getattr(self, "_llm_config", None) and self._llm_config.experimental_configs) or {}
+            defaults = StreamingConfig()  # one place for the defaults: the configuration
             pacer = StreamPacer(
-                float(cfg.get("stream_batching_interval_ms", 20)),
-                float(cfg.get("stream_max_interval_ms", 200)),
-                float(cfg.get("stream_items_per_s", 100)),
+                float(cfg.get("stream_batching_interval_ms", defaults.min_interval_ms)),
+                float(cfg.get("stream_max_interval_ms", defaults.max_interval_ms)),
+                float(cfg.get("stream_items_per_s", defaults.items_per_s)),
             )
             self._oss_pacer = pacer
         return pacer
