@@ -108,10 +108,15 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, max_tokens: i
     return ttft, tokens
 
 
+SERVING_PROCESSES = ("ray::ServeReplica", "ray::ProxyActor", "haproxy", "HAProxy")
+"""Command-line parts of the gateway path's processes (HAProxy is a process of its own)."""
+
+
 def serving_cpu_s(target: str, direct_pid: int) -> float:
     """CPU seconds used so far by ``target``'s serving path: vLLM's API server process
-    (``direct``), or Ray Serve's proxy and replicas, the engine replica holding vLLM's
-    front end (``gateway``); never the engine core and its workers (``VLLM::*``)."""
+    (``direct``), or Ray Serve's ingress (HAProxy and its manager, or the Python proxy) and
+    replicas, the engine replica holding vLLM's front end (``gateway``); never the engine
+    core and its workers (``VLLM::*``)."""
     total = 0.0
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -119,7 +124,7 @@ def serving_cpu_s(target: str, direct_pid: int) -> float:
             ours = (
                 proc.info["pid"] == direct_pid
                 if target == "direct"
-                else ("ray::ServeReplica" in cmd or "ray::ProxyActor" in cmd)
+                else any(part in cmd for part in SERVING_PROCESSES)
             )
             if ours and not cmd.startswith("VLLM::"):
                 times = proc.cpu_times()

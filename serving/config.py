@@ -554,6 +554,14 @@ class RayConfig(_Strict):
     include_dashboard: bool = False
     """Start Ray's dashboard."""
 
+    high_throughput: bool = True
+    """Ray Serve's high-throughput mode (what Ray recommends for production, and what the
+    Helm chart sets with ``ray.serve.highThroughput``): HAProxy takes the gateway port in
+    place of Serve's Python HTTP proxy and hands each request straight to a gateway
+    replica's own HTTP server, and deployments call each other over gRPC
+    (``RAY_SERVE_ENABLE_HA_PROXY``, ``RAY_SERVE_THROUGHPUT_OPTIMIZED``). Off: every request
+    crosses the Python proxy actor first."""
+
 
 class LocalConfig(_Strict):
     """`oss-serve up` on one machine."""

@@ -134,6 +134,7 @@ def _chart_properties() -> JSON:
                     {
                         "requestTimeoutSeconds": {"type": "number", "minimum": 0},
                         "logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
+                        "highThroughput": {"type": "boolean"},
                     }
                 ),
                 "head": _obj(

@@ -177,7 +177,7 @@ def _wait_ready(cfg: ServingConfig, state: StackState, console: Console) -> bool
                     console.print(
                         f"[red]the stack exited during start-up[/red]; last lines of {state.log_file}:"
                     )
-                    console.print(_tail(Path(state.log_file)))
+                    console.print(_tail(Path(state.log_file)), markup=False, highlight=False)
                     return False
                 try:
                     report = client.get(url).json()
@@ -306,7 +306,7 @@ def run_up(cfg: ServingConfig, *, detach: bool, config_path: str | None, console
         while pid_alive(proc.pid):
             time.sleep(1.0)
         console.print("[red]the stack exited[/red]")
-        console.print(_tail(log_file))
+        console.print(_tail(log_file), markup=False, highlight=False)
         return 1
     except KeyboardInterrupt:
         return run_down(cfg, console=console)

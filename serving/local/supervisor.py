@@ -12,17 +12,55 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
-from serving.config import load_config
+from serving.config import RayConfig, load_config
 
 log = logging.getLogger("oss_serving.supervisor")
 
 STATUS_FILE = "serve-status.json"
+STATUS_INTERVAL_S = 2.0
+"""How often Serve's status is recorded while an application is not yet running."""
+STATUS_INTERVAL_RUNNING_S = 10.0
+"""... and once every application runs (each record is a call to Serve's controller)."""
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now (all held open together while they are chosen)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def serve_env(ray_cfg: RayConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment variables for the local Ray node, from ``ray_cfg``.
+
+    Ray Serve reads these when its modules are imported, in the driver and in every actor
+    (which inherit the node's environment), so they are set before Ray starts. Values the
+    user exported already are kept. HAProxy's stats and metrics ports are free ones (its
+    files are already kept apart per Ray node), so that two local stacks on one machine
+    never collide.
+    """
+    if not ray_cfg.high_throughput:
+        return {}
+    wanted = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    env = {key: value for key, value in wanted.items() if key not in environ}
+    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    port_keys = [key for key in ports if key not in environ]
+    env.update({key: str(port) for key, port in zip(port_keys, _free_ports(len(port_keys)), strict=True)})
+    return env
 
 
 def _serve_status_dict() -> dict[str, object]:
@@ -48,6 +86,15 @@ def _serve_status_dict() -> dict[str, object]:
     return {"time": time.time(), "applications": apps}
 
 
+def _all_running(status: dict[str, object]) -> bool:
+    apps = status.get("applications")
+    return (
+        isinstance(apps, dict)
+        and bool(apps)
+        and all(isinstance(app, dict) and app.get("status") == "RUNNING" for app in apps.values())
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
@@ -57,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config)
     state_dir = Path(args.state_dir)
+    env = serve_env(cfg.ray, os.environ)
+    if env:
+        os.environ.update(env)  # before Ray is imported: its constants are read at import
+        log.info("Ray Serve high-throughput mode: %s", ", ".join(sorted(env)))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -89,12 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         log.info("application %s submitted", APP_NAME)
         while not stop.is_set():
+            interval = STATUS_INTERVAL_S
             try:
-                (state_dir / (STATUS_FILE + ".tmp")).write_text(json.dumps(_serve_status_dict()))
+                status = _serve_status_dict()
+                (state_dir / (STATUS_FILE + ".tmp")).write_text(json.dumps(status))
                 (state_dir / (STATUS_FILE + ".tmp")).replace(state_dir / STATUS_FILE)
+                if _all_running(status):
+                    interval = STATUS_INTERVAL_RUNNING_S
             except Exception as exc:  # status is best effort; serving goes on
                 log.warning("could not record Serve status: %s", exc)
-            stop.wait(2.0)
+            stop.wait(interval)
     finally:
         try:
             serve.shutdown()

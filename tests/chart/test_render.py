@@ -249,6 +249,23 @@ def test_config_change_rolls_the_ray_pods(render: Callable[[dict[str, Any]], Ren
     assert before != after
 
 
+def test_high_throughput_mode_reaches_every_ray_container(
+    render: Callable[[dict[str, Any]], Rendered],
+) -> None:
+    def modes(values: dict[str, Any]) -> list[dict[str, str]]:
+        out = []
+        for name, pod in _pod_specs(render(values)):
+            if name.startswith("ray-"):
+                env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+                out.append({k: v for k, v in env.items() if k.startswith("RAY_SERVE_")})
+        return out
+
+    on = modes({})
+    assert len(on) >= 2  # head and every worker group
+    assert all(m == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"} for m in on)
+    assert all(m == {} for m in modes({"ray": {"serve": {"highThroughput": False}}}))
+
+
 def _default_config() -> dict[str, Any]:
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
     return dict(values["config"])

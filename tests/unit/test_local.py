@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from serving.config import LocalConfig, ModelConfig, ServingConfig
+from serving.config import LocalConfig, ModelConfig, RayConfig, ServingConfig
 from serving.local.stack import StackState, pid_alive, redis_answers, run_down, start_redis
+from serving.local.supervisor import serve_env
 
 
 def _cfg(tmp_path: Path, redis_url: str = "redis://127.0.0.1:6379/0") -> ServingConfig:
@@ -79,3 +80,22 @@ def test_up_starts_redis_when_none_answers_and_down_stops_it(tmp_path: Path) -> 
     finally:
         if pid_alive(pid):
             subprocess.run(["kill", str(pid)], check=False)
+
+
+def test_serve_env_turns_on_high_throughput_with_private_haproxy_ports() -> None:
+    env = serve_env(RayConfig(), {})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    # HAProxy's stats and metrics ports are free ones, not Ray's fixed 8404 and 9101, so a
+    # second local stack (tests, benchmarks) does not collide with the first.
+    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
+    assert len(ports) == 2
+    assert not ports & {8404, 9101}
+
+
+def test_serve_env_keeps_what_the_user_exported_and_can_be_turned_off() -> None:
+    env = serve_env(RayConfig(), {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_HAPROXY_STATS_PORT": "9"})
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in env
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert serve_env(RayConfig(high_throughput=False), {}) == {}

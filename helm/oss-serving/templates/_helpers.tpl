@@ -212,6 +212,12 @@ seccompProfile:
 {{- end }}
 - name: XDG_CACHE_HOME
   value: /tmp/cache
+{{- if .Values.ray.serve.highThroughput }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+{{- end }}
 {{- with .Values.ray.extraEnv }}
 {{ toYaml . }}
 {{- end }}
