@@ -49,15 +49,23 @@ def serve_env(ray_cfg: RayConfig, environ: Mapping[str, str]) -> dict[str, str]:
 
     Ray Serve reads these when its modules are imported, in the driver and in every actor
     (which inherit the node's environment), so they are set before Ray starts. Values the
-    user exported already are kept. HAProxy's stats and metrics ports are free ones (its
-    files are already kept apart per Ray node), so that two local stacks on one machine
-    never collide.
+    user exported already are kept. Ray's fixed ports are replaced by free ones, so that
+    two local stacks on one machine never collide: HAProxy's stats and metrics ports, and
+    the fallback proxy's (Serve's Python proxy, which HAProxy sends requests to while no
+    gateway replica runs: with a shared port one stack's requests would reach the other's
+    gateway). HAProxy's files are already kept apart per Ray node, and the replicas' own
+    ports are bound, and re-allocated when taken, by Ray.
     """
     if not ray_cfg.high_throughput:
         return {}
     wanted = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     env = {key: value for key, value in wanted.items() if key not in environ}
-    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    ports = (
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    )
     port_keys = [key for key in ports if key not in environ]
     env.update({key: str(port) for key, port in zip(port_keys, _free_ports(len(port_keys)), strict=True)})
     return env

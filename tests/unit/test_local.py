@@ -86,11 +86,13 @@ def test_serve_env_turns_on_high_throughput_with_private_haproxy_ports() -> None
     env = serve_env(RayConfig(), {})
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    # HAProxy's stats and metrics ports are free ones, not Ray's fixed 8404 and 9101, so a
-    # second local stack (tests, benchmarks) does not collide with the first.
-    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
-    assert len(ports) == 2
-    assert not ports & {8404, 9101}
+    # Ray's fixed ports (HAProxy stats 8404 and metrics 9101, the fallback proxy's 8500 and
+    # 9500) are replaced by free ones, so that a second local stack does not collide with
+    # the first (with a shared fallback port one stack answered the other's requests).
+    keys = ("HAPROXY_STATS", "HAPROXY_METRICS", "FALLBACK_PROXY_HTTP", "FALLBACK_PROXY_GRPC")
+    ports = {int(env[f"RAY_SERVE_{key}_PORT"]) for key in keys}
+    assert len(ports) == 4
+    assert not ports & {8404, 9101, 8500, 9500}
 
 
 def test_serve_env_keeps_what_the_user_exported_and_can_be_turned_off() -> None:
