@@ -128,13 +128,22 @@ def _redis_client(cfg: ServingConfig) -> Any:
 
 
 def _configure_logging() -> None:
-    """Our log lines carry the request id: ``... [req-id] message``."""
+    """Our log lines carry the request id: ``... [req-id] message``.
+
+    They go to the process's real stderr (``sys.__stderr__``), which Ray keeps in the
+    worker's log file and forwards to the driver (``oss-serve up``'s log). Serve's
+    throughput-optimized mode replaces ``sys.stderr`` in replicas with a logger whose
+    records are buffered (1,000 at a time) into the replica's Serve log: written there, a
+    request's line could appear minutes later, or be lost with the process.
+    """
+    import sys
+
     from serving.api.middleware import RequestIdLogFilter
 
     logger = logging.getLogger("oss_serving")
     if any(getattr(h, "oss_serving", False) for h in logger.handlers):
         return
-    handler = logging.StreamHandler()
+    handler: logging.Handler = logging.StreamHandler(sys.__stderr__ or sys.stderr)
     handler.addFilter(RequestIdLogFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     handler.oss_serving = True  # type: ignore[attr-defined]

@@ -38,6 +38,8 @@ def _free_port() -> int:
 class LiveStack:
     base_url: str
     config_file: Path
+    log_file: Path
+    """``oss-serve up``'s log: the supervisor's output and what Ray forwards from the replicas."""
 
     @property
     def api(self) -> str:
@@ -65,7 +67,9 @@ def running_stack(root: Path, config: dict[str, Any]) -> Iterator[LiveStack]:
         tail = log.read_text(errors="replace")[-6000:] if log.exists() else ""
         pytest.fail(f"oss-serve up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}\n{tail}")
     try:
-        yield LiveStack(base_url=f"http://127.0.0.1:{port}", config_file=config_file)
+        yield LiveStack(
+            base_url=f"http://127.0.0.1:{port}", config_file=config_file, log_file=root / "run" / "stack.log"
+        )
     finally:
         _oss_serve("down", "--config", str(config_file), timeout=180)
 

@@ -168,6 +168,28 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert err.value.request_id
 
 
+def test_request_log_lines_carry_the_request_id(live_stack: LiveStack) -> None:
+    """The gateway logs every request with its id, and the line reaches ``up``'s log soon
+    (not held in a buffer until a thousand more have come)."""
+    rid = f"log-{time.time_ns()}"
+    resp = httpx.post(
+        live_stack.api + "/chat/completions",
+        json={"model": SMOLLM, "max_tokens": 2, "messages": [QUESTION]},
+        headers={"X-Request-Id": rid},
+        timeout=120,
+    )
+    assert resp.status_code == 200
+    deadline = time.monotonic() + 30
+    lines: list[str] = []
+    while time.monotonic() < deadline and not lines:
+        text = live_stack.log_file.read_text(errors="replace")
+        lines = [line for line in text.splitlines() if f"[{rid}]" in line]
+        time.sleep(0.5)
+    assert lines, f"no log line with [{rid}] in {live_stack.log_file}"
+    assert "status=200" in lines[0]
+    assert "oss_serving" in lines[0]
+
+
 def test_invalid_json_and_parameters_are_400(live_stack: LiveStack) -> None:
     bad_json = httpx.post(live_stack.api + "/chat/completions", content=b"{nope", timeout=30)
     assert bad_json.status_code == 400
