@@ -35,7 +35,7 @@ from serving.gateway import queue_scripts as lua
 from serving.gateway.errors import OverloadedError, RateLimitError
 from serving.gateway.redis_batch import ScriptPipeline
 from serving.gateway.tenants import PriorityClass, Tenant
-from serving.tasks import cancel_and_wait
+from serving.tasks import cancel_and_wait, raise_if_cancelling
 
 __all__ = ["Admission", "Lease", "LocalQueue", "QueueSnapshot", "RedisQueue"]
 
@@ -417,6 +417,7 @@ class Admission:
                     log.warning("Redis answers again: admission is shared again")
                 self._degraded = False
             except REDIS_DOWN as exc:
+                raise_if_cancelling()  # a cancelled renewal can surface as a connection error
                 if not self._degraded:
                     log.warning("Redis unreachable (%s): admitting locally", exc)
                 self._degraded = True

@@ -36,7 +36,7 @@ from serving.gateway.tenants import (
     local_tenant,
     new_api_key,
 )
-from serving.tasks import cancel_and_wait
+from serving.tasks import cancel_and_wait, raise_if_cancelling
 
 __all__ = ["IssuedKey", "TenantDirectory", "TenantStore", "tenant_from_seed"]
 
@@ -222,6 +222,7 @@ class TenantDirectory:
             await self.seed()
             tenants, keys, _hints = await self._store.snapshot()
         except (RedisError, OSError) as exc:
+            raise_if_cancelling()  # a cancelled refresh can surface as a connection error
             log.debug("tenant refresh failed (keeping the last copy): %s", exc)
             return
         self._tenants = tenants
