@@ -417,10 +417,10 @@ class Admission:
                     log.warning("Redis answers again: admission is shared again")
                 self._degraded = False
             except REDIS_DOWN as exc:
-                raise_if_cancelling()  # a cancelled renewal can surface as a connection error
                 if not self._degraded:
                     log.warning("Redis unreachable (%s): admitting locally", exc)
                 self._degraded = True
+            raise_if_cancelling()  # renewal keeps going on Redis errors, a hidden cancel among them
 
     # --------------------------------------------------------------- requests
     async def predicted_wait_s(self, model: str, priority: PriorityClass = PriorityClass.standard) -> float:

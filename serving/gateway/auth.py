@@ -222,7 +222,6 @@ class TenantDirectory:
             await self.seed()
             tenants, keys, _hints = await self._store.snapshot()
         except (RedisError, OSError) as exc:
-            raise_if_cancelling()  # a cancelled refresh can surface as a connection error
             log.debug("tenant refresh failed (keeping the last copy): %s", exc)
             return
         self._tenants = tenants
@@ -237,6 +236,7 @@ class TenantDirectory:
         while True:
             await asyncio.sleep(self._config.refresh_s)
             await self.refresh()
+            raise_if_cancelling()  # refresh keeps going on Redis errors, a hidden cancel among them
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -35,7 +35,7 @@ from serving.gateway.handoff import HandoffPolicy
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.metrics import GatewayMetrics
-from serving.tasks import cancel_and_wait
+from serving.tasks import cancel_and_wait, raise_if_cancelling
 
 __all__ = ["GatewayService", "ModelHealth"]
 
@@ -146,6 +146,7 @@ class GatewayService:
     async def _probe_forever(self) -> None:
         while True:
             await self.probe_once()
+            raise_if_cancelling()  # probes treat any error as "not ready", a hidden cancel among them
             await asyncio.sleep(self._config.health_check_interval_s)
 
     async def probe_once(self) -> None:
