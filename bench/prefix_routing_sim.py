@@ -1,6 +1,6 @@
 """Prefix-affinity routing vs Ray Serve's default router vs round robin, on two engine replicas.
 
-Engines: the calibrated simulated engine (``serving.engine.sim``: vLLM's continuous
+Engines: the calibrated simulated engine (``loadtest.sim``: vLLM's continuous
 batching, block-level prefix cache with LRU eviction, prefill cost per uncached token),
 two replicas driven in virtual time, plus one replica alone as the hit-rate reference.
 Two real vLLM CPU replicas could not be run next to each other on this shared 2-core
@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from loadtest.sim import EngineProfile, SimRequest, SimScheduler, block_hashes
 from serving.config import RoutingConfig
 from serving.engine.protocol import Endpoint
-from serving.engine.sim import EngineProfile, SimRequest, SimScheduler, block_hashes
+from serving.engine.routing_hints import decide
 from serving.gateway.prefix import PrefixIndex, render_prompt
 from serving.gateway.prefix import block_hashes as text_block_hashes
-from serving.gateway.routing import decide
 
 PREFIXES = 8
 PREFIX_TOKENS = 1500

@@ -31,7 +31,7 @@ import numpy as np
 from loadtest.config import CalibrateConfig
 from loadtest.records import RequestRecord
 from loadtest.scrape import Sample
-from serving.engine.sim import EngineProfile
+from loadtest.sim import EngineProfile
 
 __all__ = ["CalibrationPoint", "FitReport", "fit_profile"]
 

@@ -153,7 +153,7 @@ def make_runner(
 ) -> Callable[[LoadTestConfig], RawRun]:
     """A function running one configuration: live over HTTP, or simulated with a profile."""
     if profile_path:
-        from serving.engine.sim import load_profile
+        from loadtest.sim import load_profile
 
         profile = load_profile(profile_path)
         return functools.partial(_simulated, profile=profile)
@@ -496,8 +496,8 @@ def calibrate(**opts: Any) -> None:
 @main.command("sim-engine", context_settings={"ignore_unknown_options": True}, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def sim_engine(args: tuple[str, ...]) -> None:
-    """Serve a SIMULATED engine (planning and test tool): python -m serving.engine.sim ARGS."""
-    from serving.engine.sim.__main__ import main as sim_main
+    """Serve a SIMULATED engine (planning and test tool): python -m loadtest.sim ARGS."""
+    from loadtest.sim.__main__ import main as sim_main
 
     sim_main.main(args=list(args), prog_name="oss-loadtest sim-engine")
 

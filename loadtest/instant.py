@@ -3,7 +3,7 @@
 Every POST is answered at once with a fixed streamed chat completion (``n`` one-token
 chunks, usage, ``[DONE]``) over HTTP/1.1 keep-alive, with a hand-written
 ``asyncio.Protocol`` so that the server costs far less CPU than the client it measures.
-Not an engine: no timing model, no metrics (see ``serving.engine.sim`` for that).
+Not an engine: no timing model, no metrics (see ``loadtest.sim`` for that).
 """
 
 from __future__ import annotations

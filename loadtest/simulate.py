@@ -1,6 +1,6 @@
 """Run a workload against the simulated engine in virtual time (no HTTP, no sleeping).
 
-The same :class:`~serving.engine.sim.SimScheduler` that times the simulated HTTP
+The same :class:`~loadtest.sim.SimScheduler` that times the simulated HTTP
 engine is stepped here on a virtual clock, so a sweep or an SLO search over thousands
 of requests takes seconds. It produces ordinary :class:`RequestRecord` s (send lag 0),
 scored by the same metric code as live runs. This is what ``plan --profile`` and the
@@ -15,10 +15,10 @@ import time
 from loadtest.config import LoadTestConfig
 from loadtest.records import Chunk, ErrorKind, RequestRecord
 from loadtest.runner import RawRun, Validity, plan_run
+from loadtest.sim import EngineProfile, SimRequest, SimScheduler, block_hashes
+from loadtest.sim.server import prompt_text
 from loadtest.tokenizer import Tokenizer, load_tokenizer
 from loadtest.workload import PlannedRequest
-from serving.engine.sim import EngineProfile, SimRequest, SimScheduler, block_hashes
-from serving.engine.sim.server import prompt_text
 
 __all__ = ["simulate_records", "simulate_run"]
 

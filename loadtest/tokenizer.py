@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from serving.engine.sim.words import WORDS
+from loadtest.sim.words import WORDS
 
 __all__ = ["WORDS", "HFTokenizer", "Tokenizer", "WordTokenizer", "load_tokenizer", "text_of_length"]
 

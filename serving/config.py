@@ -237,6 +237,16 @@ class GatewayConfig(_Strict):
     max_error_message_chars: int = Field(default=2000, ge=100)
     """Error messages returned to clients are cut to this length."""
 
+    max_json_depth: int = Field(default=64, ge=2, le=512)
+    """Deepest nesting of arrays and objects a request body may have (the body itself is
+    level 1; a chat message's content part is level 4, a tool's JSON schema adds two levels
+    per nested property). Deeper bodies get 400 ``nesting_too_deep`` before they are parsed."""
+
+    max_array_items: int = Field(default=262_144, ge=1024)
+    """Most items one JSON array of a request body may have: room for token-id prompts of
+    256k tokens (longer than gpt-oss's 131,072-token context), long chat histories and
+    vLLM's 1,024-prompt completion lists. Longer arrays get 400 ``array_too_long``."""
+
 
 class RedisConfig(_Strict):
     """The Redis server shared by every gateway replica."""
@@ -318,6 +328,12 @@ class QueueConfig(_Strict):
     lease_ttl_s: float = Field(default=15.0, gt=0)
     """A granted request's lease lives this long unless its gateway renews it (every third
     of it): a crashed gateway's capacity returns within this time."""
+
+    ticket_heartbeat_s: float = Field(default=5.0, gt=0)
+    """A waiting request's ticket lives this long unless its gateway renews it (every third
+    of it, for all of its waiting requests in one round trip); the queue drops a ticket
+    whose heartbeat expired instead of granting it. The capacity a dead gateway's queued
+    requests would take is available again within this timeout."""
 
     default_deadline_s: float | None = Field(default=None, gt=0)
     """Deadline to start a request that sends none (``X-Oss-Deadline-Ms``); ``None``: wait

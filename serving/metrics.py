@@ -171,6 +171,19 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.requests_reclaimed = Counter(
+            PREFIX + "requests_reclaimed",
+            "Requests still open past every time limit (a leak): the safety net closed them and "
+            "released their lease, by model. Anything but 0 is a bug to report.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.leases_reclaimed = Counter(
+            PREFIX + "leases_reclaimed",
+            "Admission leases held past every time limit that the queue's safety net released, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.tenant_requests = Counter(
             PREFIX + "tenant_requests",
             "Requests by tenant (bounded by the known tenants; others count as 'other') and model.",

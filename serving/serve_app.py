@@ -33,98 +33,31 @@ class Gateway:
 
     def __init__(self, config: dict[str, Any], **engine_handles: Any) -> None:
         from serving.engine.ray_client import RayEngineClient
-        from serving.gateway.handoff import build_handoff
-        from serving.gateway.prefix_caching import PromptCaching
-        from serving.gateway.service import GatewayService
-        from serving.metrics import GatewayMetrics
+        from serving.gateway.build import build_gateway, redis_client
 
         cfg = parse_config(config)
         self._config = cfg
-        self._metrics = GatewayMetrics([m.name for m in cfg.models], cfg.metrics.ttft_buckets_s)
-        handles = {m.name: engine_handles[_kwarg(m.name)] for m in cfg.models}
-        self._redis = _redis_client(cfg)
-        self._service = GatewayService(
-            cfg.gateway,
-            {name: RayEngineClient(handle) for name, handle in handles.items()},
-            self._metrics,
-            redis_ping=self._ping_redis,
-            **policy_components(cfg, self._redis),
-            prompt_caching=PromptCaching(cfg.routing, cfg.response_cache, self._metrics, self._redis),
-            scale_from_zero=frozenset(m.name for m in cfg.models if m.topology.min_replicas == 0),
-            handoff=build_handoff(
-                cfg,
-                self._redis,
-                self._metrics.handoff,
-                is_ready=lambda model: self._service.is_ready(model),
-                predicted_wait=self._predicted_wait,
-                tenant_label=lambda tenant: self._service.tenant_label(tenant),
-            ),
-        )
+        engines = {m.name: RayEngineClient(engine_handles[_kwarg(m.name)]) for m in cfg.models}
+        self._redis = redis_client(cfg)
+        self._service = build_gateway(cfg, engines, self._redis)
         _configure_logging()
-
-    async def _predicted_wait(self, model: str, priority: Any) -> float:
-        """The admission queue's predicted wait, for the handoff overflow policy."""
-        admission = self._service.admission
-        return 0.0 if admission is None else await admission.predicted_wait_s(model, priority)
-
-    async def _ping_redis(self) -> bool:
-        assert self._redis is not None
-        return bool(await self._redis.ping())
 
     async def __serve_build_asgi_app__(self) -> Any:
         from serving.api.app import create_app
 
         await self._service.start()
-        metrics = self._metrics if self._config.metrics.enabled else None
+        metrics = self._service.metrics if self._config.metrics.enabled else None
         return create_app(self._service, self._config.gateway, metrics, echo_request_id=False)
 
     async def check_health(self) -> None:
         """The gateway itself is healthy while its event loop answers."""
         return
 
-
-REDIS_PASSWORD_ENV = "OSS_SERVING_REDIS_PASSWORD"
-TENANTS_FILE_ENV = "OSS_SERVING_TENANTS_FILE"
-
-
-def policy_components(cfg: ServingConfig, redis: Any) -> dict[str, Any]:
-    """Authentication, rate limits and admission of one gateway replica, over ``redis``."""
-    import os
-
-    from serving.gateway.admission import Admission
-    from serving.gateway.auth import TenantDirectory, TenantStore
-    from serving.gateway.ratelimit import RateLimiter
-
-    prefix = cfg.queue.key_prefix
-    env_file = os.environ.get(TENANTS_FILE_ENV)
-    tenants_file = cfg.auth.tenants_file or (Path(env_file) if env_file else None)
-    models = [m.name for m in cfg.models]
-    return {
-        "auth": TenantDirectory(TenantStore(redis, prefix), cfg.auth, cfg.tenants, tenants_file=tenants_file),
-        "limiter": RateLimiter(redis, prefix),
-        "admission": Admission(redis, cfg.queue, models, local_share=cfg.gateway.num_replicas)
-        if cfg.queue.enabled
-        else None,
-        "queue": cfg.queue,
-    }
-
-
-def _redis_client(cfg: ServingConfig) -> Any:
-    """Async Redis client; the password comes from a Secret-backed variable, never the URL."""
-    import os
-
-    import redis.asyncio as aioredis
-
-    extra: dict[str, Any] = {}
-    password = os.environ.get(REDIS_PASSWORD_ENV)
-    if password:
-        extra["password"] = password
-    return aioredis.Redis.from_url(
-        cfg.redis.url,
-        socket_connect_timeout=cfg.redis.connect_timeout_s,
-        socket_timeout=cfg.redis.connect_timeout_s,
-        **extra,
-    )
+    async def __del__(self) -> None:
+        """Graceful shutdown (Serve calls it once the replica drained): queued tickets are
+        cancelled in Redis and what is still open is closed, so nothing waits for a TTL."""
+        await self._service.stop()
+        await self._redis.aclose()
 
 
 def _configure_logging() -> None:

@@ -20,6 +20,7 @@ class FakeEngine(EngineClient):
         self.running = 0
         self.cancelled = 0
         self.chunk_delay_s = 0.0
+        self.replica_id = "fake-replica"
 
     async def generate(
         self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
@@ -81,4 +82,4 @@ class FakeEngine(EngineClient):
             raise RuntimeError("engine replica is starting")
 
     async def stats(self, timeout_s: float) -> EngineStats:
-        return EngineStats(replicas=1, unfinished_requests=self.running)
+        return EngineStats(unfinished_requests=self.running, replica_id=self.replica_id)

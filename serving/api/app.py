@@ -1,29 +1,34 @@
 """The OpenAI-compatible HTTP API: thin routes over :class:`GatewayService`.
 
-Each route reads and checks the body, asks the gateway, and writes JSON or SSE. No
-policy lives here.
+Each generation route opens the request's flight, authenticates (401 before the body is
+read), reads, parses and checks the body, hands it to the gateway, and writes JSON or
+SSE. No policy lives here. Whatever happens, the flight is closed exactly once: by the
+gateway for JSON answers and errors, by :class:`SSEResponse` for streams, even when the
+client leaves before the stream starts.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from serving.api.errors import error_body, error_response, install_error_handlers, request_id_of
+from serving.api.errors import error_response, install_error_handlers, request_id_of
 from serving.api.middleware import RequestIdMiddleware
 from serving.api.protocol import parse_json_body, validate_request
 from serving.config import GatewayConfig
-from serving.engine.protocol import Endpoint
 from serving.gateway.context import RequestContext
 from serving.gateway.errors import GatewayError, PayloadTooLargeError
-from serving.gateway.service import GatewayService
+from serving.gateway.service import GatewayService, ResponseStream
 from serving.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from serving.wire import Endpoint
 
-__all__ = ["create_app"]
+__all__ = ["SSEResponse", "create_app", "read_body"]
 
 log = logging.getLogger("oss_serving.api")
 
@@ -43,6 +48,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class SSEResponse(StreamingResponse):
+    """A streamed answer whose :class:`ResponseStream` is closed however the response ends:
+    sent to the end, cut by a disconnect, or never started (cancelled before its first
+    byte). Closing it closes the request's flight: lease, gauges, engine request."""
+
+    def __init__(self, stream: ResponseStream, headers: dict[str, str]) -> None:
+        super().__init__(
+            self._encode(stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+        )
+        self.stream = stream
+
+    @staticmethod
+    async def _encode(stream: ResponseStream) -> Any:
+        async for text in stream:
+            yield text.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self.stream.aclose())
+
+
 def create_app(
     service: GatewayService,
     config: GatewayConfig,
@@ -59,32 +89,31 @@ def create_app(
     install_error_handlers(app, config.max_error_message_chars)
 
     async def serve(endpoint: Endpoint, request: Request) -> Response:
-        rid = request_id_of(request) or "-"
+        rid = request_id_of(request)
+        flight = service.open(rid, endpoint)
+        headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            body = parse_json_body(await read_body(request, config.max_body_bytes))
+            tenant = service.authenticate(headers)
+            flight.tenant = tenant
+            body = parse_json_body(await read_body(request, config.max_body_bytes), config)
             model = validate_request(endpoint, body, config.max_error_message_chars)
             ctx = RequestContext(
-                request_id=rid,
-                endpoint=endpoint,
-                model=model,
-                body=body,
-                headers={k.lower(): v for k, v in request.headers.items()},
+                request_id=rid, endpoint=endpoint, model=model, body=body, headers=headers, tenant=tenant
             )
-            answer, stream = await service.run(ctx)
+            answer = await service.run(ctx, flight)
         except GatewayError as exc:
+            await flight.close(exc.status, detail=exc.message)
             return error_response(exc, rid, config.max_error_message_chars)
-        if answer is not None:
-            return JSONResponse(
-                _with_request_id(answer.body, rid, answer.status),
-                status_code=answer.status,
-                headers=ctx.response_headers,
-            )
-        assert stream is not None
-        return StreamingResponse(
-            _sse(stream),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ctx.response_headers},
-        )
+        except asyncio.CancelledError:
+            await flight.close(499)
+            raise
+        except BaseException:
+            await flight.close(500, detail="internal error")
+            raise
+        if answer.stream is not None:
+            return SSEResponse(answer.stream, ctx.response_headers)
+        assert answer.json is not None
+        return JSONResponse(answer.json.body, status_code=answer.json.status, headers=ctx.response_headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -104,15 +133,12 @@ def create_app(
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> Response:
-        try:
-            return JSONResponse(service.model_card(model))
-        except GatewayError as exc:
-            return error_response(exc, request_id_of(request))
+        return JSONResponse(service.model_card(model))
 
     @app.get("/health")
     @app.get("/health/ready")
     async def health() -> JSONResponse:
-        report = service.health()
+        report = service.health_report()
         return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
     @app.get("/health/live")
@@ -122,28 +148,7 @@ def create_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         if metrics is None:
-            return JSONResponse(error_body("metrics are disabled", "invalid_request_error"), status_code=404)
+            raise HTTPException(404)  # metrics are off: the route does not exist
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _with_request_id(body: dict[str, Any], rid: str, status: int) -> dict[str, Any]:
-    error = body.get("error")
-    if status >= 400 and isinstance(error, dict):
-        error.setdefault("param", None)
-        error.setdefault("code", None)
-        error["request_id"] = rid
-    return body
-
-
-async def _sse(stream: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    try:
-        async for text in stream:
-            yield text.encode()
-    finally:
-        # On client disconnect Starlette cancels this generator: close the relay at once
-        # so that the engine request is cancelled now, not when the generator is collected.
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -1,63 +1,69 @@
-"""One mapping from exceptions to OpenAI's error body, registered once on the app.
+"""Error answers: every one goes through :func:`serving.wire.error_body`, logged once.
 
 Messages are cut to the configured length; internal exception text never reaches a
 client (a 500 says only that the error is internal, with the request id to look up).
+Requests of the generation endpoints are logged by their flight when it closes; the
+others (model lookups, unknown routes, unexpected errors) are logged here.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from serving.gateway.errors import GatewayError
+from serving.gateway.errors import GatewayError, InternalError
+from serving.wire import error_body
 
-__all__ = ["error_body", "error_response", "install_error_handlers"]
+__all__ = ["error_response", "install_error_handlers", "request_id_of"]
 
 log = logging.getLogger("oss_serving.api")
 
 
-def error_body(
-    message: str,
-    kind: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    request_id: str | None = None,
-) -> dict[str, Any]:
-    error: dict[str, Any] = {"message": message, "type": kind, "param": param, "code": code}
-    if request_id:
-        error["request_id"] = request_id
-    return {"error": error}
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or "-"
 
 
-def request_id_of(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
-
-
-def error_response(exc: GatewayError, request_id: str | None, max_chars: int = 2000) -> JSONResponse:
-    body = error_body(
-        exc.message[:max_chars], exc.type, param=exc.param, code=exc.code, request_id=request_id
-    )
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+def error_response(exc: GatewayError, request_id: str, max_chars: int = 2000) -> JSONResponse:
+    """The OpenAI error answer of ``exc`` (status, body, headers such as Retry-After)."""
+    return JSONResponse(exc.body(request_id, max_chars), status_code=exc.status, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI, max_chars: int) -> None:
     async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, GatewayError)
         rid = request_id_of(request)
-        log.info("request %s failed: %s %s", rid, exc.status, exc.message[:200])
+        log.info("request_id=%s %s status=%d code=%s", rid, request.url.path, exc.status, exc.code)
         return error_response(exc, rid, max_chars)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        rid = request_id_of(request)
+        status = exc.status_code
+        log.info("request_id=%s %s %s status=%d", rid, request.method, request.url.path, status)
+        if status == 404:
+            message, code = f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url"
+        elif status == 405:
+            message, code = (
+                f"Method {request.method} is not allowed on {request.url.path}.",
+                "method_not_allowed",
+            )
+        else:
+            message, code = "The request could not be served.", None
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(
+            error_body(message, kind, code=code, request_id=rid),
+            status_code=status,
+            headers=getattr(exc, "headers", None),
+        )
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id_of(request)
-        log.exception("request %s: internal error", rid)
-        body = error_body(
-            "The server had an internal error while processing your request.", "server_error", request_id=rid
-        )
-        return JSONResponse(body, status_code=500)
+        log.exception("request_id=%s %s: internal error", rid, request.url.path)
+        return error_response(InternalError(), rid, max_chars)
 
     app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -1,21 +1,44 @@
-"""Request validation with vLLM's own OpenAI protocol models (nothing re-implemented).
+"""Request parsing and validation with vLLM's own OpenAI protocol models (nothing re-implemented).
 
 The gateway validates before it spends an engine slot, so a bad request costs no
 engine time and its 400 names the offending parameter the way OpenAI does
 (``messages[0].content``).
+
+Two guarantees, whatever the body:
+
+- :func:`parse_json_body` bounds the body's nesting depth (checked on the text, without
+  recursion, before the parser runs) and its array lengths, and rejects ``NaN``,
+  ``Infinity`` and numbers that overflow to them (OpenAI answers 400 on them; Python's
+  ``json`` accepts them).
+- :func:`validate_request` raises nothing but :class:`InvalidRequestError`: every
+  exception vLLM's request models can raise while validating (pydantic errors, vLLM's
+  own ``VLLMValidationError``, which is not a ``ValueError`` and so escapes pydantic,
+  ``TypeError`` from model validators fed odd types, ...) becomes a 400 whose message
+  names the parameter when it is known and never carries exception class names,
+  tracebacks or file paths (:func:`invalid_request`, which the engine uses too).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import operator
+import re
+from itertools import accumulate
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint
 from serving.gateway.errors import InvalidRequestError
 
-__all__ = ["parse_json_body", "validate_request"]
+__all__ = ["invalid_request", "is_client_error", "parse_json_body", "validate_request"]
+
+log = logging.getLogger("oss_serving.api")
+
+_DEFAULTS = GatewayConfig()
 
 
 def _model_for(endpoint: Endpoint) -> type[BaseModel]:
@@ -32,43 +55,315 @@ def _model_for(endpoint: Endpoint) -> type[BaseModel]:
     return ResponsesRequest  # type: ignore[no-any-return]
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; 400 otherwise."""
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+
+class _NonFiniteNumber(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFiniteNumber(name)
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_STRING = re.compile(rb'"[^"]*"')  # on text that holds only quotes and brackets: linear
+# Depth as a running sum without a Python loop: openers count 2, closers 0, so the
+# running sum minus the number of brackets seen is the depth after each bracket.
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _nesting_depth(raw: bytes, limit: int) -> int:
+    """The deepest nesting of arrays and objects in the JSON text ``raw`` (UTF-8), found
+    without recursion.
+
+    Escapes are dropped first (so ``\\"`` never ends a string), then everything but quotes
+    and brackets (in UTF-8 those bytes never occur inside another character), then the
+    strings: what is left are the structural brackets in order. For text that is not valid
+    JSON the figure may be off, but it is never below the depth the parser reaches before
+    it finds the error, so the parser itself never recurses deeper than ``limit``.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return 0  # cannot be deeper than the number of openers
+    skeleton = _STRING.sub(b"", _ESCAPE.sub(b"", raw).translate(None, _NOT_STRUCTURE))
+    quote = skeleton.find(b'"')
+    if quote >= 0:  # an unterminated string: the parser stops there
+        skeleton = skeleton[:quote]
+    if not skeleton:
+        return 0
+    steps = skeleton.translate(_DEPTH_STEP)
+    return max(map(operator.sub, accumulate(steps), range(1, len(steps) + 1)))
+
+
+def _check_values(data: Any, max_items: int) -> None:
+    """Array lengths and finite numbers, over the parsed body, without recursion."""
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        if type(node) is list:
+            if len(node) > max_items:
+                raise InvalidRequestError(
+                    f"The request body has an array of {len(node)} items; at most {max_items} are allowed.",
+                    code="array_too_long",
+                )
+            children: Any = node
+        else:
+            children = node.values()
+        for value in children:
+            kind = type(value)
+            if kind is dict or kind is list:
+                stack.append(value)
+            elif kind is float and not math.isfinite(value):
+                raise InvalidRequestError(
+                    "The request body has a number too large to represent; numbers must be finite.",
+                    code="invalid_json",
+                )
+
+
+def parse_json_body(raw: bytes, config: GatewayConfig | None = None) -> dict[str, Any]:
+    """The request body as a JSON object, within ``config``'s limits; 400 otherwise.
+
+    Limits: ``config.max_json_depth`` (nesting of arrays and objects, the body being level
+    1) and ``config.max_array_items`` (items of any one array). ``None``: the defaults of
+    :class:`GatewayConfig`. Errors: ``invalid_json`` (not UTF-8, not JSON, ``NaN`` or
+    ``Infinity``, a non-finite or over-long number, not an object), ``nesting_too_deep``,
+    ``array_too_long``; all are :class:`InvalidRequestError` with ``param`` null.
+    """
+    limits = config or _DEFAULTS
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request: it is not valid UTF-8.", code="invalid_json"
+        ) from None
+    depth = _nesting_depth(raw, limits.max_json_depth)
+    if depth > limits.max_json_depth:
+        raise InvalidRequestError(
+            f"The request body nests arrays and objects {depth} levels deep; "
+            f"at most {limits.max_json_depth} are allowed.",
+            code="nesting_too_deep",
+        )
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except _NonFiniteNumber as exc:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request: {exc} is not a valid JSON value.",
+            code="invalid_json",
+        ) from None
+    except json.JSONDecodeError as exc:
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
         ) from None
+    except (ValueError, RecursionError):  # e.g. an integer of more than 4300 digits
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request: a number in it is too long.",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    _check_values(data, limits.max_array_items)
     return data
 
 
+# ---------------------------------------------------------------------------------------
+# Validation
+
+# pydantic-core's names for the steps of a validator chain or union branches: in an
+# error's location they are not parameters (vLLM keeps the same list).
+_LOC_MARKERS = frozenset(
+    [
+        "function-wrap",
+        "function-after",
+        "function-before",
+        "function-plain",
+        "json-or-python",
+        "lax-or-strict",
+        "chain",
+        "default",
+        "nullable",
+        "tagged-union",
+        "union",
+        "call",
+        "arguments",
+        "is-instance",
+        "is-subclass",
+        "callable",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "bytes",
+        "bytearray",
+        "list",
+        "tuple",
+        "dict",
+        "set",
+        "frozenset",
+        "complex",
+        "none",
+        "nonetype",
+        "literal",
+        "enum",
+        "json",
+    ]
+)
+
+
 def param_path(loc: tuple[int | str, ...]) -> str | None:
-    """OpenAI-style parameter path from a pydantic error location."""
+    """OpenAI-style parameter path from a pydantic error location.
+
+    Union tags (``function-after[...]``, ``str``, ``list[...]``) and the class names of
+    union branches (``ChatCompletionUserMessageParam``) are dropped: they are not
+    parameters a client sent.
+    """
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.isidentifier():
+        elif part.isidentifier() and part.lower() not in _LOC_MARKERS and not part[:1].isupper():
             out += f".{part}" if out else part
-        # pydantic union/validator tags (e.g. "function-after[...]") are not parameters
     return out or None
 
 
+# What must never reach a client: paths, addresses, traceback lines, exception class
+# names, pydantic's documentation links and its echo of the input.
+_SCRUB = [
+    (re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL), ""),
+    (re.compile(r'\s*File "[^"]*", line \d+.*'), ""),
+    (re.compile(r"\s*For further information visit \S+"), ""),
+    (re.compile(r"\s*\[type=[^\]]*\]"), ""),
+    (re.compile(r" at 0x[0-9a-fA-F]+"), ""),
+    (re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}"), "<path>"),
+    (re.compile(r",? ?or (?:an? )?instance of [\w.]+"), ""),
+    (re.compile(r"\b(?:an? )?instance of [\w.]+"), "a value of the expected type"),
+    (re.compile(r"\b(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception|Warning)\b:?\s*"), ""),
+    (re.compile(r"\b(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception)\("), "("),
+    (re.compile(r"\b(?:pydantic|pydantic_core|vllm)(?:\.\w+)+"), ""),
+]
+
+
+def _scrub(text: str) -> str:
+    for pattern, replacement in _SCRUB:
+        text = pattern.sub(replacement, text)
+    return " ".join(text.split()).strip(" :,") or "invalid value"
+
+
+def _pydantic_message(error: Any) -> tuple[str, str | None, str]:
+    param = param_path(tuple(error.get("loc", ())))
+    kind = error.get("type", "")
+    if kind == "missing" and param:
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+    ctx_error = (error.get("ctx") or {}).get("error")
+    text = str(ctx_error) if isinstance(ctx_error, ValueError | AssertionError) else str(error.get("msg", ""))
+    text = _scrub(text.removeprefix("Value error, ").removeprefix("Assertion failed, "))
+    if param:
+        return f"Invalid value for '{param}': {text}", param, "invalid_value"
+    return text, None, "invalid_value"
+
+
+def invalid_request(exc: BaseException, max_chars: int = 2000) -> InvalidRequestError:
+    """A 400 for an exception raised while validating or preparing a request.
+
+    The message is the validator's own text (pydantic's message for the first error,
+    vLLM's ``VLLMValidationError`` text, a ``ValueError``'s text), scrubbed of class names,
+    paths and tracebacks; exceptions whose text is Python's own (``TypeError``,
+    ``KeyError``, ``AttributeError``, ``RecursionError``, ...) get a generic message.
+    ``param`` is the parameter when pydantic's location or vLLM's error names it.
+    """
+    if isinstance(exc, InvalidRequestError):
+        return exc
+    param: str | None = None
+    code = "invalid_value"
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_input=False)
+        if errors:
+            message, param, code = _pydantic_message(errors[0])
+        else:
+            message = "The request has an invalid value."
+    elif _is_vllm_client_error(exc):
+        parameter = getattr(exc, "parameter", None)
+        param = parameter if isinstance(parameter, str) and parameter else None
+        message = _scrub(str(exc.args[0]) if exc.args else "")
+        if param and f"'{param}'" not in message and f"`{param}`" not in message:
+            message = f"Invalid value for '{param}': {message}"
+    elif type(exc) is ValueError or type(exc).__name__ == "TemplateError":
+        message = _scrub(str(exc))
+    elif isinstance(exc, RecursionError):
+        message = "The request is nested too deeply to be processed."
+    else:
+        message = (
+            "The request has a parameter of the wrong type or shape; check it against the API reference."
+        )
+    return InvalidRequestError(message[:max_chars], param=param, code=code)
+
+
+def _is_vllm_client_error(exc: BaseException) -> bool:
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - vLLM is always installed where this runs
+        return False
+    return isinstance(exc, VLLMClientError)
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while preparing or running a request, is the request's fault.
+
+    The same classes vLLM's own server answers with 4xx: its ``VLLMClientError``,
+    pydantic's ``ValidationError`` and the plain ``ValueError``/``TypeError``/
+    ``OverflowError`` its validators raise, and template errors of a request's chat
+    template.
+    """
+    return (
+        _is_vllm_client_error(exc)
+        or isinstance(exc, ValidationError | ValueError | TypeError | OverflowError | RecursionError)
+        or any(cls.__name__ == "TemplateError" for cls in type(exc).__mro__)
+    )
+
+
+def _check_responses_answer(request: Any) -> None:
+    """Values a Responses request may hold but vLLM's ``ResponsesResponse`` rejects.
+
+    vLLM builds its answer from the request (``ResponsesResponse.from_request``), and some
+    request fields accept ``null`` while the answer's do not (``background``,
+    ``truncation``): such a request validates, runs, and then fails inside the engine.
+    Build that answer here with neutral sampling values, so that the request is rejected
+    before any engine work. Anything but a validation error (a vLLM version whose
+    ``from_request`` differs) is left to the engine.
+    """
+    try:
+        from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
+        from vllm.sampling_params import SamplingParams
+
+        ResponsesResponse.from_request(
+            request,
+            SamplingParams(max_tokens=1),
+            model_name=str(request.model),
+            created_time=0,
+            output=[],
+            status="completed",
+        )
+    except ValidationError:
+        raise
+    except Exception:
+        log.debug("ResponsesResponse check skipped", exc_info=True)
+
+
 def validate_request(endpoint: Endpoint, body: dict[str, Any], max_message_chars: int) -> str:
-    """Check ``body`` against vLLM's model for ``endpoint``; return the model name."""
+    """Check ``body`` against vLLM's model for ``endpoint``; return the model name.
+
+    Raises only :class:`InvalidRequestError` (400). ``body`` is not modified (vLLM's
+    validators fill defaults into the dict they are given: they get a copy).
+    """
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("you must provide a model parameter", param="model", code="missing_model")
+    request_model = _model_for(endpoint)
     try:
-        _model_for(endpoint).model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        param = param_path(tuple(first["loc"]))
-        message = f"Invalid value for '{param}': {first['msg']}" if param else str(first["msg"])
-        raise InvalidRequestError(message[:max_message_chars], param=param, code="invalid_value") from None
-    except ValueError as exc:  # model validators that raise plain ValueError
-        raise InvalidRequestError(str(exc)[:max_message_chars], code="invalid_value") from None
+        request = request_model.model_validate(dict(body))
+        if endpoint is Endpoint.responses:
+            _check_responses_answer(request)
+    except Exception as exc:
+        raise invalid_request(exc, max_message_chars) from None
     return model

@@ -19,9 +19,11 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,20 @@ def _build_smollm2(out: Path, progress: Progress) -> None:
     progress("done", 1.0)
 
 
+@contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """Set the environment variable ``name`` to ``value`` inside the block, unless it is
+    already set (then it is left alone); on exit the process environment is as before."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def _harmony_special_tokens() -> dict[str, int]:
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
@@ -157,8 +173,6 @@ def _harmony_special_tokens() -> dict[str, int]:
 
 
 def _build_gpt_oss_tiny(out: Path, cache_dir: Path, progress: Progress) -> None:
-    import os
-
     import tiktoken
     import torch
     from tiktoken.load import load_tiktoken_bpe
@@ -166,11 +180,12 @@ def _build_gpt_oss_tiny(out: Path, cache_dir: Path, progress: Progress) -> None:
     from transformers.integrations.tiktoken import convert_tiktoken_to_fast
 
     base = o200k_base_path(cache_dir)
-    # harmony reads the encoding from this folder; set only for this build step.
-    os.environ.setdefault("TIKTOKEN_ENCODINGS_BASE", str(base))
     progress("building the o200k_harmony tokenizer", 0.1)
     ranks = load_tiktoken_bpe(str(base / "o200k_base.tiktoken"), expected_hash=O200K_SHA256)
-    specials = _harmony_special_tokens()
+    # harmony reads the encoding from this folder; set only for this build step (the
+    # engines get it through BuiltModel.engine_env, see ensure_builtin_model).
+    with _env_default("TIKTOKEN_ENCODINGS_BASE", str(base)):
+        specials = _harmony_special_tokens()
     encoding = tiktoken.Encoding(
         name="o200k_harmony", pat_str=O200K_PATTERN, mergeable_ranks=ranks, special_tokens=specials
     )

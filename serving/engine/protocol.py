@@ -20,47 +20,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any
+
+from serving.wire import Endpoint, EngineJSON, EngineSSE
 
 __all__ = ["Endpoint", "EngineClient", "EngineJSON", "EngineSSE", "EngineStats"]
 
 
-class Endpoint(StrEnum):
-    """OpenAI endpoints an engine serves."""
-
-    chat = "chat"
-    completions = "completions"
-    responses = "responses"
-
-
-@dataclass(frozen=True)
-class EngineJSON:
-    """A complete JSON answer (or an error) with its HTTP status."""
-
-    status: int
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class EngineSSE:
-    """One or more server-sent events, verbatim."""
-
-    text: str
-
-
 @dataclass(frozen=True)
 class EngineStats:
-    """What an engine deployment reports about itself."""
-
-    replicas: int
-    """Replicas that answered."""
+    """What one engine replica reports about itself (the one that answered the call)."""
 
     unfinished_requests: int
-    """Requests the engines are generating right now (summed over answering replicas)."""
+    """Requests the replica's engine is generating right now."""
 
-    extra: dict[str, Any] = field(default_factory=dict)
+    replica_id: str | None = None
+    """The replica that answered (None where the client has no replicas, e.g. an upstream)."""
+
+    max_num_seqs: int | None = None
+    """The most sequences its engine runs at once (vLLM's ``max_num_seqs``), if known."""
 
 
 class EngineClient(ABC):
@@ -70,7 +49,14 @@ class EngineClient(ABC):
     def generate(
         self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
     ) -> AsyncIterator[EngineJSON | EngineSSE]:
-        """Run one OpenAI request (already validated) and stream its answer."""
+        """Run one OpenAI request (already validated) and stream its answer.
+
+        ``headers`` is also a side channel with the engine deployment's request router
+        (:mod:`serving.engine.routing_hints`): the gateway writes routing hints into the
+        dict before the call, and the router, which runs in the caller's process before
+        the arguments are sent, writes the replica it chose back into the same dict; the
+        caller reads it once the first item has arrived.
+        """
 
     @abstractmethod
     async def check_health(self, timeout_s: float) -> None:

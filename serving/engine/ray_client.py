@@ -38,4 +38,8 @@ class RayEngineClient(EngineClient):
 
     async def stats(self, timeout_s: float) -> EngineStats:
         raw: dict[str, Any] = await asyncio.wait_for(self._stats.remote(), timeout=timeout_s)
-        return EngineStats(replicas=1, unfinished_requests=int(raw.get("unfinished_requests", 0)), extra=raw)
+        return EngineStats(
+            unfinished_requests=int(raw.get("unfinished_requests", 0)),
+            replica_id=str(raw["replica_id"]) if raw.get("replica_id") else None,
+            max_num_seqs=int(raw["max_num_seqs"]) if raw.get("max_num_seqs") else None,
+        )

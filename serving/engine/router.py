@@ -1,13 +1,13 @@
 """The engine deployment's Ray Serve request router: prefix affinity balanced with load.
 
 Ray Serve runs one instance of this router per handle, in the process that calls the
-engine deployment (the gateway replica). The gateway's policy
-(:mod:`serving.gateway.routing`) puts routing hints in the ``headers`` argument of
-``generate(endpoint, body, headers)``; this router reads them from the pending request,
-looks up each candidate replica's queue length (Ray's cache of recent probes, probing the
-replicas that have no fresh entry), applies :func:`serving.gateway.routing.decide`, and
-writes the replica it chose and the reason back into the same dict, where the gateway
-reads them to update the shared prefix index.
+engine deployment (the gateway replica). The gateway's policy puts routing hints in the
+``headers`` argument of ``generate(endpoint, body, headers)``; this router reads them from
+the pending request, looks up each candidate replica's queue length (Ray's cache of recent
+probes, probing the replicas that have no fresh entry), applies
+:func:`serving.engine.routing_hints.decide`, and writes the replica it chose and the
+reason back into the same dict, where the gateway reads them to update the shared prefix
+index. The hints' names and format are defined in :mod:`serving.engine.routing_hints`.
 
 Requests without hints (the feature off, other callers, health checks) and deployments
 with one replica get exactly Ray Serve's default power-of-two-choices routing.
@@ -20,7 +20,7 @@ from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
-from serving.gateway.routing import (
+from serving.engine.routing_hints import (
     HINT_AFFINITY,
     HINT_KEY_REPLICA,
     HINT_STRATEGY,

@@ -27,6 +27,7 @@ from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
+from serving.api.protocol import invalid_request, is_client_error
 from serving.engine.protocol import Endpoint, EngineJSON, EngineSSE
 
 __all__ = ["OssDPServer", "OssLLMServer", "StreamPacer", "paced_batches"]
@@ -138,6 +139,19 @@ def _error_json(error: Any) -> EngineJSON:
     )
 
 
+def _client_error_json(exc: BaseException) -> EngineJSON:
+    """A request vLLM's models rejected inside the engine: its 4xx, in OpenAI's error body,
+    with a clean message (never pydantic's text or an exception's class name)."""
+    error = invalid_request(exc)
+    status = 404 if type(exc).__name__ == "VLLMNotFoundError" else error.status
+    return EngineJSON(
+        status=status,
+        body={
+            "error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}
+        },
+    )
+
+
 def _sse_text(parts: list[Any]) -> tuple[str, EngineJSON | None]:
     texts: list[str] = []
     for part in parts:
@@ -189,7 +203,13 @@ class _OssServerMixin:
             async for item in self._responses(body, raw):
                 yield item
             return
-        stream = await self._start(kind, body, raw)
+        try:
+            stream = await self._start(kind, body, raw)
+        except Exception as exc:  # the request fails vLLM's validation here: 4xx, not a failure
+            if not is_client_error(exc):
+                raise
+            yield _client_error_json(exc)
+            return
         async for item in stream:
             if isinstance(item, list):
                 text, error = _sse_text(item)
@@ -232,19 +252,42 @@ class _OssServerMixin:
                 },
             )
             return
-        request = ResponsesRequest.model_validate(body)
-        result = await handler.create_responses(request, raw.to_starlette_request())
+        try:
+            request = ResponsesRequest.model_validate(body)
+            result = await handler.create_responses(request, raw.to_starlette_request())
+        except Exception as exc:  # rejected by vLLM's models while preparing or building the answer
+            if not is_client_error(exc):
+                raise
+            yield _client_error_json(exc)
+            return
         if hasattr(result, "error"):
             yield _error_json(result)
             return
         if not hasattr(result, "__aiter__"):
             yield EngineJSON(status=200, body=result.model_dump(mode="json", by_alias=True))
             return
+        # vLLM builds the first event from the request (ResponsesResponse.from_request): a
+        # request its answer model rejects fails here, before any byte is sent, so it can
+        # still be answered with a 400.
+        try:
+            first = await anext(result)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            if not is_client_error(exc):
+                raise
+            await result.aclose()
+            yield _client_error_json(exc)
+            return
+
+        def sse(event: Any) -> str:
+            kind = getattr(event, "type", "unknown")
+            return f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
 
         async def events() -> AsyncGenerator[str, None]:
+            yield sse(first)
             async for event in result:
-                kind = getattr(event, "type", "unknown")
-                yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+                yield sse(event)
 
         async for batch in paced_batches(events(), self._pacer()):
             yield EngineSSE("".join(batch))

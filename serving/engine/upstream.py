@@ -289,7 +289,7 @@ class UpstreamClient(EngineClient):
             )
 
     async def stats(self, timeout_s: float) -> EngineStats:
-        return EngineStats(replicas=1, unfinished_requests=self.in_flight)
+        return EngineStats(unfinished_requests=self.in_flight)
 
 
 async def _read_capped(response: httpx.Response, limit: int | None) -> bytes:

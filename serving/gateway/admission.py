@@ -3,15 +3,24 @@
 A request asks :meth:`Admission.acquire` for a :class:`Lease` before it may use an engine.
 Over capacity it waits, ordered by priority class, then weighted fair share between
 tenants (start-time fair queuing), then arrival (``queue_scripts`` has the data model).
-Every state change is one Lua script, so two gateways never admit past capacity. A
-granted request's lease has a TTL; one background task per gateway renews all of its
-leases, so a crashed gateway's leases expire and their capacity returns.
+Every state change is one Lua script, so two gateways never admit past capacity.
+
+Ownership: a granted request's lease has a TTL (``lease_ttl_s``) and a waiting request's
+ticket a heartbeat (``ticket_heartbeat_s``); one background task per gateway renews all of
+its leases and heartbeats in one round trip, so a crashed gateway's leases expire and its
+queued tickets are dropped instead of granted: its capacity returns. The same task
+releases, logs and counts (:attr:`Admission.reclaimed_total`) a lease held longer than
+``max_lease_age_s``, the safety net for a request that never released its lease.
 
 When Redis is unreachable the gateway falls back to :class:`LocalQueue`, the same policy
 in process with this replica's share of the capacity, reports itself degraded, and goes
 back to Redis as soon as Redis answers. Leases granted meanwhile are written to Redis by
 the renewal task then, so accounting comes back with Redis; running requests never depend
 on Redis to finish.
+
+:meth:`Admission.stop` is the graceful shutdown: the waiting requests get a 503
+``shutting_down`` and their tickets are cancelled in Redis, and the held leases are
+released, in one bounded round trip.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +46,17 @@ from serving.gateway.redis_batch import ScriptPipeline
 from serving.gateway.tenants import PriorityClass, Tenant
 from serving.tasks import cancel_and_wait, raise_if_cancelling
 
-__all__ = ["Admission", "Lease", "LocalQueue", "QueueSnapshot", "RedisQueue"]
+__all__ = ["Admission", "Lease", "LocalQueue", "QueueSnapshot", "RedisQueue", "Waiter"]
 
 log = logging.getLogger("oss_serving.admission")
 
 REDIS_DOWN = (RedisError, OSError, asyncio.TimeoutError)
+
+CLEANUP_TIMEOUT_S = 5.0
+"""Longest a ticket's cancellation (after a cancelled wait, at stop) may take."""
+
+ABORTED = -4
+"""``wait_granted``: the wait was aborted (the gateway stops)."""
 
 
 @dataclass
@@ -57,6 +72,22 @@ class Lease:
     backend: str
     """``redis`` or ``local`` (granted while Redis was away)."""
     released: bool = False
+    request_id: str = "-"
+    """The request that holds it (for the logs)."""
+
+
+@dataclass
+class Waiter:
+    """A request of this gateway waiting in the shared queue: its ticket's heartbeat is renewed."""
+
+    ticket: str
+    model: str
+    tenant: str
+    request_id: str
+    since: float
+    """When it arrived (``time.monotonic()``)."""
+    aborted: bool = False
+    """Set by :meth:`Admission.stop`: the request gets an error, its ticket is cancelled."""
 
 
 @dataclass
@@ -67,7 +98,13 @@ class QueueSnapshot:
     in_use: int = 0
     capacity: int = 0
     expired_total: int = 0
+    """Leases that expired un-released (all gateways)."""
     service_s: float | None = None
+    abandoned_total: int = 0
+    """Waiting tickets dropped because their heartbeat expired (all gateways)."""
+    reclaimed_total: int = 0
+    """The model's leases this gateway released because they were held longer than
+    ``max_lease_age_s``."""
 
 
 def _now_ms() -> int:
@@ -84,6 +121,8 @@ class _Keys:
         self.vt = f"{tag}:vt"
         self.rejected = f"{tag}:rejected"
         self.stats = f"{tag}:stats"
+        self.hb = f"{tag}:hb"
+        self.released = f"{tag}:released"
         self.channel = f"{prefix}:q:{model}:grants"
         self.prefix = prefix
 
@@ -100,7 +139,12 @@ class _Keys:
             self.rejected,
             self.stats,
             self.tenant_active(tenant),
+            self.hb,
+            self.released,
         ]
+
+    def renewal(self, tenant: str) -> list[str]:
+        return [self.leases, self.lease_tenant, self.tenant_active(tenant), self.wait, self.hb, self.released]
 
 
 class RedisQueue:
@@ -139,6 +183,10 @@ class RedisQueue:
     def ttl_ms(self) -> int:
         return int(self._config.lease_ttl_s * 1000)
 
+    @property
+    def heartbeat_ms(self) -> int:
+        return int(self._config.ticket_heartbeat_s * 1000)
+
     def new_ticket(self) -> str:
         # Sorts by arrival (time, then a per-gateway counter) among equal scores.
         return f"{_now_ms():014d}-{next(self._seq):08d}-{self._gateway_id}"
@@ -167,11 +215,15 @@ class RedisQueue:
                 if not isinstance(data, str):
                     continue
                 for ticket in data.split():
-                    event = self._waiters.get(ticket)
-                    if event is not None:
-                        event.set()
+                    self.wake(ticket)
         except REDIS_DOWN:
             pass  # waiters fall back to polling; the listener is rebuilt on the next acquire
+
+    def wake(self, ticket: str) -> None:
+        """Make the request waiting for ``ticket`` (if any) look at it now."""
+        event = self._waiters.get(ticket)
+        if event is not None:
+            event.set()
 
     async def close(self) -> None:
         """Stop listening for grants. Bounded: a pub/sub read that does not notice its
@@ -210,7 +262,9 @@ class RedisQueue:
         service_s = float(ewma) / 1000 if ewma is not None else 1.0
         return math.ceil((int(ahead) + 1) / capacity) * service_s
 
-    async def enqueue(self, ticket: str, model: str, tenant: Tenant, deadline_ms: int) -> tuple[int, int]:
+    async def enqueue(self, ticket: str, model: str, tenant: Tenant, drop_ms: int) -> tuple[int, int]:
+        """Queue ``ticket`` (dropped at ``drop_ms`` if not granted by then): 1 granted, 0
+        waiting, -1 tenant concurrency limit; and its position."""
         keys = self.keys(model)
         limit = tenant.limits.max_concurrent_requests or 0
         status, position, _depth = await self._scripts.call(
@@ -221,7 +275,7 @@ class RedisQueue:
                 tenant.id,
                 tenant.priority.rank,
                 tenant.weight,
-                deadline_ms,
+                drop_ms,
                 _now_ms(),
                 self._capacity(model),
                 self.ttl_ms,
@@ -229,6 +283,7 @@ class RedisQueue:
                 limit,
                 keys.channel,
                 lua.LANE,
+                self.heartbeat_ms,
             ],
         )
         return int(status), int(position)
@@ -236,7 +291,9 @@ class RedisQueue:
     async def check(self, ticket: str, model: str, tenant: str) -> int:
         return int(
             await self._scripts.call(
-                "check", self.keys(model).all(tenant), [ticket, _now_ms(), *self._common(model)]
+                "check",
+                self.keys(model).all(tenant),
+                [ticket, _now_ms(), *self._common(model), self.heartbeat_ms],
             )
         )
 
@@ -254,24 +311,47 @@ class RedisQueue:
             )
         )
 
-    async def renew(self, leases: list[Lease]) -> None:
-        if not leases:
-            return
-        expiry = _now_ms() + self.ttl_ms
-        renewals = []
-        for lease in leases:
-            keys = self.keys(lease.model)
-            renewals.append(
-                self._scripts.call(
-                    "renew",
-                    [keys.leases, keys.lease_tenant, keys.tenant_active(lease.tenant)],
-                    [lease.ticket, lease.tenant, expiry, self.ttl_ms],
-                )
-            )
-        await asyncio.gather(*renewals)  # one round trip: the calls share a batch
+    async def renew(self, leases: list[Lease], waiters: list[Waiter] | None = None) -> tuple[int, int]:
+        """Renew ``leases`` (re-adding lost ones, never released ones) and the heartbeats of
+        ``waiters``: one script call per model and tenant, all in one round trip.
 
-    async def wait_granted(self, ticket: str, model: str, tenant: str, timeout_s: float) -> int:
-        """Wait for ``ticket``: 1 granted, -2 dropped (deadline), -3 lost; raises TimeoutError."""
+        Returns the number of leases skipped because they had been released meanwhile,
+        and of waiters whose ticket no longer waits (granted, dropped or lost)."""
+        groups: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        for lease in leases:
+            groups.setdefault((lease.model, lease.tenant), ([], []))[0].append(lease.ticket)
+        for waiter in waiters or ():
+            groups.setdefault((waiter.model, waiter.tenant), ([], []))[1].append(waiter.ticket)
+        if not groups:
+            return 0, 0
+        now = _now_ms()
+        key_ttl = max(self.ttl_ms, self.heartbeat_ms) * 4
+        calls: list[Awaitable[Any]] = []
+        for (model, tenant), (held, waiting) in groups.items():
+            keys = self.keys(model).renewal(tenant)
+            tickets = [(t, True) for t in held] + [(t, False) for t in waiting]
+            for i in range(0, len(tickets), lua.RENEW_BATCH):
+                chunk = tickets[i : i + lua.RENEW_BATCH]
+                chunk_held = [t for t, is_lease in chunk if is_lease]
+                chunk_waiting = [t for t, is_lease in chunk if not is_lease]
+                args = [tenant, now + self.ttl_ms, now + self.heartbeat_ms, key_ttl, len(chunk_held)]
+                calls.append(self._scripts.call("renew", keys, [*args, *chunk_held, *chunk_waiting]))
+        results = await asyncio.gather(*calls)  # one round trip: the calls share a batch
+        skipped = sum(int(r[1]) for r in results)
+        unknown = sum(int(r[3]) for r in results)
+        return skipped, unknown
+
+    async def wait_granted(
+        self,
+        ticket: str,
+        model: str,
+        tenant: str,
+        timeout_s: float,
+        aborted: Callable[[], bool] | None = None,
+    ) -> int:
+        """Wait for ``ticket``: 1 granted, -2 dropped (deadline), -3 lost, ``ABORTED`` when
+        ``aborted()`` turned true (checked at every wake-up, see :meth:`wake`); raises
+        TimeoutError."""
         event = asyncio.Event()
         self._waiters[ticket] = event
         interval = self._config.poll_interval_s
@@ -281,6 +361,8 @@ class RedisQueue:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(event.wait(), interval)
                     event.clear()
+                    if aborted is not None and aborted():
+                        return ABORTED
                     state = await self.check(ticket, model, tenant)
                     if state != 0:
                         return state
@@ -294,15 +376,15 @@ class RedisQueue:
             for p in PriorityClass:
                 pipe.zcount(keys.wait, p.rank * lua.LANE, f"({(p.rank + 1) * lua.LANE}")
             pipe.zcard(keys.leases)
-            pipe.hget(keys.stats, "expired")
-            pipe.hget(keys.stats, "ewma_ms")
-            *depths, in_use, expired, ewma = await pipe.execute()
+            pipe.hmget(keys.stats, ["expired", "ewma_ms", "abandoned"])
+            *depths, in_use, (expired, ewma, abandoned) = await pipe.execute()
         return QueueSnapshot(
             depth={p.value: int(d) for p, d in zip(PriorityClass, depths, strict=True)},
             in_use=int(in_use),
             capacity=self._capacity(model),
             expired_total=int(expired or 0),
             service_s=float(ewma) / 1000 if ewma is not None else None,
+            abandoned_total=int(abandoned or 0),
         )
 
 
@@ -343,9 +425,17 @@ class LocalQueue:
                 await future
         except BaseException:
             self._futures.pop(ticket, None)
-            if future.done() and not future.cancelled():
-                self.release(ticket, model)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(ticket, model)  # granted, but its request went away
             raise
+
+    def abort_waiting(self, error: Callable[[], BaseException]) -> int:
+        """Fail every waiting request with ``error()`` (the gateway stops); how many."""
+        futures = [f for f in self._futures.values() if not f.done()]
+        self._futures.clear()
+        for future in futures:
+            future.set_exception(error())
+        return len(futures)
 
     def release(self, ticket: str, model: str) -> None:
         self._running.setdefault(model, set()).discard(ticket)
@@ -353,17 +443,33 @@ class LocalQueue:
 
     def snapshot(self, model: str) -> QueueSnapshot:
         depth = {p.value: 0 for p in PriorityClass}
-        for rank, *_ in self._heaps.get(model, []):
-            depth[list(PriorityClass)[rank].value] += 1
+        for rank, _start, _seq, ticket in self._heaps.get(model, []):
+            future = self._futures.get(ticket)
+            if future is not None and not future.done():
+                depth[list(PriorityClass)[rank].value] += 1
         return QueueSnapshot(
             depth=depth, in_use=len(self._running.get(model, ())), capacity=self._capacity(model)
         )
 
 
 class Admission:
-    """The gateway's admission: Redis when it answers, the local queue when it does not."""
+    """The gateway's admission: Redis when it answers, the local queue when it does not.
 
-    def __init__(self, redis: Any, config: QueueConfig, models: list[str], *, local_share: int = 1) -> None:
+    ``max_lease_age_s``: a lease held longer than this is released by the maintenance
+    task, with a warning naming its request, and counted in :attr:`reclaimed_total` (a
+    request that never released its lease would otherwise hold its slot until the gateway
+    restarts). ``None``: never.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        config: QueueConfig,
+        models: list[str],
+        *,
+        local_share: int = 1,
+        max_lease_age_s: float | None = None,
+    ) -> None:
         self._config = config
         self._models = list(models)
         self._capacity: dict[str, int] = dict.fromkeys(models, config.default_capacity)
@@ -371,9 +477,16 @@ class Admission:
         self.redis_queue = RedisQueue(redis, config, self.capacity) if redis is not None else None
         self.local_queue = LocalQueue(self.local_capacity)
         self._leases: dict[str, Lease] = {}
+        self._waiting: dict[str, Waiter] = {}
         self._degraded = redis is None
         self._task: asyncio.Task[None] | None = None
         self._redis = redis
+        self._max_lease_age_s = max_lease_age_s
+        self._closing = False
+        self._cleanups: set[asyncio.Task[Any]] = set()
+        self.reclaimed_total = 0
+        """Leases released because they were held longer than ``max_lease_age_s`` (every model)."""
+        self._reclaimed: dict[str, int] = {}
 
     # --------------------------------------------------------------- capacity & state
     def capacity(self, model: str) -> int:
@@ -393,26 +506,54 @@ class Admission:
     def running(self) -> list[Lease]:
         return list(self._leases.values())
 
+    def waiting(self) -> list[Waiter]:
+        """This gateway's requests waiting in the shared queue."""
+        return list(self._waiting.values())
+
     # --------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        self._closing = False
         if self._task is None:
             self._task = asyncio.create_task(self._maintain(), name="oss-serving-admission")
 
-    async def stop(self) -> None:
+    async def stop(self, *, release_leases: bool = True) -> None:
+        """Graceful shutdown: renewal stops, new requests and waiting ones get a 503
+        ``shutting_down``, the waiting ones' tickets are cancelled in Redis and (with
+        ``release_leases``) the held leases are released, all in one round trip bounded by
+        ``CLEANUP_TIMEOUT_S``. A request still running afterwards is no longer counted; its
+        own release is a no-op. Without ``release_leases`` the held leases are left to
+        their owners, or to expire within ``lease_ttl_s`` (nothing renews them any more).
+        """
+        self._closing = True
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        waiters = list(self._waiting.values())
+        for waiter in waiters:
+            waiter.aborted = True  # before any await: a waiter granted from now on gives up
+            if self.redis_queue is not None:
+                self.redis_queue.wake(waiter.ticket)
+        self.local_queue.abort_waiting(_shutting_down)
+        cleanup: list[Awaitable[Any]] = [self._cancel_ticket(w) for w in waiters]
+        if release_leases:
+            cleanup += [self.release(lease) for lease in self.running()]
+        if cleanup:
+            log.info("admission stops: cancelling %d queued requests", len(waiters))
+            await self._shielded(asyncio.gather(*cleanup, return_exceptions=True))
         if self.redis_queue is not None:
             await self.redis_queue.close()
 
     async def _maintain(self) -> None:
-        """Renew every running lease (re-adding lost ones) and watch for Redis coming back."""
-        period = self._config.lease_ttl_s / 3
+        """Every third of the shorter of lease TTL and ticket heartbeat: release leases held
+        too long, renew every running lease (re-adding lost ones) and every waiting ticket's
+        heartbeat in one round trip, and watch for Redis coming back."""
+        period = min(self._config.lease_ttl_s, self._config.ticket_heartbeat_s) / 3
         while True:
             await asyncio.sleep(min(period, 1.0) if self._degraded else period)
+            await self._reclaim_old_leases()
             if self.redis_queue is None:
                 continue
             try:
-                await self.redis_queue.renew(self.running())
+                await self.redis_queue.renew(self.running(), self.waiting())
                 if self._degraded:
                     log.warning("Redis answers again: admission is shared again")
                 self._degraded = False
@@ -421,6 +562,26 @@ class Admission:
                     log.warning("Redis unreachable (%s): admitting locally", exc)
                 self._degraded = True
             raise_if_cancelling()  # renewal keeps going on Redis errors, a hidden cancel among them
+
+    async def _reclaim_old_leases(self) -> None:
+        if self._max_lease_age_s is None:
+            return
+        now = time.monotonic()
+        old = [lease for lease in self._leases.values() if now - lease.granted_at > self._max_lease_age_s]
+        for lease in old:
+            self.reclaimed_total += 1
+            self._reclaimed[lease.model] = self._reclaimed.get(lease.model, 0) + 1
+            log.warning(
+                "request %s held its lease (model %s, tenant %s) for %.0f s, longer than %g s: "
+                "released (it never released it itself)",
+                lease.request_id,
+                lease.model,
+                lease.tenant,
+                now - lease.granted_at,
+                self._max_lease_age_s,
+            )
+        if old:
+            await asyncio.gather(*(self.release(lease) for lease in old))
 
     # --------------------------------------------------------------- requests
     async def predicted_wait_s(self, model: str, priority: PriorityClass = PriorityClass.standard) -> float:
@@ -434,20 +595,26 @@ class Admission:
         waiting = sum(snap.depth.values())
         return 0.0 if snap.in_use < snap.capacity and waiting == 0 else float(waiting + 1) / snap.capacity
 
-    async def acquire(self, model: str, tenant: Tenant, deadline_s: float | None) -> Lease:
+    async def acquire(
+        self, model: str, tenant: Tenant, deadline_s: float | None, request_id: str = "-"
+    ) -> Lease:
         """Wait for a lease; raise RateLimitError (tenant concurrency) or OverloadedError."""
+        if self._closing:
+            raise _shutting_down()
         budget = deadline_s if deadline_s is not None else self._config.max_wait_s
         arrived = time.monotonic()
         if self.redis_queue is not None and not self._degraded:
             try:
-                return await self._acquire_redis(model, tenant, budget, deadline_s is not None, arrived)
+                return await self._acquire_redis(
+                    model, tenant, budget, deadline_s is not None, arrived, request_id
+                )
             except REDIS_DOWN as exc:
                 log.warning("Redis unreachable (%s): admitting locally", exc)
                 self._degraded = True
-        return await self._acquire_local(model, tenant, budget, arrived)
+        return await self._acquire_local(model, tenant, budget, arrived, request_id)
 
     async def _acquire_redis(
-        self, model: str, tenant: Tenant, budget: float, has_deadline: bool, arrived: float
+        self, model: str, tenant: Tenant, budget: float, has_deadline: bool, arrived: float, request_id: str
     ) -> Lease:
         queue = self.redis_queue
         assert queue is not None
@@ -461,44 +628,100 @@ class Admission:
                     code="deadline_unreachable",
                     headers={"Retry-After": str(max(1, math.ceil(predicted)))},
                 )
+        if self._closing:  # stop() came while this request looked at the queue
+            raise _shutting_down()
         ticket = queue.new_ticket()
-        deadline_ms = _now_ms() + int(budget * 1000) if has_deadline else 0
-        status, _position = await queue.enqueue(ticket, model, tenant, deadline_ms)
-        if status == -1:
-            raise RateLimitError(
-                f"tenant concurrency limit of {tenant.limits.max_concurrent_requests} requests reached",
-                code="concurrency_limit_exceeded",
-                headers={"Retry-After": "1"},
+        # Always a finite drop time: without a deadline, the longest queue wait.
+        drop_ms = _now_ms() + int(budget * 1000)
+        waiter = Waiter(ticket, model, tenant.id, request_id, arrived)
+        self._waiting[ticket] = waiter  # heartbeated from now on
+        try:
+            status = await self._enqueue(queue, waiter, tenant, drop_ms)
+            if waiter.aborted:  # stop() came meanwhile; its cancel may have run before the enqueue
+                await self._cancel_ticket(waiter)
+                raise _shutting_down()
+            if status == -1:
+                raise RateLimitError(
+                    f"tenant concurrency limit of {tenant.limits.max_concurrent_requests} requests reached",
+                    code="concurrency_limit_exceeded",
+                    headers={"Retry-After": "1"},
+                )
+            if status == 0:
+                try:
+                    state = await queue.wait_granted(
+                        ticket, model, tenant.id, budget, aborted=lambda: waiter.aborted
+                    )
+                except BaseException as exc:
+                    # Timed out or the client went away: take the ticket out (or give the
+                    # lease back if it was granted in the meantime).
+                    await self._cancel_ticket(waiter)
+                    if isinstance(exc, TimeoutError):
+                        raise _waited_too_long(budget, has_deadline) from None
+                    raise
+                if state == ABORTED or waiter.aborted:
+                    raise _shutting_down()  # stop() cancels its ticket, or gives its lease back
+                if state == -2:
+                    raise _waited_too_long(budget, has_deadline)
+                if state == -3:  # Redis lost our ticket (restart): queue again locally
+                    raise RedisError("ticket lost")
+            # No await from here on: the lease is in ``_leases`` before the waiter leaves.
+            now = time.monotonic()
+            lease = Lease(
+                ticket, model, tenant.id, tenant.priority, now, now - arrived, "redis", request_id=request_id
             )
-        if status == 0:
-            try:
-                state = await queue.wait_granted(ticket, model, tenant.id, budget)
-            except BaseException as exc:
-                # Timed out or the client went away: take the ticket out (or give the lease
-                # back if it was granted in the meantime).
-                with contextlib.suppress(*REDIS_DOWN):
-                    await asyncio.shield(queue.cancel(ticket, model, tenant.id))
-                if isinstance(exc, TimeoutError):
-                    raise _waited_too_long(budget, has_deadline) from None
-                raise
-            if state == -2:
-                raise _waited_too_long(budget, has_deadline)
-            if state == -3:  # Redis lost our ticket (restart): queue again locally
-                raise RedisError("ticket lost")
-        lease = Lease(
-            ticket, model, tenant.id, tenant.priority, time.monotonic(), time.monotonic() - arrived, "redis"
-        )
-        self._leases[ticket] = lease
-        return lease
+            self._leases[ticket] = lease
+            return lease
+        finally:
+            self._waiting.pop(ticket, None)
 
-    async def _acquire_local(self, model: str, tenant: Tenant, budget: float, arrived: float) -> Lease:
+    async def _enqueue(self, queue: RedisQueue, waiter: Waiter, tenant: Tenant, drop_ms: int) -> int:
+        """ENQUEUE; when the caller is cancelled meanwhile, the script runs all the same (its
+        call is in a batch already): once it has, the ticket is cancelled again, shielded."""
+        call = asyncio.ensure_future(queue.enqueue(waiter.ticket, waiter.model, tenant, drop_ms))
+        try:
+            status, _position = await asyncio.shield(call)
+        except asyncio.CancelledError:
+
+            async def cancel_when_enqueued() -> None:
+                with contextlib.suppress(Exception):
+                    await call
+                await self._cancel_ticket(waiter)
+
+            await self._shielded(cancel_when_enqueued())
+            raise
+        return status
+
+    async def _cancel_ticket(self, waiter: Waiter) -> None:
+        """Cancel ``waiter``'s ticket in Redis (or give back its lease, if granted): shielded
+        from the caller's cancellation, bounded, and quiet when Redis is away (the ticket's
+        heartbeat then expires by itself)."""
+        queue = self.redis_queue
+        if queue is None:
+            return
+        await self._shielded(queue.cancel(waiter.ticket, waiter.model, waiter.tenant))
+
+    async def _shielded(self, work: Awaitable[Any]) -> None:
+        """Wait for ``work``, which runs to its end even if the caller is cancelled meanwhile
+        (the cancellation reaches the caller at once, the work goes on); bounded by
+        ``CLEANUP_TIMEOUT_S``; its errors are logged, not raised."""
+        task = asyncio.ensure_future(_bounded(work, CLEANUP_TIMEOUT_S))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
+
+    async def _acquire_local(
+        self, model: str, tenant: Tenant, budget: float, arrived: float, request_id: str
+    ) -> Lease:
+        if self._closing:
+            raise _shutting_down()
         ticket = f"local-{uuid.uuid4().hex}"
         try:
             await self.local_queue.acquire(ticket, model, tenant, budget)
         except TimeoutError:
             raise _waited_too_long(budget, False) from None
+        now = time.monotonic()
         lease = Lease(
-            ticket, model, tenant.id, tenant.priority, time.monotonic(), time.monotonic() - arrived, "local"
+            ticket, model, tenant.id, tenant.priority, now, now - arrived, "local", request_id=request_id
         )
         self._leases[ticket] = lease
         return lease
@@ -521,12 +744,33 @@ class Admission:
             self._degraded = True  # its Redis lease, if any, expires by itself
 
     async def snapshot(self, model: str) -> QueueSnapshot:
+        snap: QueueSnapshot | None = None
         if self.redis_queue is not None and not self._degraded:
             try:
-                return await self.redis_queue.snapshot(model)
+                snap = await self.redis_queue.snapshot(model)
             except REDIS_DOWN:
                 self._degraded = True
-        return self.local_queue.snapshot(model)
+        if snap is None:
+            snap = self.local_queue.snapshot(model)
+        snap.reclaimed_total = self._reclaimed.get(model, 0)
+        return snap
+
+
+async def _bounded(work: Awaitable[Any], timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(work, timeout_s)
+    except REDIS_DOWN as exc:
+        log.debug("admission clean-up did not reach Redis (%s)", exc)
+    except Exception:
+        log.exception("admission clean-up failed")
+
+
+def _shutting_down() -> OverloadedError:
+    return OverloadedError(
+        "the gateway is shutting down; retry the request",
+        code="shutting_down",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _waited_too_long(budget: float, has_deadline: bool) -> OverloadedError:

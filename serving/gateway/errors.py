@@ -1,4 +1,4 @@
-"""Errors the gateway raises; the API layer turns each into OpenAI's error body.
+"""Errors the gateway raises; each becomes OpenAI's error body through :func:`serving.wire.error_body`.
 
 ::
 
@@ -9,13 +9,20 @@
     ├── UnauthorizedError        401  invalid_request_error   missing, unknown or revoked API key
     ├── ForbiddenError           403  permission_error        model not allowed for the tenant
     ├── RateLimitError           429  rate_limit_exceeded     tenant limit reached (Retry-After, headers)
-    ├── OverloadedError          503  service_unavailable     queue cannot start it in time (Retry-After)
-    ├── EngineNotReadyError      503  service_unavailable     no ready engine replica (Retry-After)
-    ├── GatewayTimeoutError      504  timeout                 the request ran past its time limit
-    └── EngineFailedError        502  engine_error            the engine failed without an answer
+    ├── OverloadedError          503  server_error            queue cannot start it in time (Retry-After)
+    ├── EngineNotReadyError      503  server_error            no ready engine replica (Retry-After)
+    ├── GatewayTimeoutError      504  server_error            the request ran past its time limit
+    ├── EngineFailedError        502  server_error            the engine failed without an answer
+    └── InternalError            500  server_error            a bug: details are in the log only
+
+Messages are written for clients: never an exception's text, which goes to the log.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from serving.wire import error_body
 
 __all__ = [
     "EngineFailedError",
@@ -23,6 +30,7 @@ __all__ = [
     "ForbiddenError",
     "GatewayError",
     "GatewayTimeoutError",
+    "InternalError",
     "InvalidRequestError",
     "ModelNotFoundError",
     "OverloadedError",
@@ -51,6 +59,12 @@ class GatewayError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+
+    def body(self, request_id: str | None, max_chars: int = 2000) -> dict[str, Any]:
+        """This error as the OpenAI error body."""
+        return error_body(
+            self.message[:max_chars], self.type, param=self.param, code=self.code, request_id=request_id
+        )
 
 
 class InvalidRequestError(GatewayError):
@@ -83,7 +97,7 @@ class PayloadTooLargeError(GatewayError):
 
 class EngineNotReadyError(GatewayError):
     status = 503
-    type = "service_unavailable"
+    type = "server_error"
 
     def __init__(self, model: str, retry_after_s: int) -> None:
         super().__init__(
@@ -96,12 +110,27 @@ class EngineNotReadyError(GatewayError):
 
 class GatewayTimeoutError(GatewayError):
     status = 504
-    type = "timeout"
+    type = "server_error"
 
 
 class EngineFailedError(GatewayError):
     status = 502
-    type = "engine_error"
+    type = "server_error"
+
+    def __init__(self, message: str = "The engine failed while processing your request.") -> None:
+        super().__init__(message, code="engine_error")
+
+
+class InternalError(GatewayError):
+    """500: an unexpected failure in the gateway itself (the log has the traceback)."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The server had an internal error while processing your request.", code="internal_error"
+        )
 
 
 class UnauthorizedError(GatewayError):
@@ -128,4 +157,4 @@ class OverloadedError(GatewayError):
     """503: the queue cannot start the request in time (deadline, wait limit)."""
 
     status = 503
-    type = "service_unavailable"
+    type = "server_error"

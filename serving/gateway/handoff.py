@@ -38,9 +38,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from serving.config import HandoffConfig, ModelConfig, ServingConfig, UpstreamConfig, VirtualModelConfig
+from serving.config import HandoffConfig, ModelConfig, UpstreamConfig, VirtualModelConfig
 from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE
-from serving.engine.upstream import UpstreamClient, UpstreamError, upstream_error_body
+from serving.engine.upstream import UpstreamError, upstream_error_body
 from serving.gateway.context import RequestContext
 from serving.gateway.tenants import HandoffRight, PriorityClass
 from serving.metrics import HandoffMetrics
@@ -54,10 +54,10 @@ __all__ = [
     "HandoffPolicy",
     "HandoffReason",
     "MemoryCounters",
+    "NoHandoff",
     "RedisCounters",
     "Upstream",
     "UpstreamBudget",
-    "build_handoff",
 ]
 
 log = logging.getLogger("oss_serving.handoff")
@@ -71,7 +71,6 @@ HANDOFF_HEADER = "X-OSS-Serving-Handoff"
 DECLINED_HEADER = "X-OSS-Serving-Handoff-Declined"
 """Why a handoff the policy wanted did not happen: ``<reason>; <cause>``."""
 
-DEADLINE_HEADER = "x-oss-deadline-ms"
 _MARKED = frozenset({"1", "true", "yes", "cloud"})
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
@@ -329,7 +328,6 @@ class HandoffPolicy:
         is_ready: IsReady,
         predicted_wait: PredictedWait | None = None,
         request_timeout_s: float = 600.0,
-        default_deadline_s: float | None = None,
         tenant_label: Callable[[str], str] = lambda tenant: tenant,
     ) -> None:
         self._config = config
@@ -340,7 +338,6 @@ class HandoffPolicy:
         self._is_ready = is_ready
         self._predicted_wait = predicted_wait
         self._request_timeout_s = request_timeout_s
-        self._default_deadline_s = default_deadline_s
         self._tenant_label = tenant_label
         for u in upstreams:
             for window, limit in u.budget.limits().items():
@@ -430,13 +427,10 @@ class HandoffPolicy:
         return (HandoffReason.overflow, upstream) if wait > min(limits) else None
 
     def _time_left_s(self, ctx: RequestContext) -> float | None:
+        """Seconds until the request's start deadline (the pipeline parsed it into ``ctx``)."""
         if ctx.deadline is not None:
             return ctx.deadline - time.monotonic()
-        raw = ctx.headers.get(DEADLINE_HEADER)
-        if raw is not None:
-            with contextlib.suppress(ValueError):
-                return float(raw) / 1000 - (time.monotonic() - ctx.arrived)
-        return self._default_deadline_s
+        return None
 
     def estimate_tokens(self, body: Mapping[str, Any]) -> int:
         """Prompt tokens estimated from characters, plus the requested output tokens."""
@@ -645,43 +639,20 @@ class HandoffPolicy:
             self._metrics.budget_used.labels(upstream=upstream.name, window=window).set(used)
 
 
-def build_handoff(
-    cfg: ServingConfig,
-    redis: Any,
-    metrics: HandoffMetrics,
-    *,
-    is_ready: IsReady,
-    predicted_wait: PredictedWait | None,
-    tenant_label: Callable[[str], str] = lambda tenant: tenant,
-    environ: Mapping[str, str] | None = None,
-) -> HandoffPolicy | None:
-    """The handoff policy of one gateway replica; None when the configuration names no
-    upstream and no virtual model. Upstream keys are read from the environment here, at
-    gateway start. Budgets are counted in ``redis`` (shared by every replica), or in this
-    process when there is none."""
-    h = cfg.handoff
-    if h.upstream is None and not h.virtual_models:
+class NoHandoff:
+    """Handoff turned off (no upstream, no virtual model): every request is served locally."""
+
+    def resolve(self, ctx: RequestContext) -> None:
         return None
-    counters: Counters = RedisCounters(redis) if redis is not None else MemoryCounters()
-    upstreams = [
-        Upstream(
-            u,
-            UpstreamClient.from_config(u, environ),
-            UpstreamBudget(u, counters, key_prefix=cfg.queue.key_prefix),
-        )
-        for u in cfg.upstreams
-    ]
-    return HandoffPolicy(
-        h,
-        upstreams,
-        {m.name: m for m in cfg.models},
-        metrics,
-        is_ready=is_ready,
-        predicted_wait=predicted_wait,
-        request_timeout_s=cfg.gateway.request_timeout_s,
-        default_deadline_s=cfg.queue.default_deadline_s,
-        tenant_label=tenant_label,
-    )
+
+    async def before_admission(self, ctx: RequestContext) -> Answer | None:
+        return None
+
+    async def failover(self, ctx: RequestContext) -> Answer | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
 
 
 # --------------------------------------------------------------------------- helpers

@@ -27,10 +27,11 @@ from typing import Any
 
 from serving.config import ResponseCacheConfig, RoutingConfig
 from serving.engine.protocol import EngineJSON
+from serving.engine.routing_hints import ROUTED_REASON, ROUTED_REPLICA
 from serving.gateway.context import RequestContext
 from serving.gateway.prefix import PrefixIndex
 from serving.gateway.response_cache import CachePlan, ResponseCache
-from serving.gateway.routing import ROUTED_REASON, ROUTED_REPLICA, PrefixRouting, RoutePlan
+from serving.gateway.routing import PrefixRouting, RoutePlan
 from serving.metrics import GatewayMetrics
 
 __all__ = ["PromptCaching", "PromptCachingRequest"]

@@ -4,36 +4,76 @@ Per model ``m`` (all keys share the hash tag ``{<prefix>:m}``):
 
 - ``wait``  ZSET ticket -> score: ``rank * LANE + start_tag`` (priority lane first, then
   start-time fair queuing between tenants, then arrival: ticket ids sort by arrival);
-- ``meta``  HASH ticket -> JSON {t: tenant, d: deadline ms, s: start tag, r: rank};
+- ``meta``  HASH ticket -> JSON {t: tenant, d: drop time ms, s: start tag, r: rank}; the
+  drop time is the request's deadline, or its arrival plus the longest queue wait: no
+  ticket waits forever (``d`` 0: none, from gateways of earlier versions);
+- ``hb``    ZSET ticket -> heartbeat expiry (ms) of a waiting ticket: its gateway renews it
+  (every third of the heartbeat timeout, all its waiting tickets in one round trip, and
+  at every check of the ticket). A ticket whose heartbeat expired belongs to a gateway
+  that is gone: it is dropped, never granted (the way Redis Streams reclaims a dead
+  consumer's idle entries), so a dead gateway's queued requests take no capacity. A
+  waiting ticket without an entry (enqueued by an earlier version) is granted as before;
 - ``leases`` ZSET ticket -> lease expiry (ms): granted requests; its size is the capacity in use;
 - ``lease_tenant`` HASH ticket -> tenant;
+- ``released`` ZSET ticket -> expiry (ms) of a tombstone written when a lease is released
+  or cancelled: a renewal of that lease still on its way (sent in the same batch, or on
+  another connection) finds it and does not bring the lease back. A tombstone lives as
+  long as the lease would have;
 - ``vt``    HASH ``<tenant>:<rank>`` -> the tenant's last finish tag, ``now:<rank>`` -> the
   lane's virtual time (start tag of the last admitted ticket);
-- ``rejected`` HASH ticket -> reason, for waiters whose ticket was dropped (deadline passed);
-- ``stats`` HASH: ``expired`` (leases that expired un-released), ``ewma_ms`` (service time);
+- ``rejected`` HASH ticket -> reason, for waiters whose ticket was dropped (drop time passed);
+- ``stats`` HASH: ``expired`` (leases that expired un-released), ``abandoned`` (waiting
+  tickets dropped because their heartbeat expired), ``ewma_ms`` (service time);
 - channel ``grants``: space-separated tickets granted by a script, for waiting gateways.
 
-Per tenant, ``active`` ZSET ticket -> expiry counts its queued and running requests.
+Per tenant, ``active`` ZSET ticket -> expiry counts its queued and running requests
+(``max_concurrent_requests``): a waiting ticket's entry lives as long as its heartbeat,
+a lease's as long as the lease, and both are renewed with them.
 
 Start-time fair queuing: a ticket's start tag is ``max(lane virtual time, the tenant's last
 finish tag)`` and its finish tag ``start + 1/weight``; the lane serves the smallest start
 tag first. A tenant with weight 3 gets three starts for every one of a weight-1 tenant
 while both are backlogged, and an idle tenant banks no credit.
+
+Times are the calling gateway's clock (``now_ms`` in ARGV), as for lease expiries.
 """
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "CHECK", "ENQUEUE", "LANE", "RELEASE", "RENEW"]
+__all__ = ["CANCEL", "CHECK", "ENQUEUE", "LANE", "RELEASE", "RENEW", "RENEW_BATCH"]
 
 LANE = 1e12
 
+RENEW_BATCH = 256
+"""Most tickets one RENEW call carries (a longer list is split into several calls)."""
+
+# Every script but RENEW gets the same KEYS:
+#   wait meta leases lease_tenant vt rejected stats tenant_active hb released
+# (tenant_active is the tenant of the ticket the script is called for).
+
 _ADMIT = """
-local function admit(W, M, L, LT, V, R, S, now, cap, ttl, maxg, channel)
+local SWEEP = 256  -- dead waiting tickets dropped per call, at most (the head check drops the rest)
+
+-- Expire leases and dead waiting tickets, then grant the head of the wait set while capacity
+-- is free. Returns the granted tickets (also published on ``channel``).
+local function admit(W, M, L, LT, V, R, S, HB, now, cap, ttl, maxg, channel)
+  -- Leases not renewed in time: their gateway is gone, the capacity returns.
   local expired = redis.call('ZRANGEBYSCORE', L, '-inf', now)
   if #expired > 0 then
     redis.call('ZREMRANGEBYSCORE', L, '-inf', now)
     for _, t in ipairs(expired) do redis.call('HDEL', LT, t) end
     redis.call('HINCRBY', S, 'expired', #expired)
+  end
+  -- Waiting tickets whose heartbeat expired: nobody waits for them any more. Their tenant
+  -- entries expire by themselves (they were renewed with the heartbeat).
+  local abandoned = 0
+  local dead = redis.call('ZRANGEBYSCORE', HB, '-inf', now, 'LIMIT', 0, SWEEP)
+  for _, t in ipairs(dead) do
+    redis.call('ZREM', HB, t)
+    if redis.call('ZREM', W, t) == 1 then
+      redis.call('HDEL', M, t)
+      abandoned = abandoned + 1
+    end  -- else granted or cancelled already (by a gateway of an earlier version)
   end
   local used = redis.call('ZCARD', L)
   local granted = {}
@@ -44,8 +84,12 @@ local function admit(W, M, L, LT, V, R, S, now, cap, ttl, maxg, channel)
     redis.call('ZREM', W, t)
     local raw = redis.call('HGET', M, t)
     redis.call('HDEL', M, t)
+    local hb = redis.call('ZSCORE', HB, t)
+    redis.call('ZREM', HB, t)
     local meta = raw and cjson.decode(raw) or {}
-    if meta.d and meta.d > 0 and now > meta.d then
+    if hb and tonumber(hb) <= now then
+      abandoned = abandoned + 1  -- a dead ticket the bounded sweep left: dropped, not granted
+    elseif meta.d and meta.d > 0 and now > meta.d then
       redis.call('HSET', R, t, 'deadline')
     else
       redis.call('ZADD', L, now + ttl, t)
@@ -57,103 +101,169 @@ local function admit(W, M, L, LT, V, R, S, now, cap, ttl, maxg, channel)
       granted[#granted + 1] = t
     end
   end
+  if abandoned > 0 then redis.call('HINCRBY', S, 'abandoned', abandoned) end
   if #granted > 0 then redis.call('PUBLISH', channel, table.concat(granted, ' ')) end
   return granted
 end
+
+-- A lease is gone (released or cancelled): write its tombstone, drop stale ones.
+local function tombstone(RL, t, now, ttl)
+  redis.call('ZREMRANGEBYSCORE', RL, '-inf', now)
+  redis.call('ZADD', RL, now + ttl, t)
+  redis.call('PEXPIRE', RL, ttl * 2)
+end
 """
 
-# KEYS: wait meta leases lease_tenant vt rejected stats tenant_active
-# ARGV: ticket tenant rank weight deadline_ms now_ms capacity ttl_ms max_grants
-#       tenant_limit channel lane
+# ARGV: ticket tenant rank weight drop_ms now_ms capacity ttl_ms max_grants
+#       tenant_limit channel lane heartbeat_ms
 # -> {status, position, depth}: status 1 granted, 0 waiting, -1 tenant concurrency limit
 ENQUEUE = (
     _ADMIT
     + """
 local W, M, L, LT, V, R, S, TA = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local HB = KEYS[9]
 local ticket, tenant = ARGV[1], ARGV[2]
 local rank, weight = tonumber(ARGV[3]), tonumber(ARGV[4])
-local deadline, now = tonumber(ARGV[5]), tonumber(ARGV[6])
+local drop, now = tonumber(ARGV[5]), tonumber(ARGV[6])
 local cap, ttl, maxg = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local limit, channel, lanew = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+local hbms = tonumber(ARGV[13])
 redis.call('ZREMRANGEBYSCORE', TA, '-inf', now)
 if limit > 0 and redis.call('ZCARD', TA) >= limit then return {-1, 0, redis.call('ZCARD', W)} end
-redis.call('ZADD', TA, now + ttl, ticket)
-redis.call('PEXPIRE', TA, ttl * 4)
+-- Counted for the tenant while it waits, as long as its heartbeat lives.
+redis.call('ZADD', TA, now + hbms, ticket)
+redis.call('PEXPIRE', TA, math.max(ttl, hbms) * 4)
 local lane = tostring(rank)
 local vnow = tonumber(redis.call('HGET', V, 'now:' .. lane) or '0')
 local last = tonumber(redis.call('HGET', V, tenant .. ':' .. lane) or '0')
 local start = math.max(vnow, last)
 redis.call('HSET', V, tenant .. ':' .. lane, start + 1.0 / weight)
 redis.call('ZADD', W, rank * lanew + start, ticket)
-redis.call('HSET', M, ticket, cjson.encode({t = tenant, d = deadline, s = start, r = rank}))
-admit(W, M, L, LT, V, R, S, now, cap, ttl, maxg, channel)
-if redis.call('ZSCORE', L, ticket) then return {1, 0, redis.call('ZCARD', W)} end
+redis.call('HSET', M, ticket, cjson.encode({t = tenant, d = drop, s = start, r = rank}))
+redis.call('ZADD', HB, now + hbms, ticket)
+admit(W, M, L, LT, V, R, S, HB, now, cap, ttl, maxg, channel)
+if redis.call('ZSCORE', L, ticket) then
+  redis.call('ZADD', TA, now + ttl, ticket)  -- granted at once: counted as long as its lease
+  return {1, 0, redis.call('ZCARD', W)}
+end
 return {0, redis.call('ZRANK', W, ticket), redis.call('ZCARD', W)}
 """
 )
 
-# KEYS: as ENQUEUE;  ARGV: ticket now_ms capacity ttl_ms max_grants channel
-# -> 1 granted, 0 waiting, -2 rejected (deadline), -3 unknown (lost: Redis restarted)
+# ARGV: ticket now_ms capacity ttl_ms max_grants channel heartbeat_ms
+# -> 1 granted, 0 waiting, -2 rejected (drop time passed), -3 unknown (lost: Redis restarted,
+# or its heartbeat expired)
+# A check is a sign of life too: a waiting ticket's heartbeat and tenant entry are renewed,
+# and a granted one's tenant entry lives as long as its lease until the lease renewals take
+# over.
 CHECK = (
     _ADMIT
     + """
-local W, M, L, LT, V, R, S = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local W, M, L, LT, V, R, S, TA = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local HB = KEYS[9]
 local t, now = ARGV[1], tonumber(ARGV[2])
-admit(W, M, L, LT, V, R, S, now, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6])
-if redis.call('ZSCORE', L, t) then return 1 end
-if redis.call('ZSCORE', W, t) then return 0 end
+local ttl, hbms = tonumber(ARGV[4]), tonumber(ARGV[7])
+admit(W, M, L, LT, V, R, S, HB, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
+if redis.call('ZSCORE', L, t) then
+  redis.call('ZADD', TA, now + ttl, t)
+  redis.call('PEXPIRE', TA, math.max(ttl, hbms) * 4)
+  return 1
+end
+if redis.call('ZSCORE', W, t) then
+  redis.call('ZADD', HB, now + hbms, t)
+  redis.call('ZADD', TA, now + hbms, t)
+  redis.call('PEXPIRE', TA, math.max(ttl, hbms) * 4)
+  return 0
+end
 if redis.call('HGET', R, t) then redis.call('HDEL', R, t); return -2 end
 return -3
 """
 )
 
-# KEYS: as ENQUEUE;  ARGV: ticket now_ms capacity ttl_ms max_grants channel service_ms
+# ARGV: ticket now_ms capacity ttl_ms max_grants channel service_ms
 # -> number of tickets granted by the freed capacity
 RELEASE = (
     _ADMIT
     + """
 local W, M, L, LT, V, R, S, TA = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local t, now = ARGV[1], tonumber(ARGV[2])
+local HB, RL = KEYS[9], KEYS[10]
+local t, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 redis.call('ZREM', L, t)
 redis.call('HDEL', LT, t)
 redis.call('ZREM', TA, t)
+tombstone(RL, t, now, ttl)
 local service = tonumber(ARGV[7])
 if service >= 0 then
   local old = tonumber(redis.call('HGET', S, 'ewma_ms') or '-1')
   if old < 0 then old = service end
   redis.call('HSET', S, 'ewma_ms', 0.8 * old + 0.2 * service)
 end
-local g = admit(W, M, L, LT, V, R, S, now, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6])
+local g = admit(W, M, L, LT, V, R, S, HB, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
 return #g
 """
 )
 
-# KEYS: as ENQUEUE;  ARGV: ticket now_ms capacity ttl_ms max_grants channel
+# ARGV: ticket now_ms capacity ttl_ms max_grants channel
 # -> 1 removed while waiting, 2 it had been granted (and is now released), 0 unknown
 CANCEL = (
     _ADMIT
     + """
 local W, M, L, LT, V, R, S, TA = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local t, now = ARGV[1], tonumber(ARGV[2])
+local HB, RL = KEYS[9], KEYS[10]
+local t, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 redis.call('ZREM', TA, t)
 redis.call('HDEL', R, t)
+redis.call('ZREM', HB, t)
 if redis.call('ZREM', W, t) == 1 then redis.call('HDEL', M, t); return 1 end
 if redis.call('ZREM', L, t) == 1 then
   redis.call('HDEL', LT, t)
-  admit(W, M, L, LT, V, R, S, now, tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6])
+  tombstone(RL, t, now, ttl)
+  admit(W, M, L, LT, V, R, S, HB, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
   return 2
 end
 return 0
 """
 )
 
-# KEYS: leases lease_tenant tenant_active;  ARGV: ticket tenant expiry_ms ttl_ms
-# Re-adds the lease when it is missing (Redis restarted, or admitted locally while
-# Redis was away), so capacity accounting comes back with Redis.
+# One gateway's renewals for one model and tenant (its maintenance task sends one call per
+# model and tenant, all in one round trip).
+# KEYS: leases lease_tenant tenant_active wait hb released
+# ARGV: tenant lease_expiry_ms heartbeat_expiry_ms tenant_key_ttl_ms n_leases
+#       lease tickets (n_leases of them), then waiting tickets
+# -> {leases renewed, leases skipped (released: tombstone), waiting renewed, waiting unknown}
+#
+# A lease is renewed, and re-added when it is missing (Redis restarted, it expired while
+# its gateway stalled, or it was granted locally while Redis was away), so capacity
+# accounting comes back with Redis; but never one that was released: its tombstone says so.
+# A waiting ticket's heartbeat is renewed only while it still waits: a renewal never brings
+# back a ticket that was granted, dropped or cancelled.
 RENEW = """
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) * 4)
-return 1
+local L, LT, TA, W, HB, RL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local tenant = ARGV[1]
+local lexp, hexp, keyttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local nl = tonumber(ARGV[5])
+local renewed, skipped, waiting, unknown = 0, 0, 0, 0
+for i = 6, 5 + nl do
+  local t = ARGV[i]
+  if redis.call('ZSCORE', RL, t) then
+    skipped = skipped + 1
+  else
+    redis.call('ZADD', L, lexp, t)
+    redis.call('HSET', LT, t, tenant)
+    redis.call('ZADD', TA, lexp, t)
+    renewed = renewed + 1
+  end
+end
+for i = 6 + nl, #ARGV do
+  local t = ARGV[i]
+  if redis.call('ZSCORE', W, t) then
+    redis.call('ZADD', HB, hexp, t)
+    redis.call('ZADD', TA, hexp, t)
+    waiting = waiting + 1
+  else
+    unknown = unknown + 1
+  end
+end
+if renewed + waiting > 0 then redis.call('PEXPIRE', TA, keyttl) end
+return {renewed, skipped, waiting, unknown}
 """

@@ -1,4 +1,4 @@
-"""Prefix-affinity routing: the gateway's half and the decision rule.
+"""Prefix-affinity routing: the gateway's half.
 
 The gateway cannot place a request on an engine replica by itself: Ray Serve's request
 router, running inside the gateway process for the engine deployment's handle, does
@@ -12,10 +12,11 @@ that. So routing is split in two:
 2. ``serving.engine.router.PrefixAffinityRouter`` (the engine deployment's Ray Serve
    request router) reads the hints, adds what only it knows (every replica's live queue
    length, probed from the replicas themselves, so it counts every gateway's requests),
-   applies :func:`decide`, and writes the replica it chose and why back into the same
-   ``headers`` dict. After the first answer item the gateway reads them and records the
-   prompt's blocks under that replica in the index (in the background: never before the
-   first byte).
+   applies :func:`serving.engine.routing_hints.decide`, and writes the replica it chose
+   and why back into the same ``headers`` dict. After the first answer item the gateway
+   reads them and records the prompt's blocks under that replica in the index (in the
+   background: never before the first byte). The hint names and the rule are the engine
+   side's (:mod:`serving.engine.routing_hints`); this module only uses them.
 
 Where this does better than Ray Serve LLM's ``PrefixCacheAffinityRouter``: the index is
 in Redis (not one detached actor queried with blocking ``ray.get`` on the routing path),
@@ -36,98 +37,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.config import RoutingConfig
+from serving.engine.routing_hints import (
+    HINT_AFFINITY,
+    HINT_KEY_REPLICA,
+    HINT_STRATEGY,
+    REASONS,
+    ROUTED_REASON,
+    ROUTED_REPLICA,
+    format_affinity,
+)
 from serving.gateway.context import RequestContext
 from serving.gateway.prefix import AffinityLookup, PrefixIndex, block_hashes, render_prompt
 from serving.metrics import GatewayMetrics
 
 __all__ = [
-    "HINT_AFFINITY",
-    "HINT_KEY_REPLICA",
-    "HINT_STRATEGY",
-    "ROUTED_REASON",
-    "ROUTED_REPLICA",
-    "Decision",
     "PrefixRouting",
     "RoutePlan",
     "affinity_key",
     "cached_tokens_in",
-    "decide",
-    "format_affinity",
-    "parse_affinity",
 ]
 
 log = logging.getLogger("oss_serving.routing")
-
-HINT_STRATEGY = "x-oss-route-strategy"
-"""Routing strategy for this request: ``prefix``, ``power_of_two`` or ``round_robin``."""
-HINT_AFFINITY = "x-oss-route-affinity"
-"""``replica=blocks,replica=blocks``: leading prompt blocks each replica was last sent."""
-HINT_KEY_REPLICA = "x-oss-route-key-replica"
-"""Replica that last served this request's affinity key."""
-ROUTED_REPLICA = "x-oss-routed-replica"
-"""Written by the router: the replica it chose."""
-ROUTED_REASON = "x-oss-routed-reason"
-"""Written by the router: ``affinity``, ``load``, ``fallback`` or ``round_robin``."""
-
-REASONS = ("affinity", "load", "fallback", "round_robin")
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The router's choice: replicas in order of preference (empty: use the default policy)."""
-
-    ranked: list[str]
-    reason: str
-
-
-def format_affinity(matched: Mapping[str, int]) -> str:
-    return ",".join(f"{rid}={n}" for rid, n in matched.items())
-
-
-def parse_affinity(text: str | None) -> dict[str, int]:
-    """Inverse of :func:`format_affinity`; malformed parts are skipped."""
-    out: dict[str, int] = {}
-    for part in (text or "").split(","):
-        rid, _, n = part.partition("=")
-        if rid and n.isdigit():
-            out[rid] = int(n)
-    return out
-
-
-def decide(
-    matched: Mapping[str, int],
-    key_replica: str | None,
-    loads: Mapping[str, int],
-    *,
-    imbalance_threshold: int,
-    min_match_blocks: int = 1,
-) -> Decision:
-    """Choose among replicas that can take a request (``loads``: replica -> ongoing requests).
-
-    The affine replica is the one holding the longest prefix of the prompt (at least
-    ``min_match_blocks``), ties broken by the affinity key's replica, then by load; with
-    no prefix match the affinity key's replica. It wins unless it has more than
-    ``imbalance_threshold`` requests more than the least busy replica: then the least
-    busy wins (``load``). No affinity at all: ``fallback`` (the default policy chooses).
-    """
-    if not loads:
-        return Decision([], "fallback")
-    least = min(loads, key=lambda rid: (loads[rid], rid))
-    scored = [
-        (n, rid == key_replica, -loads[rid], rid)
-        for rid, n in matched.items()
-        if rid in loads and n >= min_match_blocks
-    ]
-    if scored:
-        affine = max(scored)[3]
-    elif key_replica is not None and key_replica in loads:
-        affine = key_replica
-    else:
-        return Decision([], "fallback")
-    if loads[affine] - loads[least] > imbalance_threshold:
-        return Decision([least], "load")
-    others = sorted((rid for rid in loads if rid != affine), key=lambda rid: (loads[rid], rid))
-    return Decision([affine, *others], "affinity")
 
 
 def affinity_key(ctx: RequestContext, config: RoutingConfig) -> str | None:

@@ -5,6 +5,8 @@
 ``load``: N concurrent requests each hold a lease for 20 ms; while holding, they count
 themselves in Redis (``probe:cur``) and record the highest count seen (``probe:max``).
 ``hold``: take N leases, print ``held``, and sleep until killed.
+``queue``: fill the capacity (3) with held leases, then queue N more requests that wait,
+print ``queued N``, and sleep until killed (its tickets' heartbeat lasts 1 s).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ return cur
 
 async def main(url: str, mode: str, n: int) -> None:
     client = aioredis.Redis.from_url(url)
-    config = QueueConfig(default_capacity=3, lease_ttl_s=1.5)
+    config = QueueConfig(default_capacity=3, lease_ttl_s=1.5, ticket_heartbeat_s=1.0)
     admission = Admission(client, config, ["m"])
     await admission.start()
     tenant = Tenant(id="t")
@@ -36,6 +38,16 @@ async def main(url: str, mode: str, n: int) -> None:
     if mode == "hold":
         leases = [await admission.acquire("m", tenant, None) for _ in range(n)]
         print("held", len(leases), flush=True)
+        await asyncio.sleep(3600)
+        return
+    if mode == "queue":
+        held = [await admission.acquire("m", tenant, None) for _ in range(config.default_capacity)]
+        waiting = [asyncio.create_task(admission.acquire("m", tenant, None)) for _ in range(n)]
+        for _ in range(1000):  # every ticket queued in Redis
+            if len(admission.waiting()) == n and (await admission.snapshot("m")).depth["standard"] == n:
+                break
+            await asyncio.sleep(0.01)
+        print("queued", len(waiting), "behind", len(held), flush=True)
         await asyncio.sleep(3600)
         return
 

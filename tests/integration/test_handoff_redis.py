@@ -7,13 +7,13 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from serving.config import QueueConfig, ServingConfig
-from serving.engine.sim import EngineProfile
-from serving.engine.sim.background import serve_in_thread
-from serving.engine.sim.server import SimEngine
-from serving.gateway.admission import Admission
-from serving.gateway.handoff import RedisCounters, UpstreamBudget, build_handoff
-from serving.metrics import GatewayMetrics
+from loadtest.sim import EngineProfile
+from loadtest.sim.background import serve_in_thread
+from loadtest.sim.server import SimEngine
+from serving.config import ServingConfig
+from serving.gateway.build import build_gateway
+from serving.gateway.handoff import RedisCounters, UpstreamBudget
+from tests.fakes import FakeEngine
 from tests.redis_server import RedisServer
 from tests.unit.test_handoff import BIG, SMALL, Stack, chat, key
 
@@ -61,25 +61,21 @@ async def test_budget_falls_back_to_local_counting_when_redis_is_down(
     assert await budget.reserve(10) is None
 
 
-async def test_build_handoff_uses_redis_counters(client: aioredis.Redis) -> None:
+async def test_build_gateway_shares_the_budget_in_redis(client: aioredis.Redis) -> None:
     cfg = _config(requests_per_minute=1)
-    metrics = GatewayMetrics(["m"], [1.0])
-    policy = build_handoff(
-        cfg, client, metrics.handoff, is_ready=lambda m: True, predicted_wait=None, environ={}
-    )
-    assert policy is not None
+    service = build_gateway(cfg, {"m": FakeEngine()}, client, {})
     assert await UpstreamBudget(cfg.upstreams[0], RedisCounters(client)).reserve(1) is not None
-    # the policy's budget sees the reservation made through another object: it is shared
-    upstream = policy._upstreams["cloud"]
+    # the gateway's budget sees the reservation made through another object: it is shared
+    upstream = service._handoff._upstreams["cloud"]  # type: ignore[attr-defined]
     assert await upstream.budget.reserve(1) is None
-    await policy.aclose()
+    await service._handoff.aclose()
 
 
 async def test_overflow_under_a_full_redis_queue(
     client: aioredis.Redis, cloud: tuple[SimEngine, str]
 ) -> None:
-    admission = Admission(client, QueueConfig(default_capacity=1), [SMALL, BIG])
-    s = Stack(cloud[1], admission=admission)
+    s = Stack(cloud[1], queue={"default_capacity": 1}, redis=client)
+    admission = s.service.admission
     await s.service.probe_once()
     tenant = s.service._auth.authenticate(f"Bearer {key('open')}")  # type: ignore[union-attr]
     try:
@@ -94,5 +90,4 @@ async def test_overflow_under_a_full_redis_queue(
         await admission.release(held)
         assert (await s.post("open", chat(BIG))).headers["x-oss-serving-backend"] == "local"
     finally:
-        await admission.stop()
         await s.close()

@@ -207,6 +207,64 @@ async def test_killed_gateway_capacity_returns_within_lease_ttl(
     await admission.release(lease)
 
 
+async def test_killed_gateway_queued_tickets_are_dropped_within_heartbeat(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.queue_worker", server.url, "queue", "5",
+        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    # The worker holds the whole capacity (3 leases) and queued 5 more requests; its
+    # leases live 1.5 s and its tickets' heartbeat 1 s unless it renews them.
+    assert (await asyncio.wait_for(proc.stdout.readline(), 60)).startswith(b"queued 5")
+    # A lease this gateway grants lives 10 s: a ghost granted by mistake would hold its
+    # slot that long, and the request below would wait behind ghosts for tens of seconds.
+    admission = _admission(client, 3, lease_ttl_s=10.0)
+    behind = asyncio.create_task(admission.acquire("m", Tenant(id="n"), None))
+    for _ in range(200):
+        if (await admission.snapshot("m")).depth["standard"] == 6:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.5)  # the live worker keeps its tickets: nothing is dropped
+    snap = await admission.snapshot("m")
+    assert (snap.depth["standard"], snap.in_use, snap.abandoned_total) == (6, 3, 0)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    killed = time.monotonic()
+    gone: list[float] = []
+
+    async def watch() -> None:  # when the ghosts leave the wait set
+        for _ in range(1000):
+            if await client.zcard("{oss:q:m}:wait") <= 1:
+                gone.append(time.monotonic() - killed)
+                return
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    lease: Lease = await asyncio.wait_for(behind, 15)
+    took = time.monotonic() - killed
+    await asyncio.wait_for(watcher, 1)
+    print(f"killed gateway with 5 queued requests: tickets gone after {gone[0]:.2f} s, "
+          f"capacity back after {took:.2f} s")  # fmt: skip
+    # The worker's tickets expire 1 s after its last renewal and its leases 1.5 s after;
+    # the waiting request checks its ticket at least every second (each check drops the
+    # expired tickets and grants). Ghosts granted would hold 10 s each.
+    assert gone[0] <= 1.0 + 2.0
+    assert took <= 1.5 + 2.0
+    snap = await admission.snapshot("m")
+    assert snap.abandoned_total == 5  # dropped, never granted
+    assert snap.expired_total == 3
+    assert snap.in_use == 1
+    assert await client.zcard("{oss:q:m}:wait") == 0
+    assert await client.hlen("{oss:q:m}:meta") == 0
+    assert await client.zcard("{oss:q:m}:hb") == 0
+    now_ms = int(time.time() * 1000)
+    assert await client.zcount("oss:t:t:active", now_ms, "+inf") == 0  # nothing counted for it
+    await admission.release(lease)
+
+
 async def test_redis_outage_falls_back_locally_and_recovers(tmp_path: Path) -> None:
     srv = RedisServer(tmp_path / "r").start()
     client = aioredis.Redis.from_url(srv.url, socket_timeout=0.5, socket_connect_timeout=0.5)

@@ -1,8 +1,8 @@
 """Keys, tenants, limits and the queue through the HTTP API, with a real Redis.
 
-The gateway runs in process (FastAPI app over ``GatewayService``) with the same policy
-components the Ray deployment builds (``policy_components``); the engine is the fake
-from ``tests/fakes.py``; the client is the OpenAI SDK.
+The gateway runs in process, built by the same composition root as the Ray deployment
+(``build_gateway``); the engine is the fake from ``tests/fakes.py``; the client is the
+OpenAI SDK.
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ import pytest
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 
-from serving.api.app import create_app
 from serving.cli import main as cli
 from serving.config import ServingConfig, TenantSeed
 from serving.gateway.auth import TenantStore
-from serving.gateway.service import GatewayService
 from serving.gateway.tenants import Tenant, TenantLimits, hash_key
-from serving.metrics import GatewayMetrics
-from serving.serve_app import policy_components
 from tests.fakes import FakeEngine
+from tests.gateway import TestGateway
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -34,30 +31,14 @@ MODEL = "smol"
 MSG = [{"role": "user", "content": "hi"}]
 
 
-class Gateway:
+class Gateway(TestGateway):
     def __init__(self, cfg: ServingConfig, engine: FakeEngine) -> None:
-        self.engine = engine
         self.redis = aioredis.Redis.from_url(cfg.redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        self.metrics = GatewayMetrics([m.name for m in cfg.models], [0.1, 1])
+        super().__init__(cfg, {MODEL: engine}, self.redis)
+        self.engine = engine
 
-        async def ping() -> bool:
-            return bool(await self.redis.ping())
-
-        self.service = GatewayService(
-            cfg.gateway, {MODEL: engine}, self.metrics, redis_ping=ping, **policy_components(cfg, self.redis)
-        )
-        self.app = create_app(self.service, cfg.gateway, self.metrics)
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gw")
-
-    def sdk(self, key: str | None) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url="http://gw/v1", api_key=key or "", http_client=self.http, max_retries=0
-        )
-
-    async def close(self) -> None:
-        await self.service.stop()
-        await self.http.aclose()
-        await self.redis.aclose()
+    def sdk(self, key: str | None = None) -> openai.AsyncOpenAI:
+        return super().sdk(key or "")
 
 
 def _config(url: str, **extra: object) -> ServingConfig:

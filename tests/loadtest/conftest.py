@@ -11,8 +11,8 @@ from contextlib import contextmanager
 import pytest
 import uvicorn
 
-from serving.engine.sim import EngineProfile
-from serving.engine.sim.server import SimEngine, build_app
+from loadtest.sim import EngineProfile
+from loadtest.sim.server import SimEngine, build_app
 
 
 def _free_port() -> int:

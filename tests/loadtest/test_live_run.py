@@ -12,7 +12,7 @@ from loadtest.config import LoadTestConfig
 from loadtest.metrics import compute_run_metrics
 from loadtest.records import RequestRecord
 from loadtest.runner import check_validity, run_load
-from serving.engine.sim import EngineProfile
+from loadtest.sim import EngineProfile
 from tests.loadtest.conftest import serve_sim
 
 FAST = EngineProfile(step_base_s=0.002, step_per_seq_s=0.0, prefill_per_token_s=0.0, stream_interval=2)

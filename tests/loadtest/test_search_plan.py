@@ -14,11 +14,11 @@ from loadtest.calibrate import CalibrationPoint, fit_profile
 from loadtest.cli import main
 from loadtest.config import CalibrateConfig, LoadTestConfig, PlanConfig
 from loadtest.plan import capacity_plan
+from loadtest.sim import EngineProfile
 from loadtest.simulate import simulate_run
 from loadtest.slo import slo_search
 from loadtest.stats import mean_ci, t_quantile
 from loadtest.sweep import run_sweep
-from serving.engine.sim import EngineProfile
 
 # 4 sequences at most, 0.1 s per step, 10 output tokens: capacity is exactly 4 requests/s
 CAP4 = EngineProfile(step_base_s=0.1, step_per_seq_s=0.0, prefill_per_token_s=0.0, max_num_seqs=4)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from loadtest.metrics import compute_run_metrics
+from loadtest.sim import BlockManager, EngineProfile, SimRequest, SimScheduler, block_hashes
 from loadtest.simulate import simulate_records
 from loadtest.tokenizer import WordTokenizer
 from loadtest.workload import PlannedRequest
-from serving.engine.sim import BlockManager, EngineProfile, SimRequest, SimScheduler, block_hashes
 
 
 def test_block_manager_prefix_cache_and_eviction() -> None:

@@ -5,30 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from serving.api.app import create_app
-from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint, EngineSSE
 from serving.gateway.context import RequestContext
-from serving.gateway.service import GatewayService
-from serving.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
+from tests.gateway import TestGateway, config_for
 
 MODEL = "smollm2-135m-instruct"
 
 
-class Stack:
-    def __init__(self, engines: dict[str, FakeEngine], config: GatewayConfig) -> None:
-        self.engines = engines
-        self.metrics = GatewayMetrics(list(engines), [0.01, 0.1, 1])
-        self.service = GatewayService(config, engines, self.metrics)
-        self.app = create_app(self.service, config, self.metrics)
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gw")
-        self.sdk = openai.AsyncOpenAI(
+class Stack(TestGateway):
+    def __init__(self, engines: dict[str, FakeEngine], **gateway: Any) -> None:
+        super().__init__(config_for(list(engines), gateway=gateway), engines)
+        self.engines: dict[str, FakeEngine] = engines  # type: ignore[assignment]
+        self.sdk = self.sdk_client = openai.AsyncOpenAI(
             base_url="http://gw/v1", api_key="x", http_client=self.http, max_retries=0
         )
 
@@ -36,10 +30,10 @@ class Stack:
 @pytest.fixture
 async def stack() -> AsyncIterator[Stack]:
     engines = {MODEL: FakeEngine(), "gpt-oss-tiny": FakeEngine(healthy=False)}
-    s = Stack(engines, GatewayConfig(max_body_bytes=2048, engine_ready_retry_after_s=7))
+    s = Stack(engines, max_body_bytes=2048, engine_ready_retry_after_s=7)
     await s.service.probe_once()
     yield s
-    await s.http.aclose()
+    await s.close()
 
 
 async def test_chat_non_streaming_through_sdk(stack: Stack) -> None:
@@ -203,8 +197,9 @@ async def test_closing_a_stream_cancels_the_engine_request(stack: Stack) -> None
     engine.chunk_delay_s = 0.05
     body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     ctx = RequestContext(request_id="rid-1", endpoint=Endpoint.chat, model=MODEL, body=body)
-    answer, stream = await stack.service.run(ctx)
-    assert answer is None
+    answer = await stack.service.run(ctx, stack.service.open("rid-1", Endpoint.chat))
+    assert answer.json is None
+    stream = answer.stream
     assert stream is not None
     first = await anext(stream)
     assert first.startswith("data: ")
@@ -222,7 +217,7 @@ async def test_closing_a_stream_cancels_the_engine_request(stack: Stack) -> None
 
 async def test_request_that_does_not_start_in_time_is_504() -> None:
     engine = FakeEngine()
-    s = Stack({MODEL: engine}, GatewayConfig(request_timeout_s=0.2))
+    s = Stack({MODEL: engine}, request_timeout_s=0.2)
     await s.service.probe_once()
 
     async def never(*_args: object) -> AsyncIterator[EngineSSE]:
@@ -235,7 +230,7 @@ async def test_request_that_does_not_start_in_time_is_504() -> None:
     )
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "timeout"
-    await s.http.aclose()
+    await s.close()
 
 
 async def test_scale_from_zero_model_is_held_not_refused() -> None:
@@ -247,10 +242,11 @@ async def test_scale_from_zero_model_is_held_not_refused() -> None:
             raise RuntimeError("no replica")
 
     engine = Sleeping()
-    metrics = GatewayMetrics([MODEL], [0.1])
-    service = GatewayService(GatewayConfig(), {MODEL: engine}, metrics, scale_from_zero=frozenset({MODEL}))
-    app = create_app(service, GatewayConfig(), metrics)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+    cfg = config_for([MODEL])
+    cfg.models[0].topology.min_replicas = 0
+    gw = TestGateway(cfg, {MODEL: engine})
+    service, http = gw.service, gw.http
+    async with http:
         await service.probe_once()
         assert engine.probes == 0  # a probe through the handle would wake the deployment
         health = (await http.get("/health")).json()

@@ -17,7 +17,9 @@ import httpx
 import openai
 import pytest
 
-from serving.api.app import create_app
+from loadtest.sim import EngineProfile
+from loadtest.sim.background import serve_in_thread
+from loadtest.sim.server import SimEngine
 from serving.config import (
     AuthConfig,
     GatewayConfig,
@@ -29,17 +31,11 @@ from serving.config import (
     UpstreamConfig,
 )
 from serving.engine.protocol import EngineClient
-from serving.engine.sim import EngineProfile
-from serving.engine.sim.background import serve_in_thread
-from serving.engine.sim.server import SimEngine
 from serving.engine.upstream import UpstreamClient
-from serving.gateway.admission import Admission
-from serving.gateway.auth import TenantDirectory
-from serving.gateway.handoff import HandoffPolicy, MemoryCounters, Upstream, UpstreamBudget
-from serving.gateway.service import GatewayService
+from serving.gateway.handoff import HandoffPolicy
 from serving.gateway.tenants import hash_key
-from serving.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
+from tests.gateway import TestGateway
 
 SMALL, BIG = "gpt-oss-20b", "gpt-oss-120b"
 CLOUD_MODEL = "gpt-cloud-large"
@@ -83,7 +79,8 @@ class Stack:
         handoff: dict[str, Any] | None = None,
         upstream: dict[str, Any] | None = None,
         engines: dict[str, EngineClient] | None = None,
-        admission: Admission | None = None,
+        queue: dict[str, Any] | None = None,
+        redis: Any | None = None,
         environ: dict[str, str] | None = None,
         request_timeout_s: float = 30.0,
     ) -> None:
@@ -116,26 +113,19 @@ class Stack:
             ],
         )
         self.engines: dict[str, EngineClient] = engines or {SMALL: FakeEngine(), BIG: FakeEngine()}
-        self.metrics = GatewayMetrics(list(self.engines), [0.01, 0.1, 1])
-        gw = GatewayConfig(request_timeout_s=request_timeout_s, engine_ready_retry_after_s=3)
-        auth = TenantDirectory(None, AuthConfig(required=True), self.config.tenants)
-        self.upstream_client = UpstreamClient.from_config(self.config.upstreams[0], environ or {})
-        self.budget = UpstreamBudget(self.config.upstreams[0], MemoryCounters())
-        self.service: GatewayService
-        self.policy = HandoffPolicy(
-            self.config.handoff,
-            [Upstream(self.config.upstreams[0], self.upstream_client, self.budget)],
-            {m.name: m for m in self.config.models},
-            self.metrics.handoff,
-            is_ready=lambda model: self.service.is_ready(model),
-            predicted_wait=admission.predicted_wait_s if admission is not None else None,
-            request_timeout_s=request_timeout_s,
+        self.config = self.config.model_copy(
+            update={
+                "gateway": GatewayConfig(request_timeout_s=request_timeout_s, engine_ready_retry_after_s=3),
+                "auth": AuthConfig(required=True),
+                "queue": QueueConfig.model_validate(queue or {}),
+            }
         )
-        self.service = GatewayService(
-            gw, self.engines, self.metrics, auth=auth, admission=admission, handoff=self.policy
-        )
-        self.app = create_app(self.service, gw, self.metrics)
-        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gw")
+        self.gateway = TestGateway(self.config, self.engines, redis, environ=environ or {})
+        self.service = self.gateway.service
+        self.metrics = self.gateway.metrics
+        self.http = self.gateway.http
+        self.policy: HandoffPolicy = self.service._handoff  # type: ignore[assignment]
+        self.budget = self.policy._upstreams["cloud"].budget
 
     def sdk(self, tenant: str = "open") -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
@@ -152,8 +142,7 @@ class Stack:
         return 0.0 if value is None else value
 
     async def close(self) -> None:
-        await self.http.aclose()
-        await self.policy.aclose()
+        await self.gateway.close()
 
 
 @pytest.fixture
@@ -267,10 +256,10 @@ async def test_tenant_never_gets_the_local_error_when_nothing_is_ready(
 # ------------------------------------------------------------------ overflow
 async def test_overflow_under_a_forced_full_queue(cloud: tuple[SimEngine, str]) -> None:
     """The real admission queue (its local mode: no Redis here) is held full."""
-    admission = Admission(None, QueueConfig(default_capacity=1), [SMALL, BIG])
-    s = Stack(cloud[1], admission=admission)
+    s = Stack(cloud[1], queue={"default_capacity": 1})
+    admission = s.service.admission
     await s.service.probe_once()
-    tenant = s.service._auth.authenticate(f"Bearer {key('open')}")  # type: ignore[union-attr]
+    tenant = s.service._auth.authenticate(f"Bearer {key('open')}")
     try:
         free = await s.post("open", chat(BIG))
         assert free.headers["x-oss-serving-backend"] == "local"  # an empty queue predicts no wait
@@ -292,10 +281,10 @@ async def test_overflow_under_a_forced_full_queue(cloud: tuple[SimEngine, str]) 
 
 
 async def test_overflow_by_request_deadline(cloud: tuple[SimEngine, str]) -> None:
-    admission = Admission(None, QueueConfig(default_capacity=1), [SMALL, BIG])
-    s = Stack(cloud[1], admission=admission, handoff={"overflow": {"max_predicted_wait_s": None}})
+    s = Stack(cloud[1], queue={"default_capacity": 1}, handoff={"overflow": {"max_predicted_wait_s": None}})
+    admission = s.service.admission
     await s.service.probe_once()
-    tenant = s.service._auth.authenticate(f"Bearer {key('open')}")  # type: ignore[union-attr]
+    tenant = s.service._auth.authenticate(f"Bearer {key('open')}")
     try:
         free = await s.post("ovf", chat(BIG), **{"x-oss-deadline-ms": "100"})
         assert free.headers["x-oss-serving-backend"] == "local"  # nothing to wait for
@@ -402,8 +391,8 @@ async def test_upstream_5xx_maps_to_our_error_with_its_status(
     assert isinstance(body, dict)
     assert body["upstream_status"] == 500
     assert body["upstream"] == "cloud"
-    assert body["type"] == "upstream_error"
-    assert "simulated failure 500" in body["message"]
+    assert (body["type"], body["code"]) == ("server_error", "upstream_error")
+    assert "simulated failure" not in body["message"]  # the upstream's own text stays in the log
     assert stack.metric("oss_serving_upstream_errors_total", upstream="cloud", kind="status_5xx") == 1
 
 
@@ -464,7 +453,9 @@ async def test_failover_when_the_local_engine_is_stopped(cloud: tuple[SimEngine,
         # stopped: the gateway has not probed since, so it still counts the model ready
         closed = await s.post("closed", chat(BIG))
         assert closed.status_code == 502  # tenant never: the local error
-        assert closed.json()["error"]["type"] == "engine_error"
+        error = closed.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "engine_error")
+        assert "ConnectError" not in error["message"]  # transport exception text stays in the log
         after = await s.post("ovf", chat(BIG))
         assert after.status_code == 200
         assert after.headers["x-oss-serving-backend"] == "cloud"

@@ -10,15 +10,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from serving.config import GatewayConfig, ResponseCacheConfig, RoutingConfig
+from serving.config import ResponseCacheConfig
 from serving.engine.protocol import Endpoint
+from serving.gateway.build import build_gateway
 from serving.gateway.context import RequestContext
-from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.response_cache import CACHE_HEADER, cache_key, is_deterministic, sse_from_json
-from serving.gateway.service import GatewayService
 from serving.gateway.tenants import Tenant
-from serving.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
+from tests.gateway import ask, config_for
 
 MODEL = "m"
 ON = {"x-oss-response-cache": "on"}
@@ -91,25 +90,24 @@ def test_stream_synthesized_from_json_answer() -> None:
 class Gateway:
     def __init__(self, redis: Any, cfg: ResponseCacheConfig) -> None:
         self.engine = FakeEngine()
-        self.metrics = GatewayMetrics([MODEL], [0.1, 1])
-        self.caching = PromptCaching(RoutingConfig(enabled=False), cfg, self.metrics, redis)
-        self.service = GatewayService(
-            GatewayConfig(), {MODEL: self.engine}, self.metrics, prompt_caching=self.caching
+        config = config_for(
+            [MODEL], routing={"enabled": False}, response_cache=cfg.model_dump(), queue={"enabled": False}
         )
+        self.service = build_gateway(config, {MODEL: self.engine}, redis, {})
+        self.metrics = self.service.metrics
+        self.caching = self.service._prompt_caching
 
     async def ask(
         self, body: dict[str, Any], headers: dict[str, str] | None = None, tenant: Tenant | None = None
     ) -> tuple[RequestContext, Any]:
-        ctx = RequestContext("r", Endpoint.chat, MODEL, body, ON if headers is None else headers)
-        ctx.tenant = tenant or Tenant(id="team-a", response_cache=True)
-        answer, stream = await self.service.run(ctx)
-        if stream is not None:
-            text = "".join([part async for part in stream])
-            await self.caching.drain()
-            return ctx, text
+        ctx, _status, out = await ask(
+            self.service,
+            body,
+            headers=ON if headers is None else headers,
+            tenant=tenant or Tenant(id="team-a", response_cache=True),
+        )
         await self.caching.drain()
-        assert answer is not None
-        return ctx, answer.body
+        return ctx, out
 
 
 @pytest.fixture

@@ -13,26 +13,28 @@ import redis.asyncio as aioredis
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve._private.request_router.common import PendingRequest
 
-from serving.config import GatewayConfig, ResponseCacheConfig, RoutingConfig
+from serving.config import ResponseCacheConfig, RoutingConfig
 from serving.engine.protocol import Endpoint, EngineJSON, EngineSSE
 from serving.engine.router import PrefixAffinityRouter
-from serving.gateway.context import RequestContext
-from serving.gateway.prefix_caching import PromptCaching
-from serving.gateway.routing import (
+from serving.engine.routing_hints import (
     HINT_AFFINITY,
     HINT_KEY_REPLICA,
     HINT_STRATEGY,
     ROUTED_REASON,
     ROUTED_REPLICA,
-    affinity_key,
-    cached_tokens_in,
     decide,
     format_affinity,
     parse_affinity,
 )
+from serving.gateway.build import build_gateway
+from serving.gateway.context import RequestContext
+from serving.gateway.prefix_caching import PromptCaching
+from serving.gateway.routing import affinity_key, cached_tokens_in
 from serving.gateway.service import GatewayService
 from serving.metrics import GatewayMetrics
 from tests.fakes import FakeEngine
+from tests.gateway import ask as run_request
+from tests.gateway import config_for
 
 MODEL = "m"
 
@@ -219,9 +221,9 @@ async def routing_config(redis_client: aioredis.Redis) -> AsyncIterator[RoutingC
 
 
 def gateway(engine: FakeEngine, cfg: RoutingConfig, redis: Any) -> tuple[GatewayService, PromptCaching]:
-    metrics = GatewayMetrics([MODEL], [0.1, 1])
-    caching = PromptCaching(cfg, ResponseCacheConfig(), metrics, redis)
-    return GatewayService(GatewayConfig(), {MODEL: engine}, metrics, prompt_caching=caching), caching
+    config = config_for([MODEL], routing=cfg.model_dump(), queue={"enabled": False})
+    service = build_gateway(config, {MODEL: engine}, redis, {})
+    return service, service._prompt_caching
 
 
 async def ask(service: GatewayService, system: str, question: str, **extra: Any) -> RequestContext:
@@ -229,10 +231,9 @@ async def ask(service: GatewayService, system: str, question: str, **extra: Any)
         "model": MODEL,
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
     }
-    ctx = RequestContext("r", Endpoint.chat, MODEL, {**body, **extra})
-    answer, stream = await service.run(ctx)
-    assert answer is not None
-    assert stream is None
+    ctx, status, out = await run_request(service, {**body, **extra})
+    assert status == 200
+    assert isinstance(out, dict)
     return ctx
 
 
@@ -261,7 +262,7 @@ async def test_shared_prefix_sticks_to_one_replica_from_either_gateway(
         await ask(gw, system_a, f"question {i}")
         await pc.drain()
     assert engine.served[2:] == [first] * 6
-    text = gw2._metrics.render().decode()
+    text = gw2.metrics.render().decode()
     assert 'oss_serving_routing_decisions_total{model="m",reason="affinity"} 3.0' in text
     assert 'oss_serving_prefix_affinity_total{model="m",result="hit"} 3.0' in text
 
@@ -280,7 +281,7 @@ async def test_affine_replica_overloaded_load_wins(
     engine.load[affine] = 5
     ctx = await ask(gw, system, "q1")
     assert engine.served[1] == other
-    assert 'reason="load"' in gw._metrics.render().decode()
+    assert 'reason="load"' in gw.metrics.render().decode()
     assert ctx.response_headers == {}
 
 
@@ -307,7 +308,7 @@ async def test_redis_down_routes_by_load_and_counts_the_error(routing_config: Ro
     await pc.drain()
     assert engine.served == ["replica-a"]
     # The lookup and the index update both failed; the request was served all the same.
-    assert "oss_serving_prefix_index_errors_total 2.0" in gw._metrics.render().decode()
+    assert "oss_serving_prefix_index_errors_total 2.0" in gw.metrics.render().decode()
     await dead.aclose()
 
 

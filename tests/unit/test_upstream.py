@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from loadtest.sim import EngineProfile
+from loadtest.sim.background import serve_in_thread
+from loadtest.sim.server import SimEngine
 from serving.config import ConfigError, UpstreamConfig, parse_config
 from serving.engine.protocol import Endpoint, EngineJSON, EngineSSE
-from serving.engine.sim import EngineProfile
-from serving.engine.sim.background import serve_in_thread
-from serving.engine.sim.server import SimEngine
 from serving.engine.upstream import (
     UpstreamBusyError,
     UpstreamClient,

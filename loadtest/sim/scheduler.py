@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from serving.engine.sim.profile import EngineProfile
+from loadtest.sim.profile import EngineProfile
 
 __all__ = ["BlockManager", "SimRequest", "SimScheduler", "StepOutput", "block_hashes"]
 

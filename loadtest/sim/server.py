@@ -25,9 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.engine.sim.profile import EngineProfile
-from serving.engine.sim.scheduler import SimRequest, SimScheduler, block_hashes
-from serving.engine.sim.words import WORDS
+from loadtest.sim.profile import EngineProfile
+from loadtest.sim.scheduler import SimRequest, SimScheduler, block_hashes
+from loadtest.sim.words import WORDS
 
 __all__ = ["SimEngine", "SimFaults", "build_app", "prompt_text", "word_token_ids"]
 

@@ -5,12 +5,12 @@ cost per uncached token, decode step time as a function of running sequences and
 tokens in use, a KV block pool with prefix caching, ``max_num_seqs`` and a waiting
 queue), so that it saturates like a real engine, and it exports vLLM's metric names on
 ``/metrics``. Its text is filler words. ``oss-serve up`` never starts it; run it with
-``python -m serving.engine.sim`` (or ``oss-loadtest sim-engine``), or drive its
+``python -m loadtest.sim`` (or ``oss-loadtest sim-engine``), or drive its
 scheduler in virtual time for capacity planning (``loadtest.simulate``).
 """
 
-from serving.engine.sim.profile import EngineProfile, load_profile
-from serving.engine.sim.scheduler import BlockManager, SimRequest, SimScheduler, StepOutput, block_hashes
+from loadtest.sim.profile import EngineProfile, load_profile
+from loadtest.sim.scheduler import BlockManager, SimRequest, SimScheduler, StepOutput, block_hashes
 
 __all__ = [
     "BlockManager",

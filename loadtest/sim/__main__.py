@@ -1,4 +1,4 @@
-"""``python -m serving.engine.sim``: serve a simulated engine (planning and test tool)."""
+"""``python -m loadtest.sim``: serve a simulated engine (planning and test tool)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import click
 
-from serving.engine.sim.profile import EngineProfile, load_profile
-from serving.engine.sim.server import SimEngine, build_app, word_token_ids
+from loadtest.sim.profile import EngineProfile, load_profile
+from loadtest.sim.server import SimEngine, build_app, word_token_ids
 
 
 def hf_token_ids(folder: str) -> Callable[[str], list[int]]:

@@ -2,7 +2,7 @@
 
 For tests and benchmarks that need a second OpenAI-compatible server (for instance an
 upstream to hand requests off to) without a subprocess. The engine runs on the
-thread's own event loop; :class:`~serving.engine.sim.server.SimFaults` may be changed
+thread's own event loop; :class:`~loadtest.sim.server.SimFaults` may be changed
 from the caller's thread at any time.
 """
 
@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from serving.engine.sim.server import SimEngine, build_app
+from loadtest.sim.server import SimEngine, build_app
 
 __all__ = ["serve_in_thread"]
 

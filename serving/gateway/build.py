@@ -1,0 +1,198 @@
+"""The composition root: one function builds a gateway replica from the configuration.
+
+The Ray Serve deployment (``serving.serve_app``), the local mode and every test call
+:func:`build_gateway`; nothing else wires the gateway's parts together. Optional features
+that are off become do-nothing objects (:class:`~serving.gateway.service.Unlimited`
+admission, :class:`~serving.gateway.handoff.NoHandoff`), so the pipeline has no ``None``
+checks. The environment is read here, at build time, from the mapping passed in (never
+at import): the Redis password, the tenants file, the upstreams' API keys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from serving.config import ServingConfig
+from serving.engine.protocol import EngineClient
+from serving.engine.upstream import UpstreamClient
+from serving.gateway.admission import Admission
+from serving.gateway.auth import TenantDirectory, TenantStore
+from serving.gateway.flight import Flights
+from serving.gateway.handoff import (
+    Counters,
+    HandoffPolicy,
+    MemoryCounters,
+    NoHandoff,
+    RedisCounters,
+    Upstream,
+    UpstreamBudget,
+)
+from serving.gateway.health import EngineHealth
+from serving.gateway.prefix_caching import PromptCaching
+from serving.gateway.ratelimit import RateLimiter
+from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
+from serving.metrics import GatewayMetrics
+
+__all__ = [
+    "LEAK_MARGIN_S",
+    "REDIS_PASSWORD_ENV",
+    "TENANTS_FILE_ENV",
+    "build_gateway",
+    "redis_client",
+]
+
+REDIS_PASSWORD_ENV = "OSS_SERVING_REDIS_PASSWORD"
+TENANTS_FILE_ENV = "OSS_SERVING_TENANTS_FILE"
+LEAK_MARGIN_S = 60.0
+"""How long past every time limit a request (or lease) may stay open before the safety
+net calls it leaked and releases it."""
+
+
+def redis_client(cfg: ServingConfig, environ: Mapping[str, str] | None = None) -> Any:
+    """The async Redis client of a gateway (or a CLI command): the URL from the
+    configuration, the password from ``OSS_SERVING_REDIS_PASSWORD`` (a Secret), never the URL."""
+    import redis.asyncio as aioredis
+
+    env = os.environ if environ is None else environ
+    extra: dict[str, Any] = {}
+    if password := env.get(REDIS_PASSWORD_ENV):
+        extra["password"] = password
+    return aioredis.Redis.from_url(
+        cfg.redis.url,
+        socket_connect_timeout=cfg.redis.connect_timeout_s,
+        socket_timeout=cfg.redis.connect_timeout_s,
+        **extra,
+    )
+
+
+def build_gateway(
+    cfg: ServingConfig,
+    engines: Mapping[str, EngineClient],
+    redis: Any | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    metrics: GatewayMetrics | None = None,
+    upstream_clients: Mapping[str, EngineClient] | None = None,
+    created_unix: int | None = None,
+) -> GatewayService:
+    """One gateway replica's :class:`GatewayService`, every part wired.
+
+    ``engines``: an :class:`EngineClient` per configured model (Ray handles in Serve,
+    fakes in tests). ``redis``: the shared Redis client, or None (then admission, limits
+    and budgets are local to this replica). ``upstream_clients`` replaces the HTTP client
+    of named upstreams (tests); the others are built from the configuration and
+    ``environ``.
+    """
+    env = os.environ if environ is None else environ
+    models = [m.name for m in cfg.models]
+    metrics = metrics or GatewayMetrics(models, cfg.metrics.ttft_buckets_s)
+    prefix = cfg.queue.key_prefix
+
+    env_file = env.get(TENANTS_FILE_ENV)
+    tenants_file = cfg.auth.tenants_file or (Path(env_file) if env_file else None)
+    store = TenantStore(redis, prefix) if redis is not None else None
+    auth = TenantDirectory(store, cfg.auth, cfg.tenants, tenants_file=tenants_file)
+    limiter = RateLimiter(redis, prefix)
+
+    request_limit_s = cfg.gateway.request_timeout_s
+    queue: Admission | None = (
+        Admission(
+            redis,
+            cfg.queue,
+            models,
+            local_share=cfg.gateway.num_replicas,
+            max_lease_age_s=request_limit_s + LEAK_MARGIN_S,
+        )
+        if cfg.queue.enabled
+        else None
+    )
+    admission: AdmissionPort = queue if queue is not None else Unlimited()
+
+    def tenant_label(tenant_id: str) -> str:
+        if not auth.required:
+            return tenant_id
+        return tenant_id if tenant_id in auth.tenant_ids()[:MAX_TENANT_LABELS] else "other"
+
+    flights = Flights(
+        metrics,
+        admission=admission,
+        limiter=limiter,
+        tenant_label=tenant_label,
+        max_age_s=cfg.queue.max_wait_s + request_limit_s + LEAK_MARGIN_S,
+    )
+
+    async def ping() -> bool:
+        assert redis is not None
+        return bool(await redis.ping())
+
+    health = EngineHealth(
+        cfg.gateway,
+        cfg.queue,
+        engines,
+        metrics,
+        queue,
+        redis_ping=ping if redis is not None else None,
+        scale_from_zero=frozenset(m.name for m in cfg.models if m.topology.min_replicas == 0),
+        on_tick=flights.reap,
+    )
+    handoff = _handoff(cfg, redis, metrics, health, admission, tenant_label, env, upstream_clients or {})
+    caching = PromptCaching(cfg.routing, cfg.response_cache, metrics, redis)
+
+    return GatewayService(
+        cfg.gateway,
+        cfg.queue,
+        engines,
+        metrics,
+        auth=auth,
+        limiter=limiter,
+        admission=admission,
+        prompt_caching=caching,
+        handoff=handoff,
+        health=health,
+        flights=flights,
+        created_unix=created_unix,
+    )
+
+
+MAX_TENANT_LABELS = 200
+
+
+def _handoff(
+    cfg: ServingConfig,
+    redis: Any | None,
+    metrics: GatewayMetrics,
+    health: EngineHealth,
+    admission: AdmissionPort,
+    tenant_label: Any,
+    environ: Mapping[str, str],
+    clients: Mapping[str, EngineClient],
+) -> HandoffPort:
+    """The handoff policy; :class:`NoHandoff` when no upstream and no virtual model is set.
+
+    Budgets are counted in ``redis`` (shared by every replica), or in this process when
+    there is none. Upstream keys are read from ``environ`` here, at gateway start."""
+    h = cfg.handoff
+    if h.upstream is None and not h.virtual_models:
+        return NoHandoff()
+    counters: Counters = RedisCounters(redis) if redis is not None else MemoryCounters()
+    upstreams = [
+        Upstream(
+            u,
+            clients.get(u.name) or UpstreamClient.from_config(u, environ),
+            UpstreamBudget(u, counters, key_prefix=cfg.queue.key_prefix),
+        )
+        for u in cfg.upstreams
+    ]
+    return HandoffPolicy(
+        h,
+        upstreams,
+        {m.name: m for m in cfg.models},
+        metrics.handoff,
+        is_ready=health.is_ready,
+        predicted_wait=admission.predicted_wait_s,
+        request_timeout_s=cfg.gateway.request_timeout_s,
+        tenant_label=tenant_label,
+    )
