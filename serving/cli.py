@@ -149,12 +149,14 @@ redis_option = click.option(
 
 
 def _tenant_store(config_path: str | None, redis_url: str | None) -> tuple[Any, Any]:
-    import redis.asyncio as aioredis
-
     from serving.gateway.auth import TenantStore
+    from serving.gateway.build import redis_client
 
     cfg = _load_or_exit(config_path)
-    client = aioredis.Redis.from_url(redis_url or cfg.redis.url, socket_connect_timeout=2, socket_timeout=5)
+    if redis_url:
+        cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": redis_url})})
+    # the gateway's own client: same URL, password (OSS_SERVING_REDIS_PASSWORD) and timeouts
+    client = redis_client(cfg)
     return TenantStore(client, cfg.queue.key_prefix), client
 
 

@@ -184,6 +184,12 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.tickets_abandoned = Counter(
+            PREFIX + "queue_tickets_abandoned",
+            "Waiting tickets dropped because their gateway stopped renewing them (it died), by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.tenant_requests = Counter(
             PREFIX + "tenant_requests",
             "Requests by tenant (bounded by the known tenants; others count as 'other') and model.",

@@ -23,7 +23,7 @@ from serving.api.middleware import RequestIdMiddleware
 from serving.api.protocol import parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.gateway.context import RequestContext
-from serving.gateway.errors import GatewayError, PayloadTooLargeError
+from serving.gateway.errors import GatewayError, InternalError, PayloadTooLargeError
 from serving.gateway.service import GatewayService, ResponseStream
 from serving.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from serving.wire import Endpoint
@@ -107,8 +107,12 @@ def create_app(
         except asyncio.CancelledError:
             await flight.close(499)
             raise
-        except BaseException:
+        except Exception:
+            log.exception("request_id=%s: internal error", rid)
             await flight.close(500, detail="internal error")
+            return error_response(InternalError(), rid, config.max_error_message_chars)
+        except BaseException:
+            await flight.close(499)
             raise
         if answer.stream is not None:
             return SSEResponse(answer.stream, ctx.response_headers)

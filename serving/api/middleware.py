@@ -13,12 +13,17 @@ import uuid
 from contextvars import ContextVar
 
 from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.gateway.errors import InternalError
 
 __all__ = ["REQUEST_ID_HEADER", "RequestIdLogFilter", "RequestIdMiddleware", "current_request_id"]
 
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+
+log = logging.getLogger("oss_serving.api")
 
 current_request_id: ContextVar[str | None] = ContextVar("oss_serving_request_id", default=None)
 
@@ -53,14 +58,26 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         token = current_request_id.set(request_id)
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
-            if self.echo and message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers[REQUEST_ID_HEADER] = request_id
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if self.echo:
+                    headers = MutableHeaders(scope=message)
+                    headers[REQUEST_ID_HEADER] = request_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A bug below: answer the OpenAI 500 (with the id) here, where the header is set.
+            log.exception("request_id=%s: internal error", request_id)
+            if started:
+                raise
+            body = InternalError().body(request_id)
+            await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
             current_request_id.reset(token)
 

@@ -15,7 +15,8 @@ Two guarantees, whatever the body:
   own ``VLLMValidationError``, which is not a ``ValueError`` and so escapes pydantic,
   ``TypeError`` from model validators fed odd types, ...) becomes a 400 whose message
   names the parameter when it is known and never carries exception class names,
-  tracebacks or file paths (:func:`invalid_request`, which the engine uses too).
+  tracebacks or file paths (:mod:`serving.engine.request_errors`, which the engine
+  uses too for what only it finds).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from pydantic import BaseModel, ValidationError
 
 from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint
+from serving.engine.request_errors import describe
 from serving.gateway.errors import InvalidRequestError
 
-__all__ = ["invalid_request", "is_client_error", "parse_json_body", "validate_request"]
+__all__ = ["invalid_request", "parse_json_body", "validate_request"]
 
 log = logging.getLogger("oss_serving.api")
 
@@ -94,11 +96,33 @@ def _nesting_depth(raw: bytes, limit: int) -> int:
     if not skeleton:
         return 0
     steps = skeleton.translate(_DEPTH_STEP)
-    return max(map(operator.sub, accumulate(steps), range(1, len(steps) + 1)))
+    depth: int = max(map(operator.sub, accumulate(steps), range(1, len(steps) + 1)))
+    return depth
 
 
-def _check_values(data: Any, max_items: int) -> None:
-    """Array lengths and finite numbers, over the parsed body, without recursion."""
+# A surrogate can only enter a body through a \\u escape (UTF-8 cannot carry one).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _lone_surrogate_error() -> InvalidRequestError:
+    return InvalidRequestError(
+        "We could not parse the JSON body of your request: a string in it has an unpaired "
+        "surrogate escape (\\ud800-\\udfff), which is not valid Unicode.",
+        code="invalid_json",
+    )
+
+
+def _check_values(data: Any, max_items: int, strings: bool) -> None:
+    """Array lengths, finite numbers and (when ``strings``) strings that are valid Unicode,
+    over the parsed body, without recursion."""
     stack = [data]
     while stack:
         node = stack.pop()
@@ -111,6 +135,8 @@ def _check_values(data: Any, max_items: int) -> None:
             children: Any = node
         else:
             children = node.values()
+            if strings and any(_lone_surrogate(key) for key in node):
+                raise _lone_surrogate_error()
         for value in children:
             kind = type(value)
             if kind is dict or kind is list:
@@ -120,6 +146,8 @@ def _check_values(data: Any, max_items: int) -> None:
                     "The request body has a number too large to represent; numbers must be finite.",
                     code="invalid_json",
                 )
+            elif strings and kind is str and _lone_surrogate(value):
+                raise _lone_surrogate_error()
 
 
 def parse_json_body(raw: bytes, config: GatewayConfig | None = None) -> dict[str, Any]:
@@ -128,7 +156,8 @@ def parse_json_body(raw: bytes, config: GatewayConfig | None = None) -> dict[str
     Limits: ``config.max_json_depth`` (nesting of arrays and objects, the body being level
     1) and ``config.max_array_items`` (items of any one array). ``None``: the defaults of
     :class:`GatewayConfig`. Errors: ``invalid_json`` (not UTF-8, not JSON, ``NaN`` or
-    ``Infinity``, a non-finite or over-long number, not an object), ``nesting_too_deep``,
+    ``Infinity``, a non-finite or over-long number, an unpaired surrogate escape, not an
+    object), ``nesting_too_deep``,
     ``array_too_long``; all are :class:`InvalidRequestError` with ``param`` null.
     """
     limits = config or _DEFAULTS
@@ -163,163 +192,21 @@ def parse_json_body(raw: bytes, config: GatewayConfig | None = None) -> dict[str
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-    _check_values(data, limits.max_array_items)
+    _check_values(data, limits.max_array_items, strings=_SURROGATE_ESCAPE.search(raw) is not None)
     return data
 
 
 # ---------------------------------------------------------------------------------------
 # Validation
 
-# pydantic-core's names for the steps of a validator chain or union branches: in an
-# error's location they are not parameters (vLLM keeps the same list).
-_LOC_MARKERS = frozenset(
-    [
-        "function-wrap",
-        "function-after",
-        "function-before",
-        "function-plain",
-        "json-or-python",
-        "lax-or-strict",
-        "chain",
-        "default",
-        "nullable",
-        "tagged-union",
-        "union",
-        "call",
-        "arguments",
-        "is-instance",
-        "is-subclass",
-        "callable",
-        "str",
-        "int",
-        "float",
-        "bool",
-        "bytes",
-        "bytearray",
-        "list",
-        "tuple",
-        "dict",
-        "set",
-        "frozenset",
-        "complex",
-        "none",
-        "nonetype",
-        "literal",
-        "enum",
-        "json",
-    ]
-)
-
-
-def param_path(loc: tuple[int | str, ...]) -> str | None:
-    """OpenAI-style parameter path from a pydantic error location.
-
-    Union tags (``function-after[...]``, ``str``, ``list[...]``) and the class names of
-    union branches (``ChatCompletionUserMessageParam``) are dropped: they are not
-    parameters a client sent.
-    """
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.isidentifier() and part.lower() not in _LOC_MARKERS and not part[:1].isupper():
-            out += f".{part}" if out else part
-    return out or None
-
-
-# What must never reach a client: paths, addresses, traceback lines, exception class
-# names, pydantic's documentation links and its echo of the input.
-_SCRUB = [
-    (re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL), ""),
-    (re.compile(r'\s*File "[^"]*", line \d+.*'), ""),
-    (re.compile(r"\s*For further information visit \S+"), ""),
-    (re.compile(r"\s*\[type=[^\]]*\]"), ""),
-    (re.compile(r" at 0x[0-9a-fA-F]+"), ""),
-    (re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}"), "<path>"),
-    (re.compile(r",? ?or (?:an? )?instance of [\w.]+"), ""),
-    (re.compile(r"\b(?:an? )?instance of [\w.]+"), "a value of the expected type"),
-    (re.compile(r"\b(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception|Warning)\b:?\s*"), ""),
-    (re.compile(r"\b(?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception)\("), "("),
-    (re.compile(r"\b(?:pydantic|pydantic_core|vllm)(?:\.\w+)+"), ""),
-]
-
-
-def _scrub(text: str) -> str:
-    for pattern, replacement in _SCRUB:
-        text = pattern.sub(replacement, text)
-    return " ".join(text.split()).strip(" :,") or "invalid value"
-
-
-def _pydantic_message(error: Any) -> tuple[str, str | None, str]:
-    param = param_path(tuple(error.get("loc", ())))
-    kind = error.get("type", "")
-    if kind == "missing" and param:
-        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
-    ctx_error = (error.get("ctx") or {}).get("error")
-    text = str(ctx_error) if isinstance(ctx_error, ValueError | AssertionError) else str(error.get("msg", ""))
-    text = _scrub(text.removeprefix("Value error, ").removeprefix("Assertion failed, "))
-    if param:
-        return f"Invalid value for '{param}': {text}", param, "invalid_value"
-    return text, None, "invalid_value"
-
 
 def invalid_request(exc: BaseException, max_chars: int = 2000) -> InvalidRequestError:
-    """A 400 for an exception raised while validating or preparing a request.
-
-    The message is the validator's own text (pydantic's message for the first error,
-    vLLM's ``VLLMValidationError`` text, a ``ValueError``'s text), scrubbed of class names,
-    paths and tracebacks; exceptions whose text is Python's own (``TypeError``,
-    ``KeyError``, ``AttributeError``, ``RecursionError``, ...) get a generic message.
-    ``param`` is the parameter when pydantic's location or vLLM's error names it.
-    """
+    """A 400 for an exception raised while validating a request (see
+    :func:`serving.engine.request_errors.describe` for the message and ``param``)."""
     if isinstance(exc, InvalidRequestError):
         return exc
-    param: str | None = None
-    code = "invalid_value"
-    if isinstance(exc, ValidationError):
-        errors = exc.errors(include_url=False, include_input=False)
-        if errors:
-            message, param, code = _pydantic_message(errors[0])
-        else:
-            message = "The request has an invalid value."
-    elif _is_vllm_client_error(exc):
-        parameter = getattr(exc, "parameter", None)
-        param = parameter if isinstance(parameter, str) and parameter else None
-        message = _scrub(str(exc.args[0]) if exc.args else "")
-        if param and f"'{param}'" not in message and f"`{param}`" not in message:
-            message = f"Invalid value for '{param}': {message}"
-    elif type(exc) is ValueError or type(exc).__name__ == "TemplateError":
-        message = _scrub(str(exc))
-    elif isinstance(exc, RecursionError):
-        message = "The request is nested too deeply to be processed."
-    else:
-        message = (
-            "The request has a parameter of the wrong type or shape; check it against the API reference."
-        )
-    return InvalidRequestError(message[:max_chars], param=param, code=code)
-
-
-def _is_vllm_client_error(exc: BaseException) -> bool:
-    try:
-        from vllm.exceptions import VLLMClientError
-    except ImportError:  # pragma: no cover - vLLM is always installed where this runs
-        return False
-    return isinstance(exc, VLLMClientError)
-
-
-def is_client_error(exc: BaseException) -> bool:
-    """Whether ``exc``, raised while preparing or running a request, is the request's fault.
-
-    The same classes vLLM's own server answers with 4xx: its ``VLLMClientError``,
-    pydantic's ``ValidationError`` and the plain ``ValueError``/``TypeError``/
-    ``OverflowError`` its validators raise, and template errors of a request's chat
-    template.
-    """
-    return (
-        _is_vllm_client_error(exc)
-        or isinstance(exc, ValidationError | ValueError | TypeError | OverflowError | RecursionError)
-        or any(cls.__name__ == "TemplateError" for cls in type(exc).__mro__)
-    )
+    error = describe(exc, max_chars)
+    return InvalidRequestError(error.message, param=error.param, code=error.code)
 
 
 def _check_responses_answer(request: Any) -> None:

@@ -27,8 +27,8 @@ from ray.llm._internal.serve.core.protocol import RawRequestInfo
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
-from serving.api.protocol import invalid_request, is_client_error
 from serving.engine.protocol import Endpoint, EngineJSON, EngineSSE
+from serving.engine.request_errors import describe, is_client_error
 
 __all__ = ["OssDPServer", "OssLLMServer", "StreamPacer", "paced_batches"]
 
@@ -142,12 +142,16 @@ def _error_json(error: Any) -> EngineJSON:
 def _client_error_json(exc: BaseException) -> EngineJSON:
     """A request vLLM's models rejected inside the engine: its 4xx, in OpenAI's error body,
     with a clean message (never pydantic's text or an exception's class name)."""
-    error = invalid_request(exc)
-    status = 404 if type(exc).__name__ == "VLLMNotFoundError" else error.status
+    error = describe(exc)
     return EngineJSON(
-        status=status,
+        status=error.status,
         body={
-            "error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}
+            "error": {
+                "message": error.message,
+                "type": "invalid_request_error",
+                "param": error.param,
+                "code": error.code,
+            }
         },
     )
 

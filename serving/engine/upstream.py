@@ -33,6 +33,7 @@ import httpx
 
 from serving.config import UpstreamConfig
 from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE, EngineStats
+from serving.wire import error_body
 
 __all__ = [
     "UpstreamBusyError",
@@ -106,16 +107,14 @@ def upstream_error_body(
     code: str | None = "upstream_error",
 ) -> dict[str, Any]:
     """Our OpenAI error body for an upstream failure, with the upstream and its status."""
-    return {
-        "error": {
-            "message": message[:_MAX_MESSAGE],
-            "type": kind,
-            "param": param,
-            "code": code,
-            "upstream": upstream,
-            "upstream_status": upstream_status,
-        }
-    }
+    return error_body(
+        message[:_MAX_MESSAGE],
+        kind,
+        param=param,
+        code=code,
+        upstream=upstream,
+        upstream_status=upstream_status,
+    )
 
 
 def _mapped_error(upstream: str, status: int, raw: bytes) -> EngineJSON:

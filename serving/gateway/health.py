@@ -85,6 +85,7 @@ class EngineHealth:
         self._replicas: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in self._engines}
         self._expired_seen: dict[str, int] = {}
         self._reclaimed_seen: dict[str, int] = {}
+        self._abandoned_seen: dict[str, int] = {}
         self._redis_ok: bool | None = None
         self._health = {name: ModelHealth() for name in self._engines}
         self._scale_from_zero = frozenset(scale_from_zero) & set(self._engines)
@@ -147,8 +148,11 @@ class EngineHealth:
             m.queue_in_use.labels(model=name).set(snap.in_use)
             m.queue_capacity.labels(model=name).set(snap.capacity)
             _count_growth(self._expired_seen, name, snap.expired_total, m.leases_expired.labels(model=name))
-            reclaimed = int(getattr(snap, "reclaimed_total", 0) or 0)
-            _count_growth(self._reclaimed_seen, name, reclaimed, m.leases_reclaimed.labels(model=name))
+            reclaimed = m.leases_reclaimed.labels(model=name)
+            _count_growth(self._reclaimed_seen, name, snap.reclaimed_total, reclaimed)
+            _count_growth(
+                self._abandoned_seen, name, snap.abandoned_total, m.tickets_abandoned.labels(model=name)
+            )
 
     async def _probe(self, name: str) -> None:
         health = self._health[name]

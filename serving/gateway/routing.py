@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,12 +48,12 @@ from serving.engine.routing_hints import (
 from serving.gateway.context import RequestContext
 from serving.gateway.prefix import AffinityLookup, PrefixIndex, block_hashes, render_prompt
 from serving.metrics import GatewayMetrics
+from serving.wire import cached_tokens_in, sse_data_events, usage_of
 
 __all__ = [
     "PrefixRouting",
     "RoutePlan",
     "affinity_key",
-    "cached_tokens_in",
 ]
 
 log = logging.getLogger("oss_serving.routing")
@@ -73,18 +72,6 @@ def affinity_key(ctx: RequestContext, config: RoutingConfig) -> str | None:
     if isinstance(user, str) and user:
         return "u:" + user
     return None
-
-
-def cached_tokens_in(usage: Any) -> tuple[int, int] | None:
-    """(prompt tokens, cached prompt tokens) of an OpenAI ``usage`` object, if it has them."""
-    if not isinstance(usage, Mapping):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-    cached = details.get("cached_tokens", 0) if isinstance(details, Mapping) else 0
-    if not isinstance(prompt, int):
-        return None
-    return prompt, int(cached or 0)
 
 
 @dataclass
@@ -180,14 +167,8 @@ class PrefixRouting:
         """Count them from a streamed chunk (only chunks carrying usage are parsed)."""
         if '"cached_tokens"' not in text:
             return
-        for line in text.split("\n"):
-            if line.startswith("data: {") and '"cached_tokens"' in line:
-                try:
-                    event = json.loads(line[6:])
-                except ValueError:
-                    continue
-                usage = event.get("usage") or (event.get("response") or {}).get("usage")
-                self._observe(model, usage)
+        for event in sse_data_events(text):
+            self._observe(model, usage_of(event))
 
     def _observe(self, model: str, usage: Any) -> None:
         counts = cached_tokens_in(usage)

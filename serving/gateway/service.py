@@ -173,8 +173,8 @@ class ResponseStream:
             aclose = getattr(self._chunks, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
-        except BaseException:
-            pass  # the relay's own errors were sent in-band; the flight is closed below
+        except Exception:
+            log.exception("request_id=%s: closing the stream failed", flight.request_id)
         finally:
             if not self._ended and flight.status < 400:
                 flight.status = 499  # the client went away before the end

@@ -26,6 +26,9 @@ from tests.redis_server import RedisServer
 SMOLLM = "smollm2-135m-instruct"
 GPT_OSS = "gpt-oss-tiny"
 MAX_BODY = 64 * 1024
+CAPACITY = 4
+"""Admission capacity per engine replica of the shared stack: small, so that a leaked
+lease shows (the chaos test fills it)."""
 
 
 def _free_port() -> int:
@@ -102,7 +105,7 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         "auth": {"required": False},
         "response_cache": {"enabled": True},
         # A key prefix of its own: the session's queue state never mixes with another stack's.
-        "queue": {"key_prefix": f"osstest{port}"},
+        "queue": {"key_prefix": f"osstest{port}", "capacity_per_replica": CAPACITY},
     }
     with running_stack(tmp_path_factory.mktemp("stack"), config) as stack:
         yield stack

@@ -127,11 +127,12 @@ def too_costly(path: str, body: Any) -> bool:
 
 
 def problems(status: int, text: str) -> list[str]:
-    """What is wrong with an answer: a 5xx, a 4xx without OpenAI's error body, leaked text."""
+    """What is wrong with an answer: a 5xx, a 4xx without OpenAI's error body, leaked text,
+    a stream that ends in a server error."""
     if status >= 500:
         return [f"status {status}"]
     if status < 400:
-        return []
+        return [f"in-band server error: {line[:300]}" for line in text.splitlines() if _server_error(line)]
     try:
         error = json.loads(text)["error"]
     except (ValueError, KeyError, TypeError):
@@ -151,6 +152,20 @@ def encode(body: Any) -> bytes:
     if isinstance(body, bytes | bytearray):
         return bytes(body)
     return json.dumps(body).encode()
+
+
+def _server_error(line: str) -> bool:
+    if not line.startswith("data: {") or '"error"' not in line:
+        return False
+    try:
+        event = json.loads(line[6:])
+    except ValueError:
+        return False
+    error = event.get("error") if isinstance(event, dict) else None
+    if not isinstance(error, dict):
+        return False
+    code = error.get("code")
+    return error.get("type") == "server_error" or (isinstance(code, int) and code >= 500)
 
 
 def post(stack: LiveStack, path: str, content: bytes) -> httpx.Response:
@@ -204,6 +219,11 @@ def test_non_finite_numbers_are_400(live_stack: LiveStack) -> None:
     for value in ("NaN", "Infinity", "-Infinity", "1e999"):
         body = f'{{"model": "{SMOLLM}", "messages": {messages}, "temperature": {value}}}'.encode()
         assert assert_openai_400(post(live_stack, "/v1/chat/completions", body))["code"] == "invalid_json"
+
+
+def test_unpaired_surrogate_is_400(live_stack: LiveStack) -> None:
+    body = b'{"model": "%s", "max_tokens": 4, "prompt": "hi \\ud800"}' % SMOLLM.encode()
+    assert assert_openai_400(post(live_stack, "/v1/completions", body))["code"] == "invalid_json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,7 +280,8 @@ def test_fuzz_no_5xx(live_stack: LiveStack, fuzz_schema: Any) -> None:
             found = problems(resp.status_code, resp.text)
             if found:
                 failures.append(
-                    f"POST {path}: {'; '.join(found)}\n  body: {content[:2000]!r}\n  answer: {resp.text[:2000]}"
+                    f"POST {path}: {'; '.join(found)}\n"
+                    f"  body: {content[:2000]!r}\n  answer: {resp.text[:2000]}"
                 )
 
         run()

@@ -29,9 +29,10 @@ from serving.engine.routing_hints import (
 from serving.gateway.build import build_gateway
 from serving.gateway.context import RequestContext
 from serving.gateway.prefix_caching import PromptCaching
-from serving.gateway.routing import affinity_key, cached_tokens_in
+from serving.gateway.routing import affinity_key
 from serving.gateway.service import GatewayService
 from serving.metrics import GatewayMetrics
+from serving.wire import cached_tokens_in
 from tests.fakes import FakeEngine
 from tests.gateway import ask as run_request
 from tests.gateway import config_for

@@ -17,15 +17,16 @@ import pytest
 from pydantic import BaseModel, model_validator
 
 from serving.api import protocol
-from serving.api.protocol import invalid_request, is_client_error, param_path, parse_json_body, validate_request
+from serving.api.protocol import invalid_request, parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint, EngineJSON
+from serving.engine.request_errors import is_client_error, param_path
 from serving.engine.server import _OssServerMixin
 from serving.gateway.errors import InvalidRequestError
 
 MODEL = "smollm2-135m-instruct"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
-LEAKS = ("Traceback", "pydantic", "ValidationError", "Error(", "File \"", "site-packages", "instance of")
+LEAKS = ("Traceback", "pydantic", "ValidationError", "Error(", 'File "', "site-packages", "instance of")
 
 
 def rejected(raw: bytes, config: GatewayConfig | None = None) -> InvalidRequestError:
@@ -82,7 +83,11 @@ def test_brackets_inside_strings_do_not_count() -> None:
 
 
 def test_unterminated_string_full_of_brackets_is_400_not_a_crash() -> None:
-    for raw in (b'{"a": "' + b"[" * 100_000, b'{"a": "x", "b": ' + b"[" * 100_000 + b'"', b'{"a": "' + b'\\"' * 500_000):
+    for raw in (
+        b'{"a": "' + b"[" * 100_000,
+        b'{"a": "x", "b": ' + b"[" * 100_000 + b'"',
+        b'{"a": "' + b'\\"' * 500_000,
+    ):
         assert rejected(raw).code in ("invalid_json", "nesting_too_deep")
 
 
@@ -110,6 +115,26 @@ def test_not_a_json_object_is_invalid_json(raw: bytes) -> None:
     error = rejected(raw)
     assert error.code == "invalid_json"
     assert "sys." not in error.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        rb'{"prompt": "a\ud800b"}',
+        rb'{"messages": [{"content": "\udfff"}]}',
+        rb'{"\uDBFF": 1}',
+        rb'{"prompt": "\ude00\ud83d"}',
+    ],
+)
+def test_unpaired_surrogates_are_invalid_json(raw: bytes) -> None:
+    """Python's json lets them through; tokenizers, Redis and hashing choke on them later."""
+    error = rejected(raw)
+    assert error.code == "invalid_json"
+    assert "surrogate" in error.message
+
+
+def test_paired_surrogates_are_text() -> None:
+    assert parse_json_body(rb'{"prompt": "\ud83d\ude00 \\ud800"}')["prompt"] == "\U0001f600 \\ud800"
 
 
 def test_ordinary_body_parses() -> None:
@@ -151,7 +176,9 @@ def test_responses_with_null_background_is_400(stream: bool) -> None:
 
 
 def test_responses_with_null_truncation_is_400() -> None:
-    assert invalid(Endpoint.responses, {"model": MODEL, "input": "hi", "truncation": None}).param == "truncation"
+    assert (
+        invalid(Endpoint.responses, {"model": MODEL, "input": "hi", "truncation": None}).param == "truncation"
+    )
 
 
 def test_valid_bodies_pass_and_are_not_modified() -> None:
@@ -189,7 +216,11 @@ def test_missing_model() -> None:
         (Endpoint.chat, {"messages": [{"role": "user", "content": "x"}], "logprobs": "x"}, "logprobs"),
         (Endpoint.chat, {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max!"}, None),
         (Endpoint.chat, {"messages": [{"role": "user", "content": "x"}], "tool_choice": {"a": 1}}, None),
-        (Endpoint.chat, {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, None),
+        (
+            Endpoint.chat,
+            {"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+            None,
+        ),
         (Endpoint.chat, {"messages": [5]}, "messages[0]"),
         (Endpoint.chat, {"messages": [{"content": "x"}]}, "messages[0].role"),
         (Endpoint.completions, {"prompt": "x", "logprobs": "many"}, "logprobs"),
@@ -226,12 +257,16 @@ class _Raises(BaseModel):
         if kind == "value":
             raise ValueError("prompt must not be empty")
         if kind == "path":
-            raise ValueError('bad template at /usr/lib/python3.11/site-packages/x/y.py File "/a/b.py", line 3')
+            raise ValueError(
+                'bad template at /usr/lib/python3.11/site-packages/x/y.py File "/a/b.py", line 3'
+            )
         return data
 
 
 @pytest.mark.parametrize("kind", ["type", "key", "attribute", "recursion", "value", "path"])
-def test_any_exception_of_a_model_validator_is_a_clean_400(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+def test_any_exception_of_a_model_validator_is_a_clean_400(
+    monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
     monkeypatch.setattr(protocol, "_model_for", lambda endpoint: _Raises)
     error = invalid(Endpoint.chat, {"model": MODEL, "kind": kind})
     for text in ("'str'", "'<'", "object has no attribute", "/usr/lib", "y.py", "line 3"):
@@ -243,7 +278,9 @@ def test_any_exception_of_a_model_validator_is_a_clean_400(monkeypatch: pytest.M
 def test_vllm_validation_error_keeps_its_parameter() -> None:
     from vllm.exceptions import VLLMValidationError
 
-    error = invalid_request(VLLMValidationError("`logprobs` must be set.", parameter="logprobs", value=[1, 2]))
+    error = invalid_request(
+        VLLMValidationError("`logprobs` must be set.", parameter="logprobs", value=[1, 2])
+    )
     assert (error.param, error.message) == ("logprobs", "`logprobs` must be set.")
     assert invalid_request(VLLMValidationError("too long", parameter="prompt")).message == (
         "Invalid value for 'prompt': too long"
@@ -257,7 +294,16 @@ def test_messages_are_cut_to_the_configured_length() -> None:
 
 
 def test_param_path_drops_union_tags_and_branch_names() -> None:
-    loc = ("messages", 0, "ChatCompletionUserMessageParam", "content", "list[...]", 1, "function-after[x()]", "text")
+    loc = (
+        "messages",
+        0,
+        "ChatCompletionUserMessageParam",
+        "content",
+        "list[...]",
+        1,
+        "function-after[x()]",
+        "text",
+    )
     assert param_path(loc) == "messages[0].content[1].text"
     assert param_path(("tool_choice", "literal['none','auto']")) == "tool_choice"
     assert param_path(("str",)) is None
@@ -301,7 +347,12 @@ class _Handler:
         from vllm.sampling_params import SamplingParams
 
         return ResponsesResponse.from_request(
-            request, SamplingParams(max_tokens=4), model_name="m", created_time=0, output=[], status="completed"
+            request,
+            SamplingParams(max_tokens=4),
+            model_name="m",
+            created_time=0,
+            output=[],
+            status="completed",
         )
 
     async def create_responses(self, request: Any, raw_request: Any) -> Any:
