@@ -42,17 +42,16 @@ from serving.gateway.errors import (
     EngineNotReadyError,
     GatewayError,
     GatewayTimeoutError,
-    InvalidRequestError,
     ModelNotFoundError,
 )
 from serving.gateway.flight import Flight, Flights
 from serving.gateway.health import EngineHealth
+from serving.gateway.limits import apply_output_cap, deadline_of, estimate_tokens
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.tenants import PriorityClass, Tenant
 from serving.metrics import GatewayMetrics
 from serving.wire import (
-    DEADLINE_HEADER,
     REQUEST_ID_HEADER,
     Endpoint,
     dumps,
@@ -66,10 +65,6 @@ from serving.wire import (
 __all__ = ["Answer", "GatewayService", "ResponseStream", "Unlimited"]
 
 log = logging.getLogger("oss_serving.gateway")
-
-OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-DEFAULT_OUTPUT_ESTIMATE = 256
-"""Output tokens assumed for the per-minute token charge when a request names no limit."""
 
 
 # ------------------------------------------------------------------ collaborators
@@ -309,11 +304,11 @@ class GatewayService:
             raise ModelNotFoundError(ctx.virtual_model or ctx.model)
         self._auth.authorize(ctx.tenant, ctx.model)
         # 3: the tenant's limits, before anything may spend capacity (local or upstream)
-        deadline_s = _deadline_s(ctx, self._queue_config)
+        deadline_s = deadline_of(ctx, self._queue_config)
         if deadline_s is not None:
             ctx.deadline = ctx.arrived + deadline_s
-        _apply_output_cap(ctx)
-        estimate = _estimate_tokens(ctx.body)
+        apply_output_cap(ctx)
+        estimate = estimate_tokens(ctx.body)
         ctx.response_headers.update(await self._limiter.check(ctx.tenant, estimate))
         flight.charged(estimate if ctx.tenant.limits.tokens_per_minute else 0)
         # 4: escalation or overflow
@@ -547,46 +542,3 @@ def _engine_message(answer: EngineJSON) -> str:
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
-
-
-def _deadline_s(ctx: RequestContext, queue: QueueConfig) -> float | None:
-    """The request's start deadline: header ``X-Oss-Deadline-Ms``, else the configured default."""
-    raw = ctx.headers.get(DEADLINE_HEADER)
-    if raw is None:
-        return queue.default_deadline_s
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequestError(
-            f"{DEADLINE_HEADER} must be a number of milliseconds", param=DEADLINE_HEADER, code="invalid_value"
-        ) from None
-    if not 0 < value <= 86_400_000:
-        raise InvalidRequestError(
-            f"{DEADLINE_HEADER} must be between 1 and 86400000", param=DEADLINE_HEADER, code="invalid_value"
-        )
-    return value / 1000
-
-
-def _apply_output_cap(ctx: RequestContext) -> None:
-    """The tenant's ``max_output_tokens``: fill it in when absent, reject a larger ask."""
-    cap = ctx.tenant.limits.max_output_tokens
-    if cap is None:
-        return
-    present = [f for f in OUTPUT_FIELDS if ctx.body.get(f) is not None]
-    for name in present:
-        if int(ctx.body[name]) > cap:
-            raise InvalidRequestError(
-                f"{name} is {ctx.body[name]}, above this tenant's limit of {cap} output tokens",
-                param=name,
-                code="max_tokens_over_limit",
-            )
-    if not present:
-        field_name = "max_output_tokens" if ctx.endpoint is Endpoint.responses else "max_tokens"
-        ctx.body[field_name] = cap
-
-
-def _estimate_tokens(body: Mapping[str, Any]) -> int:
-    """Prompt estimate (4 characters a token) plus the output limit, for the tokens-per-minute charge."""
-    prompt_chars = sum(len(dumps(body[k])) for k in ("messages", "prompt", "input") if k in body)
-    output = next((int(body[f]) for f in OUTPUT_FIELDS if body.get(f) is not None), DEFAULT_OUTPUT_ESTIMATE)
-    return prompt_chars // 4 + output
