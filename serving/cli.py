@@ -211,7 +211,10 @@ def tenants_add(
     config_path: str | None,
     redis_url: str | None,
 ) -> None:
-    """Create or update TENANT_ID and print a new API key (shown once)."""
+    """Create or update TENANT_ID and print a new API key (shown once).
+
+    Adding a tenant revoked with `tenants revoke --tenant` brings it back; its old keys stay revoked.
+    """
     from pydantic import ValidationError
 
     from serving.gateway.tenants import HandoffRight, PriorityClass, Tenant, TenantLimits
@@ -248,7 +251,8 @@ def tenants_list(config_path: str | None, redis_url: str | None) -> None:
     """List tenants, their limits and their keys' hints."""
     from rich.table import Table
 
-    tenants, _keys, hints = _run_store(config_path, redis_url, lambda store: store.snapshot())
+    snap = _run_store(config_path, redis_url, lambda store: store.read())
+    tenants, hints = snap.tenants, snap.hints
     table = Table(title="tenants")
     for col in ("tenant", "priority", "weight", "rpm", "tpm", "concurrency", "models", "handoff", "keys"):
         table.add_column(col)
@@ -266,6 +270,13 @@ def tenants_list(config_path: str | None, redis_url: str | None) -> None:
             " ".join(hints.get(tid, [])) or "(none)",
         )
     _console().print(table)
+    if snap.invalid:
+        _err_console().print(
+            f"[yellow]skipped {len(snap.invalid)} record(s) that do not parse[/yellow]: "
+            + ", ".join(f"{r.kind} {r.name[:12]}" for r in snap.invalid)
+        )
+    if not snap.seeded:
+        _err_console().print("[yellow]no seed marker: gateways will seed the configured tenants again")
 
 
 @tenants_group.command("revoke")
@@ -276,7 +287,14 @@ def tenants_list(config_path: str | None, redis_url: str | None) -> None:
 def tenants_revoke(
     key_or_tenant: str, whole_tenant: bool, config_path: str | None, redis_url: str | None
 ) -> None:
-    """Revoke an API key (the key, or its hint from `list`), or with --tenant a whole tenant."""
+    """Revoke an API key (the key, or its hint from `list`), or with --tenant a whole tenant.
+
+    A revoked key stays revoked even if the configuration or the tenants file still lists it
+    (gateways never seed it again); remove it there too. A tenant revoked with --tenant is not
+    seeded again either, until `tenants add` brings it back with a new key. If Redis loses its
+    data, gateways still running write back the revocations they know; the configuration is
+    the rest.
+    """
     if whole_tenant:
         removed = _run_store(config_path, redis_url, lambda store: store.revoke_tenant(key_or_tenant))
     else:
@@ -292,7 +310,11 @@ def tenants_revoke(
 @config_option
 @redis_option
 def tenants_rotate(tenant_id: str, config_path: str | None, redis_url: str | None) -> None:
-    """Issue TENANT_ID a new key and revoke its old ones."""
+    """Issue TENANT_ID a new key and revoke its old ones.
+
+    A revoked key stays revoked even if the configuration or the tenants file still lists it
+    (gateways never seed it again); remove it there too.
+    """
 
     async def rotate(store: Any) -> Any:
         try:

@@ -273,6 +273,24 @@ class AuthConfig(_Strict):
     """How often each gateway re-reads keys and tenants from Redis: a revoked key stops
     working within this time."""
 
+    cache_groups: dict[str, list[str]] = Field(default_factory=dict)
+    """Tenants that share prompt caches: group name -> tenant ids. By default every tenant
+    has caches of its own: the engines' prefix cache (a per-tenant ``cache_salt``), the
+    prefix index and affinity keys, and the response cache are never shared between
+    tenants, so one tenant cannot learn what another sent. Tenants in one group (one
+    team with several tenant ids) share the engines' prefix cache and the routing index."""
+
+    cache_salt_secret_env: str = Field(default="OSS_SERVING_CACHE_SALT_SECRET", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    """Environment variable holding the secret the per-tenant cache salts are derived from
+    (HMAC-SHA256 of the tenant's cache group). Unset: a fixed value; the salts stay
+    per tenant (clients can never send their own), only guessable by a reader of Redis."""
+
+    admin_key_sha256: list[str] = Field(default_factory=list)
+    """SHA-256 (hex) of operator keys that may read ``/metrics`` and the detailed
+    ``/health`` on the public port while ``required`` is on (``Authorization: Bearer``);
+    hashed like a tenant's ``api_key_sha256``. Probes use ``/health/live`` and
+    ``/health/ready``, which say only live / ready."""
+
 
 class TenantSeed(_Strict):
     """A tenant from the configuration (seeded into Redis at gateway start)."""

@@ -202,6 +202,13 @@ class GatewayMetrics:
             ["tenant", "model", "kind"],
             registry=self.registry,
         )
+        self.tenant_records_invalid = Counter(
+            PREFIX + "tenant_records_invalid",
+            "Tenant or key records in Redis that did not parse and were skipped, each counted once, "
+            "by kind (tenant, key).",
+            ["kind"],
+            registry=self.registry,
+        )
 
         self.handoff = HandoffMetrics(self.registry, buckets_s)
 

@@ -23,8 +23,15 @@ from serving.api.middleware import RequestIdMiddleware
 from serving.api.protocol import parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.gateway.context import RequestContext
-from serving.gateway.errors import GatewayError, InternalError, PayloadTooLargeError
+from serving.gateway.errors import (
+    GatewayError,
+    InternalError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
 from serving.gateway.service import GatewayService, ResponseStream
+from serving.gateway.tenants import Tenant
 from serving.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from serving.wire import Endpoint
 
@@ -131,28 +138,50 @@ def create_app(
     async def responses(request: Request) -> Response:
         return await serve(Endpoint.responses, request)
 
+    def caller(request: Request) -> Tenant:
+        return service.authenticate({k.lower(): v for k, v in request.headers.items()})
+
+    def operator(request: Request) -> bool:
+        return service.open_doors or service.is_operator({k.lower(): v for k, v in request.headers.items()})
+
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [service.model_card(m) for m in service.model_ids()]}
+    async def models(request: Request) -> dict[str, Any]:
+        tenant = caller(request)  # 401 without a key, as OpenAI; only the tenant's models
+        return {"object": "list", "data": [service.model_card(m) for m in service.models_for(tenant)]}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str, request: Request) -> Response:
+        if model not in service.models_for(caller(request)):
+            raise ModelNotFoundError(model)
         return JSONResponse(service.model_card(model))
 
     @app.get("/health")
-    @app.get("/health/ready")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
+        """Everything (engines, Redis, admission) for operators; live/ready/status for the rest."""
         report = service.health_report()
-        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+        code = 200 if report["ready"] else 503
+        if not operator(request):
+            report = {k: report[k] for k in ("live", "ready", "status")}
+        return JSONResponse(report, status_code=code)
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        report = service.health_report()
+        return JSONResponse(
+            {"ready": report["ready"], "status": report["status"]},
+            status_code=200 if report["ready"] else 503,
+        )
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
         return {"live": True}
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
         if metrics is None:
             raise HTTPException(404)  # metrics are off: the route does not exist
+        if not operator(request):
+            raise UnauthorizedError("Metrics need an operator key (auth.admin_key_sha256).")
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app

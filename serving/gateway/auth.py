@@ -2,27 +2,51 @@
 
 Redis layout (prefix ``oss``):
 
-- ``oss:tenants``  HASH tenant id -> tenant JSON (weight, priority, limits, models, handoff);
-- ``oss:keys``     HASH sha256(key) -> JSON {tenant, hint, created}; ``hint`` is the key's
-  first characters, so ``list`` can show which key is which without storing it.
+- ``oss:tenants``          HASH tenant id -> tenant JSON (weight, priority, limits, models, handoff);
+- ``oss:keys``             HASH sha256(key) -> JSON {tenant, hint, created}; ``hint`` is the key's
+  first characters, so ``list`` can show which key is which without storing it;
+- ``oss:keys:revoked``     SET of revoked key hashes (tombstones);
+- ``oss:tenants:revoked``  SET of revoked tenant ids (tombstones);
+- ``oss:tenants:seeded``   STRING, the seed marker: written by every seeding, last.
 
-Each gateway keeps a copy of both hashes and refreshes it every ``auth.refresh_s``, so
+Each gateway keeps a copy of the directory and refreshes it every ``auth.refresh_s``, so
 authentication costs no Redis round trip, a revoked key stops working within that time,
-and a gateway keeps authenticating from its last copy while Redis is away. Tenants from
-the configuration (and from ``auth.tenants_file``) are seeded into Redis at start.
+and a gateway keeps authenticating from its last copy while Redis is away.
+
+**Revocations are tombstones.** Tenants from the configuration (and from
+``auth.tenants_file``) are seeded into Redis when a gateway starts; seeding (one Lua
+script) never writes back a key hash or a tenant that has a tombstone, and
+:meth:`TenantDirectory.authenticate` rejects a tombstoned key whatever else says. So a
+revoked key stays revoked across restarts, rollouts and re-seeding, even while the
+configuration still lists it.
+
+**Bad records are skipped.** Records are parsed one at a time and unknown fields are
+ignored (a newer version may add some); a record that does not parse is left out,
+logged once and counted (``oss_serving_tenant_records_invalid_total``); the rest of the
+directory still refreshes.
+
+**Redis that lost its data.** A missing seed marker means Redis lost the directory
+(restarted empty, FLUSHALL, failover to an empty replica). The gateway then re-seeds
+from the configuration, writing back first the tombstones it last saw, and keeps
+serving its last good copy until Redis holds the directory again; it never swaps a
+populated directory for the empty snapshot. Keys that lived only in Redis (issued with
+``tenants add`` or ``rotate``) are lost with it; if every gateway restarted too, the
+configuration is the whole source of truth (its revoked keys come back: remove them
+from the configuration).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 from redis.exceptions import RedisError
 
 from serving.config import AuthConfig, TenantSeed
@@ -38,9 +62,22 @@ from serving.gateway.tenants import (
 )
 from serving.tasks import cancel_and_wait, raise_if_cancelling
 
-__all__ = ["IssuedKey", "TenantDirectory", "TenantStore", "tenant_from_seed"]
+if TYPE_CHECKING:
+    from serving.metrics import GatewayMetrics
+
+__all__ = [
+    "DirectorySnapshot",
+    "InvalidRecord",
+    "IssuedKey",
+    "KeyRecord",
+    "TenantDirectory",
+    "TenantStore",
+    "tenant_from_seed",
+]
 
 log = logging.getLogger("oss_serving.auth")
+
+Source = Literal["configuration", "redis", "last good copy"]
 
 
 def tenant_from_seed(seed: TenantSeed) -> Tenant:
@@ -67,6 +104,89 @@ class IssuedKey:
     """Shown once; only its hash is stored."""
 
 
+class KeyRecord(BaseModel):
+    """The stored record of one key hash (unknown fields, from a newer version, are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    tenant: str
+    hint: str = ""
+    created: int = 0
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    """A record in Redis that does not parse (skipped)."""
+
+    kind: Literal["tenant", "key"]
+    name: str
+    """Its hash field: the tenant id, or the key hash."""
+    fingerprint: str
+    """A digest of its raw value: a record fixed, then broken again, is a new one."""
+    reason: str
+
+    @property
+    def ident(self) -> tuple[str, str, str]:
+        return (self.kind, self.name, self.fingerprint)
+
+
+@dataclass
+class DirectorySnapshot:
+    """What Redis holds, parsed record by record; tombstoned keys and tenants left out."""
+
+    seeded: bool
+    """The seed marker is there: Redis has not lost the directory since it was seeded."""
+    tenants: dict[str, Tenant] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    """Tenant id by key hash."""
+    hints: dict[str, list[str]] = field(default_factory=dict)
+    """Key hints by tenant id."""
+    revoked_keys: frozenset[str] = frozenset()
+    revoked_tenants: frozenset[str] = frozenset()
+    invalid: list[InvalidRecord] = field(default_factory=list)
+
+
+# Seeding, atomically: write back the tombstones the caller knows, then every tenant
+# and key hash that has no tombstone, then the seed marker.
+# KEYS: tenants, keys, revoked keys, revoked tenants, seed marker.
+# ARGV: marker value, then four counted groups: revoked key hashes; revoked tenant ids;
+# (tenant id, tenant JSON) pairs; (key hash, tenant id, key JSON) triples.
+_SEED = """
+local i = 2
+local function count()
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  return n
+end
+for _ = 1, count() do
+  redis.call('SADD', KEYS[3], ARGV[i])
+  i = i + 1
+end
+for _ = 1, count() do
+  redis.call('SADD', KEYS[4], ARGV[i])
+  i = i + 1
+end
+local tenants, keys = 0, 0
+for _ = 1, count() do
+  if redis.call('SISMEMBER', KEYS[4], ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    tenants = tenants + 1
+  end
+  i = i + 2
+end
+for _ = 1, count() do
+  local revoked = redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 1
+  if not revoked and redis.call('SISMEMBER', KEYS[4], ARGV[i + 1]) == 0 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    keys = keys + 1
+  end
+  i = i + 3
+end
+redis.call('SET', KEYS[5], ARGV[1])
+return {tenants, keys}
+"""
+
+
 class TenantStore:
     """Tenants and hashed keys in Redis (used by the gateway and the admin command)."""
 
@@ -74,9 +194,17 @@ class TenantStore:
         self._redis = redis
         self.tenants_key = f"{key_prefix}:tenants"
         self.keys_key = f"{key_prefix}:keys"
+        self.revoked_keys_key = f"{key_prefix}:keys:revoked"
+        self.revoked_tenants_key = f"{key_prefix}:tenants:revoked"
+        self.seed_marker_key = f"{key_prefix}:tenants:seeded"
+        self._seed_script = redis.register_script(_SEED)
 
     async def put_tenant(self, tenant: Tenant) -> None:
-        await self._redis.hset(self.tenants_key, tenant.id, tenant.model_dump_json())
+        """Create or update a tenant; a revoked tenant is brought back (its old keys stay revoked)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(self.revoked_tenants_key, tenant.id)
+            pipe.hset(self.tenants_key, tenant.id, tenant.model_dump_json())
+            await pipe.execute()
 
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
         raw = await self._redis.hget(self.tenants_key, tenant_id)
@@ -85,14 +213,15 @@ class TenantStore:
     async def add_key(
         self, tenant_id: str, api_key: str | None = None, *, key_hash: str | None = None
     ) -> IssuedKey:
+        """Store a key for ``tenant_id`` (a new random one unless given). A revoked key hash
+        stays revoked: giving one raises ValueError."""
         key = api_key or (new_api_key() if key_hash is None else "")
         digest = key_hash or hash_key(key)
-        record = {
-            "tenant": tenant_id,
-            "hint": key[:10] + "…" if key else digest[:10],
-            "created": int(time.time()),
-        }
-        await self._redis.hset(self.keys_key, digest, json.dumps(record))
+        if await self._redis.sismember(self.revoked_keys_key, digest):
+            raise ValueError("this key was revoked; a revoked key cannot be added again")
+        hint = key[:10] + "…" if key else digest[:10]
+        record = KeyRecord(tenant=tenant_id, hint=hint, created=int(time.time()))
+        await self._redis.hset(self.keys_key, digest, record.model_dump_json())
         return IssuedKey(tenant=tenant_id, api_key=key)
 
     async def add(self, tenant: Tenant) -> IssuedKey:
@@ -100,59 +229,161 @@ class TenantStore:
         await self.put_tenant(tenant)
         return await self.add_key(tenant.id)
 
+    async def _key_records(self) -> dict[str, KeyRecord]:
+        """Every key record that parses, by key hash."""
+        out: dict[str, KeyRecord] = {}
+        for digest, raw in (await self._redis.hgetall(self.keys_key)).items():
+            try:
+                out[_s(digest)] = KeyRecord.model_validate_json(raw)
+            except ValueError:
+                continue
+        return out
+
+    async def _tombstone(self, digests: list[str], tenant_id: str | None = None) -> int:
+        """Revoke key hashes (and a tenant): tombstones first, then the records, in one transaction."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if tenant_id is not None:
+                pipe.sadd(self.revoked_tenants_key, tenant_id)
+            if digests:
+                pipe.sadd(self.revoked_keys_key, *digests)
+                pipe.hdel(self.keys_key, *digests)
+            if tenant_id is not None:
+                pipe.hdel(self.tenants_key, tenant_id)
+            results = await pipe.execute()
+        return int(results[2 if tenant_id is not None else 1]) if digests else 0
+
     async def revoke_key(self, api_key_or_hint: str) -> int:
-        """Revoke a key given in full, or by its hint (the first characters)."""
+        """Revoke a key given in full, or by its hint (the first characters; a seeded key's
+        hint is the start of its hash). The key stays revoked even if it is seeded again."""
         digest = hash_key(api_key_or_hint)
-        if await self._redis.hdel(self.keys_key, digest):
-            return 1
-        removed = 0
-        for digest_b, raw in (await self._redis.hgetall(self.keys_key)).items():
-            hint = json.loads(raw)["hint"].rstrip("…")
-            if hint and api_key_or_hint.startswith(hint):
-                removed += await self._redis.hdel(self.keys_key, digest_b)
-        return removed
+        if await self._redis.hexists(self.keys_key, digest):
+            return await self._tombstone([digest])
+        matches = [
+            d
+            for d, record in (await self._key_records()).items()
+            if (hint := record.hint.rstrip("…")) and api_key_or_hint.startswith(hint)
+        ]
+        return await self._tombstone(matches)
 
     async def revoke_tenant(self, tenant_id: str) -> int:
-        """Revoke every key of a tenant and remove the tenant."""
-        removed = 0
-        for digest, raw in (await self._redis.hgetall(self.keys_key)).items():
-            if json.loads(raw)["tenant"] == tenant_id:
-                removed += await self._redis.hdel(self.keys_key, digest)
-        await self._redis.hdel(self.tenants_key, tenant_id)
-        return removed
+        """Revoke every key of a tenant and remove the tenant; neither is seeded again."""
+        digests = [d for d, record in (await self._key_records()).items() if record.tenant == tenant_id]
+        return await self._tombstone(digests, tenant_id)
 
     async def rotate(self, tenant_id: str) -> IssuedKey:
-        """Issue a new key and revoke the tenant's old ones."""
-        if await self.get_tenant(tenant_id) is None:
+        """Issue a new key and revoke the tenant's old ones (for good, see :meth:`revoke_key`)."""
+        if not await self._redis.hexists(self.tenants_key, tenant_id):
             raise KeyError(tenant_id)
-        old = [
-            d
-            for d, raw in (await self._redis.hgetall(self.keys_key)).items()
-            if json.loads(raw)["tenant"] == tenant_id
-        ]
+        old = [d for d, record in (await self._key_records()).items() if record.tenant == tenant_id]
         issued = await self.add_key(tenant_id)
-        if old:
-            await self._redis.hdel(self.keys_key, *old)
+        await self._tombstone(old)
         return issued
+
+    async def seed(
+        self,
+        tenants: list[Tenant],
+        keys: dict[str, str],
+        *,
+        revoked_keys: frozenset[str] = frozenset(),
+        revoked_tenants: frozenset[str] = frozenset(),
+    ) -> tuple[int, int]:
+        """Write tenants and key hashes (tenant id by hash) that have no tombstone, after
+        writing back ``revoked_keys`` and ``revoked_tenants``; then the seed marker.
+        Atomic. Returns (tenants written, keys written)."""
+        now = int(time.time())
+        args: list[str | int] = [str(now), len(revoked_keys), *sorted(revoked_keys)]
+        args += [len(revoked_tenants), *sorted(revoked_tenants), len(tenants)]
+        for tenant in tenants:
+            args += [tenant.id, tenant.model_dump_json()]
+        args.append(len(keys))
+        for digest, tenant_id in keys.items():
+            record = KeyRecord(tenant=tenant_id, hint=digest[:10], created=now)
+            args += [digest, tenant_id, record.model_dump_json()]
+        written = await self._seed_script(
+            keys=[
+                self.tenants_key,
+                self.keys_key,
+                self.revoked_keys_key,
+                self.revoked_tenants_key,
+                self.seed_marker_key,
+            ],
+            args=args,
+        )
+        return int(written[0]), int(written[1])
+
+    async def read(self) -> DirectorySnapshot:
+        """The directory as Redis holds it (one transaction), parsed record by record."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(self.seed_marker_key)
+            pipe.hgetall(self.tenants_key)
+            pipe.hgetall(self.keys_key)
+            pipe.smembers(self.revoked_keys_key)
+            pipe.smembers(self.revoked_tenants_key)
+            seeded, raw_tenants, raw_keys, raw_revoked_keys, raw_revoked_tenants = await pipe.execute()
+        return parse_directory(bool(seeded), raw_tenants, raw_keys, raw_revoked_keys, raw_revoked_tenants)
 
     async def snapshot(self) -> tuple[dict[str, Tenant], dict[str, str], dict[str, list[str]]]:
         """(tenants by id, tenant id by key hash, key hints by tenant id)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.tenants_key)
-            pipe.hgetall(self.keys_key)
-            raw_tenants, raw_keys = await pipe.execute()
-        tenants = {_s(k): Tenant.model_validate_json(v) for k, v in raw_tenants.items()}
-        keys: dict[str, str] = {}
-        hints: dict[str, list[str]] = {}
-        for digest, raw in raw_keys.items():
-            record = json.loads(raw)
-            keys[_s(digest)] = record["tenant"]
-            hints.setdefault(record["tenant"], []).append(record["hint"])
-        return tenants, keys, hints
+        snap = await self.read()
+        return snap.tenants, snap.keys, snap.hints
 
 
 def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _fingerprint(raw: bytes | str) -> str:
+    data = raw if isinstance(raw, bytes) else raw.encode(errors="replace")
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _reason(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "record"
+            return f"{where}: {first.get('msg', exc)}"
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {exc}"
+
+
+def parse_directory(
+    seeded: bool,
+    raw_tenants: dict[Any, Any],
+    raw_keys: dict[Any, Any],
+    raw_revoked_keys: set[Any],
+    raw_revoked_tenants: set[Any],
+) -> DirectorySnapshot:
+    """A snapshot from Redis's raw answers. Never raises on a record: a record that does
+    not parse is listed in ``invalid`` and left out."""
+    revoked_keys = frozenset(_s(d) for d in raw_revoked_keys)
+    revoked_tenants = frozenset(_s(t) for t in raw_revoked_tenants)
+    snap = DirectorySnapshot(seeded=seeded, revoked_keys=revoked_keys, revoked_tenants=revoked_tenants)
+    for name, raw in raw_tenants.items():
+        tenant_id = _s(name)
+        try:
+            tenant = Tenant.model_validate_json(raw)
+            if tenant.id != tenant_id:
+                raise ValueError(f"its id {tenant.id!r} is not its field {tenant_id!r}")
+        except Exception as exc:
+            snap.invalid.append(InvalidRecord("tenant", tenant_id, _fingerprint(raw), _reason(exc)))
+            continue
+        if tenant_id not in revoked_tenants:
+            snap.tenants[tenant_id] = tenant
+    for name, raw in raw_keys.items():
+        digest = _s(name)
+        try:
+            record = KeyRecord.model_validate_json(raw)
+        except Exception as exc:
+            snap.invalid.append(InvalidRecord("key", digest, _fingerprint(raw), _reason(exc)))
+            continue
+        if digest in revoked_keys or record.tenant in revoked_tenants:
+            continue
+        snap.keys[digest] = record.tenant
+        snap.hints.setdefault(record.tenant, []).append(record.hint)
+    return snap
 
 
 def _load_tenants_file(path: Path) -> list[tuple[TenantSeed, list[str]]]:
@@ -174,29 +405,41 @@ class TenantDirectory:
         seeds: list[TenantSeed],
         *,
         tenants_file: Path | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._store = store
         self._config = config
-        self._seeds = list(seeds)
+        self._metrics = metrics
         self._tenants_file = tenants_file or config.tenants_file
-        self._tenants: dict[str, Tenant] = {}
-        self._keys: dict[str, str] = {}
-        self._file_keys: list[tuple[str, str]] = []
+        # What the configuration and the tenants file seed (kept for re-seeding).
+        self._seed_tenants: dict[str, Tenant] = {}
+        self._seed_keys: dict[str, str] = {}
+        self._load_seeds(list(seeds))
+        # The directory in use: the seeds until Redis answers, then Redis's last good copy.
+        self._tenants: dict[str, Tenant] = dict(self._seed_tenants)
+        self._keys: dict[str, str] = dict(self._seed_keys)
+        self._revoked_keys: frozenset[str] = frozenset()
+        self._revoked_tenants: frozenset[str] = frozenset()
+        self._invalid: dict[tuple[str, str, str], InvalidRecord] = {}
+        self._source: Source = "configuration"
+        self._last_ok: float | None = None
+        self._last_error: str | None = None
+        self._failing = False
+        self._reseeds = 0
+        self._last_reseed: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._seeded = False
-        self._load_seeds()
 
-    def _load_seeds(self) -> None:
-        for seed in self._seeds:
-            self._tenants[seed.id] = tenant_from_seed(seed)
+    def _load_seeds(self, seeds: list[TenantSeed]) -> None:
+        for seed in seeds:
+            self._seed_tenants[seed.id] = tenant_from_seed(seed)
             for digest in seed.api_key_sha256:
-                self._keys[digest] = seed.id
+                self._seed_keys[digest] = seed.id
         if self._tenants_file is not None:
             for seed, keys in _load_tenants_file(Path(self._tenants_file)):
-                self._tenants[seed.id] = tenant_from_seed(seed)
+                self._seed_tenants[seed.id] = tenant_from_seed(seed)
                 for key in keys:
-                    self._keys[hash_key(key)] = seed.id
-                    self._file_keys.append((seed.id, key))
+                    self._seed_keys[hash_key(key)] = seed.id
 
     @property
     def required(self) -> bool:
@@ -205,37 +448,132 @@ class TenantDirectory:
     def tenant_ids(self) -> list[str]:
         return sorted(self._tenants)
 
+    def health(self) -> dict[str, Any]:
+        """Where the directory comes from and how fresh it is (for ``/health``).
+
+        ``source``: ``redis`` (the last refresh read it), ``last good copy`` (the last
+        refresh failed, or Redis lost the directory and re-seeding has not succeeded yet:
+        this gateway authenticates from its last copy) or ``configuration`` (Redis not
+        read yet, or none). ``reseeds``: how often this gateway found Redis without the
+        directory (its seed marker gone) and seeded it again.
+        """
+        return {
+            "tenants": len(self._tenants),
+            "keys": len(self._keys),
+            "source": self._source,
+            "last_refresh_ok_unix": self._last_ok,
+            "invalid_records": len(self._invalid),
+            "revoked_keys": len(self._revoked_keys),
+            "reseeds": self._reseeds,
+            "last_reseed_unix": self._last_reseed,
+            "last_error": self._last_error,
+        }
+
+    async def _seed(self, store: TenantStore) -> tuple[int, int]:
+        return await store.seed(
+            list(self._seed_tenants.values()),
+            self._seed_keys,
+            revoked_keys=self._revoked_keys,
+            revoked_tenants=self._revoked_tenants,
+        )
+
     async def seed(self) -> None:
-        """Write configured tenants and keys to Redis (hashed), once."""
+        """Write configured tenants and keys to Redis (hashed, tombstones respected), once."""
         if self._store is None or self._seeded:
             return
-        for tenant in {t.id: t for t in self._tenants.values()}.values():
-            await self._store.put_tenant(tenant)
-        for digest, tenant_id in list(self._keys.items()):
-            await self._store.add_key(tenant_id, key_hash=digest)
+        await self._seed(self._store)
         self._seeded = True
 
     async def refresh(self) -> None:
-        if self._store is None:
+        """Read the directory from Redis; on any Redis error keep the last good copy."""
+        store = self._store
+        if store is None:
             return
         try:
             await self.seed()
-            tenants, keys, _hints = await self._store.snapshot()
+            snap = await store.read()
+            if not snap.seeded:
+                log.warning(
+                    "Redis has lost the tenant directory (no seed marker): seeding it again from the "
+                    "configuration; authenticating from the last good copy (%d tenants, %d keys) meanwhile",
+                    len(self._tenants),
+                    len(self._keys),
+                )
+                tenants, keys = await self._seed(store)
+                self._reseeds += 1
+                self._last_reseed = time.time()
+                log.warning("tenant directory seeded again: %d tenants, %d keys", tenants, keys)
+                snap = await store.read()
+                if not snap.seeded:
+                    raise RedisError("the seed marker is missing right after seeding")
         except (RedisError, OSError) as exc:
-            log.debug("tenant refresh failed (keeping the last copy): %s", exc)
+            self._refresh_failed(exc)
             return
-        self._tenants = tenants
-        self._keys = keys
+        self._apply(snap)
+
+    def _apply(self, snap: DirectorySnapshot) -> None:
+        self._note_invalid(snap.invalid)
+        self._tenants = snap.tenants
+        self._keys = {digest: tid for digest, tid in snap.keys.items() if tid in snap.tenants}
+        self._revoked_keys = snap.revoked_keys
+        self._revoked_tenants = snap.revoked_tenants
+        self._source = "redis"
+        self._last_ok = time.time()
+        self._last_error = None
+        if self._failing:
+            log.info("tenant refresh works again: %d tenants, %d keys", len(self._tenants), len(self._keys))
+        self._failing = False
+
+    def _note_invalid(self, records: list[InvalidRecord]) -> None:
+        """Count and log each invalid record once (until it changes or goes away)."""
+        current: dict[tuple[str, str, str], InvalidRecord] = {r.ident: r for r in records}
+        for ident, record in current.items():
+            if ident in self._invalid:
+                continue
+            log.warning(
+                "skipping a %s record in Redis that does not parse (%s %r): %s",
+                record.kind,
+                "tenant" if record.kind == "tenant" else "key hash",
+                record.name if record.kind == "tenant" else record.name[:12] + "…",
+                record.reason,
+            )
+            if self._metrics is not None:
+                self._metrics.tenant_records_invalid.labels(kind=record.kind).inc()
+        self._invalid = current
+
+    def _refresh_failed(self, exc: BaseException, *, unexpected: bool = False) -> None:
+        if self._source == "redis":
+            self._source = "last good copy"
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if self._failing:
+            log.debug("tenant refresh still fails (keeping the last copy): %s", exc)
+        else:
+            log.warning(
+                "tenant refresh failed; authenticating from the %s (%d tenants, %d keys): %s",
+                self._source,
+                len(self._tenants),
+                len(self._keys),
+                exc,
+                exc_info=unexpected,
+            )
+        self._failing = True
+
+    async def _refresh_guarded(self) -> None:
+        """:meth:`refresh`, and any error it did not expect logged (never raised)."""
+        try:
+            await self.refresh()
+        except Exception as exc:
+            self._refresh_failed(exc, unexpected=True)
 
     async def start(self) -> None:
-        await self.refresh()
+        await self._refresh_guarded()
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="oss-serving-tenants")
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._config.refresh_s)
-            await self.refresh()
+            await self._refresh_guarded()  # survives anything but cancellation
             raise_if_cancelling()  # refresh keeps going on Redis errors, a hidden cancel among them
 
     async def stop(self) -> None:
@@ -253,8 +591,11 @@ class TenantDirectory:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise UnauthorizedError("The Authorization header must be 'Bearer YOUR_KEY'.")
-        tenant_id = self._keys.get(hash_key(key.strip()))
-        tenant = self._tenants.get(tenant_id) if tenant_id else None
+        digest = hash_key(key.strip())
+        tenant_id = None if digest in self._revoked_keys else self._keys.get(digest)
+        tenant = (
+            self._tenants.get(tenant_id) if tenant_id and tenant_id not in self._revoked_tenants else None
+        )
         if tenant is None:
             shown = key.strip()[:6] + "…" if len(key.strip()) > 6 else "…"
             raise UnauthorizedError(f"Incorrect API key provided: {shown}. It is unknown or was revoked.")

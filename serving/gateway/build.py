@@ -31,6 +31,7 @@ from serving.gateway.handoff import (
     UpstreamBudget,
 )
 from serving.gateway.health import EngineHealth
+from serving.gateway.isolation import CacheIsolation
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
@@ -94,7 +95,7 @@ def build_gateway(
     env_file = env.get(TENANTS_FILE_ENV)
     tenants_file = cfg.auth.tenants_file or (Path(env_file) if env_file else None)
     store = TenantStore(redis, prefix) if redis is not None else None
-    auth = TenantDirectory(store, cfg.auth, cfg.tenants, tenants_file=tenants_file)
+    auth = TenantDirectory(store, cfg.auth, cfg.tenants, tenants_file=tenants_file, metrics=metrics)
     limiter = RateLimiter(redis, prefix)
 
     request_limit_s = cfg.gateway.request_timeout_s
@@ -153,6 +154,8 @@ def build_gateway(
         handoff=handoff,
         health=health,
         flights=flights,
+        isolation=CacheIsolation(cfg.auth.cache_groups, env.get(cfg.auth.cache_salt_secret_env)),
+        admin_keys=frozenset(cfg.auth.admin_key_sha256),
         created_unix=created_unix,
     )
 

@@ -40,6 +40,10 @@ class RequestContext:
     backend: str = "local"
     """Which backend answered: ``local`` or an upstream name."""
 
+    cache_scope: str = ""
+    """The tenant's cache salt (``isolation.py``): scopes the engine's prefix cache, the
+    prefix index and affinity keys to the tenant."""
+
     virtual_model: str | None = None
     """The virtual model the client named (e.g. ``auto``) when ``model`` is the local model
     its handoff rule picked."""

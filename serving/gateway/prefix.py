@@ -167,10 +167,12 @@ def render_prompt(endpoint: Endpoint, body: Mapping[str, Any]) -> str:
     return _SEP_MSG.join(parts)
 
 
-def block_hashes(text: str, block_chars: int, max_blocks: int) -> list[str]:
-    """Chained hashes (hex) of the full ``block_chars`` blocks of ``text``, at most ``max_blocks``."""
+def block_hashes(text: str, block_chars: int, max_blocks: int, scope: str = "") -> list[str]:
+    """Chained hashes (hex) of the full ``block_chars`` blocks of ``text``, at most ``max_blocks``.
+
+    ``scope`` (a tenant's cache salt) starts the chain: two scopes never share a hash."""
     out: list[str] = []
-    previous = b""
+    previous = scope.encode()
     for i in range(min(len(text) // block_chars, max_blocks)):
         chunk = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
         digest = hashlib.blake2b(previous + chunk, digest_size=10).digest()

@@ -60,18 +60,24 @@ log = logging.getLogger("oss_serving.routing")
 
 
 def affinity_key(ctx: RequestContext, config: RoutingConfig) -> str | None:
-    """``prompt_cache_key``, else the first configured session header, else ``user``."""
+    """``prompt_cache_key``, else the first configured session header, else ``user``;
+    scoped by the tenant's cache salt, so tenants never steer each other's placement."""
+    key: str | None = None
     value = ctx.body.get("prompt_cache_key")
     if isinstance(value, str) and value:
-        return "k:" + value
-    for name in config.session_headers:
-        header = ctx.headers.get(name.lower())
+        key = "k:" + value
+    else:
+        header = next(
+            (ctx.headers[n.lower()] for n in config.session_headers if ctx.headers.get(n.lower())), None
+        )
+        user = ctx.body.get("user")
         if header:
-            return "s:" + header
-    user = ctx.body.get("user")
-    if isinstance(user, str) and user:
-        return "u:" + user
-    return None
+            key = "s:" + header
+        elif isinstance(user, str) and user:
+            key = "u:" + user
+    if key is None:
+        return None
+    return f"{ctx.cache_scope}:{key}" if ctx.cache_scope else key
 
 
 @dataclass
@@ -104,7 +110,7 @@ class PrefixRouting:
         text = render_prompt(ctx.endpoint, ctx.body)
         plan = RoutePlan(
             model=ctx.model,
-            hashes=block_hashes(text, cfg.block_chars, cfg.max_blocks),
+            hashes=block_hashes(text, cfg.block_chars, cfg.max_blocks, ctx.cache_scope),
             key=affinity_key(ctx, cfg),
             lookup=None,
         )

@@ -46,10 +46,11 @@ from serving.gateway.errors import (
 )
 from serving.gateway.flight import Flight, Flights
 from serving.gateway.health import EngineHealth
+from serving.gateway.isolation import CacheIsolation
 from serving.gateway.limits import apply_output_cap, deadline_of, estimate_tokens
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
-from serving.gateway.tenants import PriorityClass, Tenant
+from serving.gateway.tenants import PriorityClass, Tenant, hash_key
 from serving.metrics import GatewayMetrics
 from serving.wire import (
     REQUEST_ID_HEADER,
@@ -205,6 +206,8 @@ class GatewayService:
         handoff: HandoffPort,
         health: EngineHealth,
         flights: Flights,
+        isolation: CacheIsolation,
+        admin_keys: frozenset[str] = frozenset(),
         created_unix: int | None = None,
     ) -> None:
         self._config = config
@@ -218,6 +221,8 @@ class GatewayService:
         self._handoff = handoff
         self.health = health
         self.flights = flights
+        self._isolation = isolation
+        self._admin_keys = admin_keys
         self._created = created_unix if created_unix is not None else int(time.time())
         self._started = False
 
@@ -271,6 +276,20 @@ class GatewayService:
         """The tenant of the request's API key; 401 (before the body is even read)."""
         return self._auth.authenticate(headers.get("authorization"))
 
+    @property
+    def open_doors(self) -> bool:
+        """No authentication: ``/metrics`` and the detailed ``/health`` are open too."""
+        return not self._auth.required
+
+    def is_operator(self, headers: Mapping[str, str]) -> bool:
+        """Whether the request carries an operator key (``auth.admin_key_sha256``)."""
+        scheme, _, key = (headers.get("authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and bool(key.strip()) and hash_key(key.strip()) in self._admin_keys
+
+    def models_for(self, tenant: Tenant) -> list[str]:
+        """The models a tenant may use (``/v1/models`` lists only these)."""
+        return [m for m in self._engines if tenant.may_use(m)]
+
     async def run(self, ctx: RequestContext, flight: Flight) -> Answer:
         """Serve one authenticated, validated request (see the module docstring).
 
@@ -303,6 +322,7 @@ class GatewayService:
         if engine is None:
             raise ModelNotFoundError(ctx.virtual_model or ctx.model)
         self._auth.authorize(ctx.tenant, ctx.model)
+        ctx.cache_scope = self._isolation.salt(ctx.tenant.id)
         # 3: the tenant's limits, before anything may spend capacity (local or upstream)
         deadline_s = deadline_of(ctx, self._queue_config)
         if deadline_s is not None:
@@ -336,7 +356,12 @@ class GatewayService:
         headers = {REQUEST_ID_HEADER: ctx.request_id}
         await caching.route(headers)
         # 9: the engine's first item; vLLM needs ids unique among running requests
-        engine_body = {**ctx.body, "request_id": f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"}
+        # (and the tenant's cache salt: a client's own salt never crosses tenants)
+        engine_body = {
+            **ctx.body,
+            "request_id": f"{ctx.request_id}-{uuid.uuid4().hex[:8]}",
+            "cache_salt": ctx.cache_scope,
+        }
         stream = engine.generate(ctx.endpoint, engine_body, headers)
         flight.hold_stream(stream)
         try:

@@ -4,6 +4,11 @@ An API key maps to one tenant. Keys are stored hashed (sha256 of the key); the k
 itself is shown once, when it is created. A tenant carries its fair-share weight, its
 priority class, its limits, the models it may use, and whether its data may leave the
 cluster through a handoff.
+
+Tenants are read back from Redis, where a newer version may have written fields this
+one does not know: the models ignore unknown fields (``extra="ignore"``), so a rollout
+in either direction never makes a record unreadable. Configuration input is checked
+strictly elsewhere (:class:`serving.config.TenantSeed` forbids unknown fields).
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ class HandoffRight(StrEnum):
 class TenantLimits(BaseModel):
     """Per-tenant limits; ``None`` means unlimited."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
     requests_per_minute: int | None = Field(default=None, ge=1)
     """Requests admitted per rolling minute."""
@@ -68,7 +73,7 @@ class TenantLimits(BaseModel):
 class Tenant(BaseModel):
     """One tenant (a team, an application)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     """Stable id; also the ``tenant`` metric label (bounded by the configured tenants)."""

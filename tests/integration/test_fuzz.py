@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import GPT_OSS, SMOLLM, LiveStack
+from tests.integration.conftest import GPT_OSS, MAX_BODY, SMOLLM, LiveStack
 
 pytestmark = pytest.mark.integration
 
@@ -193,7 +193,7 @@ def assert_openai_400(resp: httpx.Response, *, param: str | None = None) -> dict
 
 def test_deeply_nested_body_is_400(live_stack: LiveStack) -> None:
     started = time.monotonic()
-    resp = post(live_stack, "/v1/chat/completions", b"[" * 100_000)
+    resp = post(live_stack, "/v1/chat/completions", b"[" * (MAX_BODY - 1))  # 65,535 levels
     error = assert_openai_400(resp)
     assert error["code"] == "nesting_too_deep"
     nested = b'{"model": "%s", "messages": ' % SMOLLM.encode() + b"[" * 5000 + b"]" * 5000 + b"}"
@@ -238,7 +238,6 @@ def fuzz_schema() -> Any:
 
 
 def test_fuzz_no_5xx(live_stack: LiveStack, fuzz_schema: Any) -> None:
-    from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis import GenerationMode
 
     failures: list[str] = []
@@ -247,46 +246,50 @@ def test_fuzz_no_5xx(live_stack: LiveStack, fuzz_schema: Any) -> None:
         (path, mode) for path in OPERATIONS for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
     ]
     started = time.monotonic()
-
     for index, (path, mode) in enumerate(runs):
-        run_deadline = started + FUZZ_SECONDS * (index + 1) / len(runs)
+        deadline = started + FUZZ_SECONDS * (index + 1) / len(runs)
         strategy = fuzz_schema[path]["POST"].as_strategy(generation_mode=mode)
-
-        @settings(
-            max_examples=EXAMPLES_PER_RUN,
-            derandomize=True,
-            database=None,
-            deadline=None,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
-            report_multiple_bugs=False,
-        )
-        @given(case=strategy)
-        def run(case: Any, path: str = path, run_deadline: float = run_deadline) -> None:
-            body = case.body
-            if time.monotonic() > run_deadline or too_costly(path, body):
-                counts["skipped"] += 1
-                return
-            content = encode(body)
-            counts["sent"] += 1
-            try:
-                resp = post(live_stack, path, content)
-            except httpx.TimeoutException:
-                failures.append(
-                    f"POST {path} timed out after {REQUEST_TIMEOUT_S} s\n  body: {content[:2000]!r}"
-                )
-                return
-            counts["2xx" if resp.status_code < 300 else "4xx"] += resp.status_code < 500
-            found = problems(resp.status_code, resp.text)
-            if found:
-                failures.append(
-                    f"POST {path}: {'; '.join(found)}\n"
-                    f"  body: {content[:2000]!r}\n  answer: {resp.text[:2000]}"
-                )
-
-        run()
-
+        _fuzz_run(live_stack, path, strategy, deadline, failures, counts)()
     elapsed = time.monotonic() - started
     print(f"fuzz: {counts} in {elapsed:.0f} s")
     assert counts["sent"] >= 60, f"too few examples reached the gateway: {counts}"
     assert not failures, f"{len(failures)} bad answers ({counts}):\n" + "\n".join(failures[:20])
+
+
+def _fuzz_run(
+    stack: LiveStack, path: str, strategy: Any, deadline: float, failures: list[str], counts: dict[str, int]
+) -> Any:
+    """One derandomized Hypothesis run over ``strategy``; bad answers go to ``failures``
+    (collected, not raised: one run reports every bad body it finds, unshrunk)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    @settings(
+        max_examples=EXAMPLES_PER_RUN,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        body = case.body
+        if time.monotonic() > deadline or too_costly(path, body):
+            counts["skipped"] += 1
+            return
+        content = encode(body)
+        counts["sent"] += 1
+        try:
+            resp = post(stack, path, content)
+        except httpx.TimeoutException:
+            failures.append(f"POST {path} timed out after {REQUEST_TIMEOUT_S} s\n  body: {content[:2000]!r}")
+            return
+        if resp.status_code < 500:
+            counts["2xx" if resp.status_code < 300 else "4xx"] += 1
+        found = problems(resp.status_code, resp.text)
+        if found:
+            failures.append(
+                f"POST {path}: {'; '.join(found)}\n  body: {content[:2000]!r}\n  answer: {resp.text[:2000]}"
+            )
+
+    return run

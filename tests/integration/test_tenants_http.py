@@ -29,6 +29,7 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.integration
 MODEL = "smol"
 MSG = [{"role": "user", "content": "hi"}]
+OPS = {"Authorization": "Bearer key-ops"}  # the operator key: /metrics and the detailed /health
 
 
 class Gateway(TestGateway):
@@ -45,7 +46,7 @@ def _config(url: str, **extra: object) -> ServingConfig:
     data = {
         "models": [{"name": MODEL, "source": "/x"}],
         "redis": {"url": url},
-        "auth": {"required": True, "refresh_s": 0.2},
+        "auth": {"required": True, "refresh_s": 0.2, "admin_key_sha256": [hash_key("key-ops")]},
         "queue": {"default_capacity": 2, "lease_ttl_s": 3},
         "tenants": [
             {"id": "alpha", "api_key_sha256": [hash_key("key-alpha")], "models": [MODEL]},
@@ -80,7 +81,7 @@ async def _chat(gw: Gateway, key: str | None, **kw: object) -> httpx.Response:
 async def test_valid_key_is_served(gateway: Gateway) -> None:
     reply = await gateway.sdk("key-alpha").chat.completions.create(model=MODEL, messages=MSG)  # type: ignore[arg-type]
     assert reply.choices[0].message.content == "The capital of France is Paris."
-    text = (await gateway.http.get("/metrics")).text
+    text = (await gateway.http.get("/metrics", headers=OPS)).text
     assert 'oss_serving_tenant_requests_total{model="smol",tenant="alpha"} 1.0' in text
     assert 'oss_serving_tenant_tokens_total{kind="completion",model="smol",tenant="alpha"} 6.0' in text
     assert 'oss_serving_admissions_total{model="smol",priority="standard"} 1.0' in text
@@ -178,7 +179,7 @@ async def test_deadline_header(gateway: Gateway) -> None:
     assert bad.status_code == 400
     for h in holders:
         assert (await h).status_code == 200
-    text = (await gateway.http.get("/metrics")).text
+    text = (await gateway.http.get("/metrics", headers=OPS)).text
     assert 'oss_serving_rejections_total{model="smol",reason="deadline_unreachable"} 1.0' in text
 
 
@@ -189,13 +190,13 @@ async def test_redis_outage_mid_load_loses_nothing(tmp_path: Path) -> None:
     await gw.service.start()
     await gw.service.probe_once()
     try:
-        assert (await gw.http.get("/health")).json()["status"] == "ok"
+        assert (await gw.http.get("/health", headers=OPS)).json()["status"] == "ok"
         requests = [asyncio.create_task(_chat(gw, "key-alpha", stream=True)) for _ in range(30)]
         await asyncio.sleep(0.3)
         srv.stop()
         await asyncio.sleep(0.8)
         await gw.service.probe_once()
-        health = (await gw.http.get("/health")).json()
+        health = (await gw.http.get("/health", headers=OPS)).json()
         assert health["status"] == "degraded"
         assert health["redis"] == "unreachable"
         more = [asyncio.create_task(_chat(gw, "key-alpha", stream=True)) for _ in range(10)]
@@ -205,10 +206,10 @@ async def test_redis_outage_mid_load_loses_nothing(tmp_path: Path) -> None:
         assert all(r.text.rstrip().endswith("data: [DONE]") for r in results)
         for _ in range(40):
             await gw.service.probe_once()
-            if (await gw.http.get("/health")).json()["status"] == "ok":
+            if (await gw.http.get("/health", headers=OPS)).json()["status"] == "ok":
                 break
             await asyncio.sleep(0.1)
-        assert (await gw.http.get("/health")).json()["status"] == "ok"
+        assert (await gw.http.get("/health", headers=OPS)).json()["status"] == "ok"
     finally:
         with contextlib.suppress(Exception):
             await gw.close()

@@ -116,7 +116,7 @@ class Stack:
         self.config = self.config.model_copy(
             update={
                 "gateway": GatewayConfig(request_timeout_s=request_timeout_s, engine_ready_retry_after_s=3),
-                "auth": AuthConfig(required=True),
+                "auth": AuthConfig(required=True, admin_key_sha256=[hash_key("key-ops")]),
                 "queue": QueueConfig.model_validate(queue or {}),
             }
         )
@@ -562,7 +562,8 @@ async def test_responses_api_through_a_handoff(stack: Stack) -> None:
 
 async def test_metrics_endpoint_shows_handoffs(stack: Stack) -> None:
     await stack.post("open", chat("auto"), **{"x-oss-escalate": "1"})
-    text = (await stack.http.get("/metrics")).text
+    assert (await stack.http.get("/metrics")).status_code == 401  # tenants' keys are not enough
+    text = (await stack.http.get("/metrics", headers={"authorization": "Bearer key-ops"})).text
     assert 'oss_serving_handoffs_total{reason="escalation",tenant="open",upstream="cloud"} 1.0' in text
     assert 'oss_serving_upstream_latency_seconds_count{upstream="cloud"} 1.0' in text
     assert 'oss_serving_upstream_requests_in_flight{upstream="cloud"} 0.0' in text
