@@ -169,6 +169,21 @@ class ModelConfig(_Strict):
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     """How streamed chunks are batched on their way out of the engine replica."""
 
+    default_max_tokens: int = Field(default=4096, ge=1)
+    """Output tokens a request gets when it names no limit (``max_tokens``,
+    ``max_completion_tokens``, ``max_output_tokens``) and its tenant has no
+    ``max_output_tokens``: the gateway fills it in, so every request's output, token charge
+    and upstream budget are bounded. Bounded in turn by what the context
+    (``engine_kwargs.max_model_len``) leaves after the prompt."""
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The engine's context length (``engine_kwargs.max_model_len``), when configured."""
+        value = self.engine_kwargs.get("max_model_len")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return int(value) if isinstance(value, str) and value.isdigit() else None
+
     @field_validator("source")
     @classmethod
     def _check_source(cls, value: str) -> str:
@@ -257,6 +272,16 @@ class RedisConfig(_Strict):
     connect_timeout_s: float = Field(default=1.0, gt=0)
     """Connection and command timeout."""
 
+    call_timeout_s: float = Field(default=0.25, gt=0)
+    """Budget of one Redis call of a gateway (limits, caches, prefix index, upstream budget,
+    admission): a call that takes longer is cancelled and counts as a failure of the
+    gateway's Redis circuit breaker (``serving/gateway/redis_guard.py``)."""
+
+    breaker_failures: int = Field(default=3, ge=1)
+    """Consecutive failed or slow Redis calls that open a gateway's circuit breaker: while it
+    is open no feature waits for Redis (each takes its documented fallback), and a ``PING``
+    every 0.5 s closes it again once Redis answers."""
+
 
 class AuthConfig(_Strict):
     """API keys and tenants."""
@@ -315,6 +340,18 @@ class TenantSeed(_Strict):
 
     max_output_tokens: int | None = Field(default=None, ge=1)
     """Cap on a request's output tokens."""
+
+    max_n: int | None = Field(default=8, ge=1)
+    """Most sequences one prompt may ask for (``n``, ``best_of``); ``None``: no cap."""
+
+    max_prompts: int | None = Field(default=64, ge=1)
+    """Most prompts in one ``/v1/completions`` request (a list of prompts); ``None``: no cap."""
+
+    allow_min_tokens: bool = True
+    """Whether requests may set ``min_tokens`` (at most their output cap in any case)."""
+
+    allow_ignore_eos: bool = True
+    """Whether requests may set ``ignore_eos`` (generate up to the output cap)."""
 
     models: list[str] = Field(default_factory=lambda: ["*"])
     """Models the tenant may use (``*``: all)."""
@@ -487,12 +524,21 @@ class UpstreamConfig(_Strict):
     """Longest wait for a connection to the upstream."""
 
     first_byte_timeout_s: float = Field(default=60.0, gt=0)
-    """Longest wait for the upstream's answer to begin (a whole non-streaming answer, or the
-    first event of a stream); past it the handoff fails with 504."""
+    """Longest wait, from sending a streamed request, for the upstream's headers and first
+    event; past it the handoff fails with 504. A non-streamed request is bounded by
+    ``total_timeout_s`` instead: OpenAI-compatible servers send its headers only once the
+    whole answer is generated, so its first byte comes at the end."""
 
     read_timeout_s: float = Field(default=60.0, gt=0)
-    """Longest gap between two events of a stream; past it the stream ends with an in-band
-    error event."""
+    """Longest gap between two chunks of an answer once it has begun (two events of a
+    stream, two reads of a non-streamed body); past it a stream ends with an in-band error
+    event, a non-streamed answer fails with 504."""
+
+    total_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest one upstream request may take from sending to its last byte; past it a
+    stream ends with an in-band error event, a non-streamed answer fails with 504. What the
+    upstream billed (its usage, else the reservation) stays charged to the budget when the
+    gateway gives up after sending."""
 
     max_concurrent_requests: int = Field(default=32, ge=1)
     """Requests one gateway replica sends to this upstream at once; beyond it, requests are

@@ -61,6 +61,19 @@ class GatewayMetrics:
             "1 when the gateway reaches Redis.",
             registry=self.registry,
         )
+        self.redis_breaker_open = Gauge(
+            PREFIX + "redis_breaker_open",
+            "1 while this gateway's Redis circuit breaker is open: no feature calls Redis, each "
+            "takes its fallback (see serving/gateway/redis_guard.py).",
+            registry=self.registry,
+        )
+        self.redis_fallbacks = Counter(
+            PREFIX + "redis_fallbacks",
+            "Calls for which a feature took its fallback because Redis was unreachable, slow or "
+            "its breaker open, by feature (rate_limit, upstream_budget, response_cache, prefix_index).",
+            ["feature"],
+            registry=self.registry,
+        )
         # Prompt caching (prefix-affinity routing, response cache).
         self.prefix_affinity = Counter(
             PREFIX + "prefix_affinity",

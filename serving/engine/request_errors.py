@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["RequestError", "describe", "is_client_error", "param_path"]
+__all__ = ["RequestError", "clean_message", "describe", "is_client_error", "param_path"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,13 @@ _SCRUB = [
     (re.compile(r"\b(?:pydantic|pydantic_core|vllm)(?:\.\w+)+"), ""),
 ]
 
+# str() of a pydantic ValidationError: "1 validation error for Author\nrole\n  Input should ..."
+_PYDANTIC_TEXT = re.compile(
+    r"\d+ validation errors? for [\w.]+\n(?P<loc>[^\n]*)\n[ \t]+(?P<msg>[^\n]*)(?:\n.*)?", re.DOTALL
+)
+# str() of vLLM's VLLMValidationError ends with "(parameter=..., value=...)".
+_VLLM_TAIL = re.compile(r"\s*\((?:parameter|value)=.*\)\s*$", re.DOTALL)
+
 _GENERIC = "The request has a parameter of the wrong type or shape; check it against the API reference."
 
 
@@ -118,6 +125,19 @@ def _scrub(text: str) -> str:
     for pattern, replacement in _SCRUB:
         text = pattern.sub(replacement, text)
     return " ".join(text.split()).strip(" :,") or "The request has an invalid value."
+
+
+def clean_message(text: str) -> str:
+    """An error message from vLLM (its 4xx answers carry ``str(exception)``) made fit for a
+    client: pydantic's multi-line text becomes ``Invalid value for 'loc': msg``, vLLM's
+    ``(parameter=..., value=...)`` tail goes, and so do class names, paths and links."""
+    found = _PYDANTIC_TEXT.search(text)
+    if found:
+        parts: list[int | str] = [int(p) if p.isdigit() else p for p in found["loc"].strip().split(".")]
+        loc = param_path(tuple(parts))
+        msg = found["msg"]
+        text = text[: found.start()] + (f"Invalid value for '{loc}': {msg}" if loc else msg)
+    return _scrub(_VLLM_TAIL.sub("", text))
 
 
 def _pydantic_message(error: Any) -> tuple[str, str | None, str]:
@@ -177,15 +197,23 @@ def describe(exc: BaseException, max_chars: int = 2000) -> RequestError:
     return RequestError(message[:max_chars], param, code, status)
 
 
-def is_client_error(exc: BaseException) -> bool:
+def is_client_error(exc: BaseException, *, before_output: bool = False) -> bool:
     """Whether ``exc``, raised while preparing or running a request, is the request's fault.
 
     The classes vLLM's own server answers with 4xx: its ``VLLMClientError``, pydantic's
     ``ValidationError`` and the plain ``ValueError``/``TypeError``/``OverflowError`` its
     code raises for bad values, and template errors of a request's chat template; also
     ``RecursionError`` (a value nested too deeply for a validator).
+
+    ``before_output``: raised while vLLM turned a validated request into a prompt, before
+    any output. There ``AttributeError``, ``KeyError`` and ``IndexError`` count too: vLLM's
+    prompt rendering meets message shapes its request model accepts but it does not handle
+    (gpt-oss's Harmony rendering calls ``.get`` on a message that validated as a Harmony
+    ``Message``, iterates ``"tool_calls": null``, ...).
     """
     vllm = _vllm_errors()
+    if before_output and isinstance(exc, AttributeError | KeyError | IndexError):
+        return True
     return (
         (vllm is not None and isinstance(exc, vllm[0]))
         or isinstance(exc, ValueError | TypeError | OverflowError | RecursionError)

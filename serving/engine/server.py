@@ -20,6 +20,7 @@ health checks, vLLM's own OpenAI serving objects) and adds:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +29,11 @@ from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.serving_patterns.data_parallel.dp_server import DPServer
 
 from serving.engine.protocol import Endpoint, EngineJSON, EngineSSE
-from serving.engine.request_errors import describe, is_client_error
+from serving.engine.request_errors import clean_message, describe, is_client_error
 
 __all__ = ["OssDPServer", "OssLLMServer", "StreamPacer", "paced_batches"]
+
+log = logging.getLogger("oss_serving.engine")
 
 
 class StreamPacer:
@@ -126,11 +129,13 @@ async def paced_batches(generator: AsyncIterator[Any], pacer: StreamPacer) -> As
 def _error_json(error: Any) -> EngineJSON:
     info = error.error
     status = int(getattr(info, "code", 500) or 500)
+    # vLLM's 4xx messages are str(exception): pydantic's text, vLLM's "(parameter=...)" tail
+    message = clean_message(str(info.message)) if status < 500 else info.message
     return EngineJSON(
         status=status,
         body={
             "error": {
-                "message": info.message,
+                "message": message,
                 "type": info.type,
                 "param": getattr(info, "param", None),
                 "code": None,
@@ -207,14 +212,20 @@ class _OssServerMixin:
             async for item in self._responses(body, raw):
                 yield item
             return
+        # vLLM validates the request and renders its prompt before its first output: a
+        # request it rejects there is a 4xx, not an engine failure.
         try:
-            stream = await self._start(kind, body, raw)
-        except Exception as exc:  # the request fails vLLM's validation here: 4xx, not a failure
-            if not is_client_error(exc):
+            started = await self._start(kind, body, raw)
+            first = await anext(started)
+        except StopAsyncIteration:
+            return
+        except Exception as exc:
+            if not is_client_error(exc, before_output=True):
                 raise
+            log.info("request rejected while vLLM prepared it", exc_info=True)
             yield _client_error_json(exc)
             return
-        async for item in stream:
+        async for item in _prepend(first, started):
             if isinstance(item, list):
                 text, error = _sse_text(item)
                 if text:
@@ -260,8 +271,9 @@ class _OssServerMixin:
             request = ResponsesRequest.model_validate(body)
             result = await handler.create_responses(request, raw.to_starlette_request())
         except Exception as exc:  # rejected by vLLM's models while preparing or building the answer
-            if not is_client_error(exc):
+            if not is_client_error(exc, before_output=True):
                 raise
+            log.info("request rejected while vLLM prepared it", exc_info=True)
             yield _client_error_json(exc)
             return
         if hasattr(result, "error"):
@@ -278,8 +290,9 @@ class _OssServerMixin:
         except StopAsyncIteration:
             return
         except Exception as exc:
-            if not is_client_error(exc):
+            if not is_client_error(exc, before_output=True):
                 raise
+            log.info("request rejected while vLLM prepared it", exc_info=True)
             await result.aclose()
             yield _client_error_json(exc)
             return
@@ -317,6 +330,12 @@ class OssLLMServer(_OssServerMixin, LLMServer):  # type: ignore[misc]
 
 class OssDPServer(_OssServerMixin, DPServer):  # type: ignore[misc]
     """One data-parallel rank per replica (expert-parallel topology)."""
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncGenerator[Any, None]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _in_band(error: EngineJSON) -> str:

@@ -74,6 +74,9 @@ class Lease:
     released: bool = False
     request_id: str = "-"
     """The request that holds it (for the logs)."""
+    weight: int = 1
+    """Capacity slots it holds: the sequences its request runs (``n x prompts``), at most
+    the model's capacity."""
 
 
 @dataclass
@@ -123,6 +126,7 @@ class _Keys:
         self.stats = f"{tag}:stats"
         self.hb = f"{tag}:hb"
         self.released = f"{tag}:released"
+        self.lease_weight = f"{tag}:lease_weight"
         self.channel = f"{prefix}:q:{model}:grants"
         self.prefix = prefix
 
@@ -141,10 +145,19 @@ class _Keys:
             self.tenant_active(tenant),
             self.hb,
             self.released,
+            self.lease_weight,
         ]
 
     def renewal(self, tenant: str) -> list[str]:
-        return [self.leases, self.lease_tenant, self.tenant_active(tenant), self.wait, self.hb, self.released]
+        return [
+            self.leases,
+            self.lease_tenant,
+            self.tenant_active(tenant),
+            self.wait,
+            self.hb,
+            self.released,
+            self.lease_weight,
+        ]
 
 
 class RedisQueue:
@@ -254,17 +267,21 @@ class RedisQueue:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zcount(keys.wait, "-inf", f"({(priority.rank + 1) * lua.LANE}")
             pipe.zcard(keys.leases)
+            pipe.hvals(keys.lease_weight)
             pipe.hget(keys.stats, "ewma_ms")
-            ahead, in_use, ewma = await pipe.execute()
+            ahead, leases, heavy, ewma = await pipe.execute()
         capacity = self._capacity(model)
-        if int(in_use) < capacity and int(ahead) == 0:
+        in_use = _slots(leases, heavy)
+        if in_use < capacity and int(ahead) == 0:
             return 0.0
         service_s = float(ewma) / 1000 if ewma is not None else 1.0
         return math.ceil((int(ahead) + 1) / capacity) * service_s
 
-    async def enqueue(self, ticket: str, model: str, tenant: Tenant, drop_ms: int) -> tuple[int, int]:
-        """Queue ``ticket`` (dropped at ``drop_ms`` if not granted by then): 1 granted, 0
-        waiting, -1 tenant concurrency limit; and its position."""
+    async def enqueue(
+        self, ticket: str, model: str, tenant: Tenant, drop_ms: int, weight: int = 1
+    ) -> tuple[int, int]:
+        """Queue ``ticket`` of ``weight`` slots (dropped at ``drop_ms`` if not granted by
+        then): 1 granted, 0 waiting, -1 tenant concurrency limit; and its position."""
         keys = self.keys(model)
         limit = tenant.limits.max_concurrent_requests or 0
         status, position, _depth = await self._scripts.call(
@@ -284,6 +301,7 @@ class RedisQueue:
                 keys.channel,
                 lua.LANE,
                 self.heartbeat_ms,
+                max(1, weight),
             ],
         )
         return int(status), int(position)
@@ -317,9 +335,9 @@ class RedisQueue:
 
         Returns the number of leases skipped because they had been released meanwhile,
         and of waiters whose ticket no longer waits (granted, dropped or lost)."""
-        groups: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        groups: dict[tuple[str, str], tuple[list[tuple[str, int]], list[str]]] = {}
         for lease in leases:
-            groups.setdefault((lease.model, lease.tenant), ([], []))[0].append(lease.ticket)
+            groups.setdefault((lease.model, lease.tenant), ([], []))[0].append((lease.ticket, lease.weight))
         for waiter in waiters or ():
             groups.setdefault((waiter.model, waiter.tenant), ([], []))[1].append(waiter.ticket)
         if not groups:
@@ -329,13 +347,14 @@ class RedisQueue:
         calls: list[Awaitable[Any]] = []
         for (model, tenant), (held, waiting) in groups.items():
             keys = self.keys(model).renewal(tenant)
-            tickets = [(t, True) for t in held] + [(t, False) for t in waiting]
+            tickets: list[tuple[str, int | None]] = [*held, *((t, None) for t in waiting)]
             for i in range(0, len(tickets), lua.RENEW_BATCH):
                 chunk = tickets[i : i + lua.RENEW_BATCH]
-                chunk_held = [t for t, is_lease in chunk if is_lease]
-                chunk_waiting = [t for t, is_lease in chunk if not is_lease]
+                chunk_held = [(t, w) for t, w in chunk if w is not None]
+                chunk_waiting = [t for t, w in chunk if w is None]
                 args = [tenant, now + self.ttl_ms, now + self.heartbeat_ms, key_ttl, len(chunk_held)]
-                calls.append(self._scripts.call("renew", keys, [*args, *chunk_held, *chunk_waiting]))
+                args += [t for t, _ in chunk_held] + [w for _, w in chunk_held]
+                calls.append(self._scripts.call("renew", keys, [*args, *chunk_waiting]))
         results = await asyncio.gather(*calls)  # one round trip: the calls share a batch
         skipped = sum(int(r[1]) for r in results)
         unknown = sum(int(r[3]) for r in results)
@@ -376,11 +395,12 @@ class RedisQueue:
             for p in PriorityClass:
                 pipe.zcount(keys.wait, p.rank * lua.LANE, f"({(p.rank + 1) * lua.LANE}")
             pipe.zcard(keys.leases)
+            pipe.hvals(keys.lease_weight)
             pipe.hmget(keys.stats, ["expired", "ewma_ms", "abandoned"])
-            *depths, in_use, (expired, ewma, abandoned) = await pipe.execute()
+            *depths, leases, heavy, (expired, ewma, abandoned) = await pipe.execute()
         return QueueSnapshot(
             depth={p.value: int(d) for p, d in zip(PriorityClass, depths, strict=True)},
-            in_use=int(in_use),
+            in_use=_slots(leases, heavy),
             capacity=self._capacity(model),
             expired_total=int(expired or 0),
             service_s=float(ewma) / 1000 if ewma is not None else None,

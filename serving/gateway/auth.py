@@ -85,12 +85,7 @@ def tenant_from_seed(seed: TenantSeed) -> Tenant:
         id=seed.id,
         weight=seed.weight,
         priority=PriorityClass(seed.priority),
-        limits=TenantLimits(
-            requests_per_minute=seed.requests_per_minute,
-            tokens_per_minute=seed.tokens_per_minute,
-            max_concurrent_requests=seed.max_concurrent_requests,
-            max_output_tokens=seed.max_output_tokens,
-        ),
+        limits=TenantLimits.model_validate(seed.model_dump(include=set(TenantLimits.model_fields))),
         models=list(seed.models),
         handoff=HandoffRight(seed.handoff),
         response_cache=seed.response_cache,

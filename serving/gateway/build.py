@@ -32,8 +32,10 @@ from serving.gateway.handoff import (
 )
 from serving.gateway.health import EngineHealth
 from serving.gateway.isolation import CacheIsolation
+from serving.gateway.limits import RequestLimits
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
+from serving.gateway.redis_guard import RedisGuard
 from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
 from serving.metrics import GatewayMetrics
 
@@ -91,17 +93,20 @@ def build_gateway(
     models = [m.name for m in cfg.models]
     metrics = metrics or GatewayMetrics(models, cfg.metrics.ttft_buckets_s)
     prefix = cfg.queue.key_prefix
+    # One Redis health policy per replica: every Redis user gets the guarded client.
+    guard = RedisGuard(redis, cfg.redis, metrics) if redis is not None else None
+    shared = guard.client if guard is not None else None
 
     env_file = env.get(TENANTS_FILE_ENV)
     tenants_file = cfg.auth.tenants_file or (Path(env_file) if env_file else None)
-    store = TenantStore(redis, prefix) if redis is not None else None
+    store = TenantStore(shared, prefix) if shared is not None else None
     auth = TenantDirectory(store, cfg.auth, cfg.tenants, tenants_file=tenants_file, metrics=metrics)
-    limiter = RateLimiter(redis, prefix)
+    limiter = RateLimiter(shared, prefix, local_share=cfg.gateway.num_replicas)
 
     request_limit_s = cfg.gateway.request_timeout_s
     queue: Admission | None = (
         Admission(
-            redis,
+            shared,
             cfg.queue,
             models,
             local_share=cfg.gateway.num_replicas,
@@ -138,9 +143,10 @@ def build_gateway(
         redis_ping=ping if redis is not None else None,
         scale_from_zero=frozenset(m.name for m in cfg.models if m.topology.min_replicas == 0),
         on_tick=flights.reap,
+        breaker=guard,
     )
-    handoff = _handoff(cfg, redis, metrics, health, admission, tenant_label, env, upstream_clients or {})
-    caching = PromptCaching(cfg.routing, cfg.response_cache, metrics, redis)
+    handoff = _handoff(cfg, shared, metrics, health, admission, tenant_label, env, upstream_clients or {})
+    caching = PromptCaching(cfg.routing, cfg.response_cache, metrics, shared)
 
     return GatewayService(
         cfg.gateway,
@@ -156,6 +162,7 @@ def build_gateway(
         flights=flights,
         isolation=CacheIsolation(cfg.auth.cache_groups, env.get(cfg.auth.cache_salt_secret_env)),
         admin_keys=frozenset(cfg.auth.admin_key_sha256),
+        limits=RequestLimits(cfg.models, chars_per_token=cfg.handoff.chars_per_token),
         created_unix=created_unix,
     )
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+from serving.gateway.limits import streamed_tokens
 from serving.gateway.tenants import Tenant
 from serving.metrics import GatewayMetrics
 from serving.wire import aclose_quietly, usage_in_sse
@@ -65,6 +66,9 @@ class Flight:
         self._in_flight: Any = None
         self._stream: AsyncIterator[Any] | None = None
         self._charged = 0
+        self._charged_output = 0
+        self._streamed = 0
+        """Output tokens delivered to the client, counted from the stream (``streamed_tokens``)."""
         self._closing: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------ what it holds
@@ -81,9 +85,11 @@ class Flight:
         """The engine (or upstream) stream: closed, and so cancelled, when the flight closes."""
         self._stream = stream
 
-    def charged(self, tokens: int) -> None:
-        """The tenant was charged ``tokens`` up front (corrected from real usage on close)."""
+    def charged(self, tokens: int, *, output: int = 0) -> None:
+        """The tenant was charged ``tokens`` up front, ``output`` of them for the output
+        (corrected on close, see :meth:`_correct_tokens`)."""
         self._charged = tokens
+        self._charged_output = min(max(output, 0), tokens)
 
     async def release_lease(self) -> None:
         """Give the lease back early (before a failover leaves the local engines)."""
@@ -101,9 +107,11 @@ class Flight:
         """A chunk went to the client: first-chunk time and usage, if it carries it."""
         if self.first_chunk is None:
             self.first_chunk = time.perf_counter()
-        found = usage_in_sse(text)
+        found = usage_in_sse(text) or getattr(text, "usage", None)
         if found is not None:
             self.usage = found
+        if self._charged:
+            self._streamed += streamed_tokens(text)
 
     @property
     def closed(self) -> bool:
@@ -165,17 +173,28 @@ class Flight:
         )
 
     async def _correct_tokens(self) -> None:
-        """Real usage corrects the pre-charge; without usage, a request that sent nothing
-        (an error before the first byte, a cache hit) is refunded, and one that streamed
-        anything keeps its whole pre-charge (never refunded below what was delivered)."""
+        """The tenant pays for what was delivered. Real usage (the engine's or the
+        upstream's) corrects the pre-charge, up or down; nothing else ever charges more.
+
+        Without usage: a request that delivered nothing (an error before the first byte,
+        a client gone while it waited, a cache hit) is refunded; a non-streamed answer
+        keeps its pre-charge; a stream (cut by its client, failed mid-way, or never asked
+        for usage) pays its prompt estimate plus the output tokens it streamed (counted
+        by ``streamed_tokens``, one per delta: never more than was delivered), so the
+        unused part of its output reservation comes back and it is never refunded below
+        what it received."""
         if not self._charged or self.tenant is None:
             return
         if self.usage is not None and not self.cache_hit:
-            delta = sum(self.usage) - self._charged
+            owed = sum(self.usage)
         elif self.cache_hit or (self.first_chunk is None and self.status >= 400):
-            delta = -self._charged
+            owed = 0
+        elif self.first_chunk is None:
+            owed = self._charged
         else:
-            delta = 0
+            streamed = min(self._streamed, self._charged_output)
+            owed = self._charged - self._charged_output + streamed
+        delta = owed - self._charged
         if delta:
             await self._owner.limiter.correct_tokens(self.tenant, delta)
 

@@ -163,22 +163,49 @@ return 1
 
 class RedisCounters:
     """Counters in Redis, checked and added atomically (one Lua script); every gateway
-    replica shares them. While Redis is unreachable, ``fallback`` counts locally."""
+    replica shares them.
 
-    def __init__(self, redis: Any, fallback: Counters | None = None) -> None:
+    Fail closed: while Redis cannot be reached (the gateway's Redis circuit breaker is
+    open, or a call failed or ran past its budget; ``redis_guard.py``) :meth:`try_add`
+    adds nothing and answers False, so a handoff that needs the budget is declined and
+    served locally. Nothing is counted in process: the replicas together never spend more
+    than the budget, and a Redis blip never restarts the monthly cap. :meth:`add` (a
+    usage correction) is dropped and logged; :meth:`get_many` answers the values last
+    read. :attr:`reachable` says whether the last call reached Redis (read it right after
+    the call, before any ``await``: it tells a spent budget from an unreachable one).
+    """
+
+    LAST_READ_KEYS = 256
+    """Values kept for :meth:`get_many` to answer while Redis is away."""
+
+    def __init__(self, redis: Any) -> None:
+        from serving.gateway.redis_guard import guard_of
+
         self._redis = redis
         self._script = redis.register_script(_TRY_ADD)
-        self._fallback = fallback or MemoryCounters()
+        self._guard = guard_of(redis)
+        self._last: dict[str, int] = {}
+        self.reachable = True
+        """Whether the last call reached Redis."""
+
+    def _unreachable(self, what: str, exc: Exception) -> None:
+        if self.reachable:
+            log.warning("handoff budget: Redis unreachable (%s); %s", type(exc).__name__, what)
+        self.reachable = False
+        if self._guard is not None:
+            self._guard.fallback("upstream_budget")
 
     async def try_add(self, adds: Sequence[tuple[str, int, int | None, int]]) -> bool:
         args: list[int] = []
         for _, amount, limit, ttl in adds:
             args += [amount, -1 if limit is None else limit, ttl]
         try:
-            return bool(await self._script(keys=[k for k, *_ in adds], args=args))
+            added = bool(await self._script(keys=[k for k, *_ in adds], args=args))
         except Exception as exc:
-            log.warning("handoff budget: Redis unreachable (%s); counting locally", type(exc).__name__)
-            return await self._fallback.try_add(adds)
+            self._unreachable("handoffs that need the budget are declined", exc)
+            return False
+        self.reachable = True
+        return added
 
     async def add(self, key: str, amount: int, ttl_s: int) -> None:
         try:
@@ -186,15 +213,25 @@ class RedisCounters:
                 pipe.incrby(key, amount)
                 pipe.expire(key, ttl_s, nx=True)
                 await pipe.execute()
-        except Exception:
-            await self._fallback.add(key, amount, ttl_s)
+        except Exception as exc:
+            self._unreachable(f"a correction of {amount} to {key} is lost", exc)
+            return
+        self.reachable = True
 
     async def get_many(self, keys: Sequence[str]) -> list[int]:
         try:
             values = await self._redis.mget(list(keys))
-        except Exception:
-            return await self._fallback.get_many(keys)
-        return [int(v) if v is not None else 0 for v in values]
+        except Exception as exc:
+            self._unreachable("budget gauges show the values last read", exc)
+            return [self._last.get(k, 0) for k in keys]
+        self.reachable = True
+        found = [int(v) if v is not None else 0 for v in values]
+        for key, value in zip(keys, found, strict=True):
+            self._last.pop(key, None)
+            self._last[key] = value
+        while len(self._last) > self.LAST_READ_KEYS:
+            self._last.pop(next(iter(self._last)))
+        return found
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,20 @@ from serving.gateway.admission import QueueSnapshot
 from serving.metrics import GatewayMetrics
 from serving.tasks import cancel_and_wait, raise_if_cancelling
 
-__all__ = ["EngineHealth", "ModelHealth", "QueueView", "RedisPing"]
+__all__ = ["BreakerView", "EngineHealth", "ModelHealth", "QueueView", "RedisPing"]
 
 log = logging.getLogger("oss_serving.gateway")
 
 RedisPing = Callable[[], Awaitable[bool]]
+
+
+class BreakerView(Protocol):
+    """What health needs of the Redis circuit breaker (``redis_guard.RedisGuard``)."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+    def report(self) -> dict[str, Any]: ...
 
 
 class QueueView(Protocol):
@@ -74,7 +83,9 @@ class EngineHealth:
         redis_ping: RedisPing | None = None,
         scale_from_zero: frozenset[str] = frozenset(),
         on_tick: Callable[[], Awaitable[Any]] | None = None,
+        breaker: BreakerView | None = None,
     ) -> None:
+        self._breaker = breaker
         self._config = config
         self._queue_config = queue_config
         self._engines = dict(engines)
@@ -193,7 +204,9 @@ class EngineHealth:
         self._metrics.redis_up.set(1 if self._redis_ok else 0)
 
     def report(self) -> dict[str, Any]:
-        """Liveness, readiness per model, Redis reachability and the admission mode."""
+        """Liveness, readiness per model, Redis reachability, the Redis circuit breaker
+        (``redis_breaker``: closed or open, and ``redis_breaker_since_unix``) and the
+        admission mode. An open breaker makes the status ``degraded``."""
         models = {
             name: {**h.as_dict(), "scales_from_zero": name in self._scale_from_zero}
             for name, h in self._health.items()
@@ -201,9 +214,10 @@ class EngineHealth:
         ready = all(h.ready for h in self._health.values())
         redis = "not configured" if self._redis_ping is None else _redis_word(self._redis_ok)
         queue_degraded = self._queue is not None and self._queue.degraded
+        breaker_open = self._breaker is not None and self._breaker.is_open
         if not any(h.ready for h in self._health.values()):
             status = "starting"
-        elif not ready or queue_degraded:
+        elif not ready or queue_degraded or breaker_open:
             status = "degraded"
         else:
             status = "ok"
@@ -216,6 +230,7 @@ class EngineHealth:
             "status": status,
             "models": models,
             "redis": redis,
+            **(self._breaker.report() if self._breaker is not None else {"redis_breaker": "not configured"}),
             "admission": admission,
         }
 

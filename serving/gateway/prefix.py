@@ -19,6 +19,10 @@ The per-replica sorted set is an LRU of what that replica was sent: when it hold
 than ``replica_capacity_blocks`` blocks the least recently used are dropped from the
 index too. This tracks vLLM's LRU eviction roughly, unlike an index that assumes no
 eviction. Lookups and updates are one Lua script call each (one round trip).
+
+While Redis cannot be reached (the gateway's Redis circuit breaker is open;
+``redis_guard.py``) the index is skipped: a lookup finds nothing without asking Redis, so
+the request carries no affinity hints and is routed by load, and updates are dropped.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from serving.config import RoutingConfig
 from serving.engine.protocol import Endpoint
+from serving.gateway.redis_guard import guard_of
 
 __all__ = ["AffinityLookup", "PrefixIndex", "block_hashes", "render_prompt"]
 
@@ -207,6 +214,22 @@ class PrefixIndex:
         self._config = config
         self._lookup = redis.register_script(_LOOKUP)
         self._record = redis.register_script(_RECORD)
+        self._guard = guard_of(redis)
+
+    @property
+    def available(self) -> bool:
+        """False while the gateway's Redis circuit breaker is open (the index is skipped)."""
+        return self._guard is None or not self._guard.is_open
+
+    def _skipped(self) -> bool:
+        if self.available:
+            return False
+        self._failed()
+        return True
+
+    def _failed(self) -> None:
+        if self._guard is not None:
+            self._guard.fallback("prefix_index")
 
     def _base(self, model: str) -> str:
         return "{" + f"{self._config.key_prefix}:{model}" + "}"
@@ -220,11 +243,19 @@ class PrefixIndex:
     async def lookup(
         self, model: str, hashes: Sequence[str], affinity_key: str | None, now: float | None = None
     ) -> AffinityLookup:
-        """Longest cached prefix per replica, and the replica of the affinity key."""
+        """Longest cached prefix per replica, and the replica of the affinity key.
+
+        Nothing is found (and Redis is not asked) while the breaker is open."""
+        if self._skipped():
+            return AffinityLookup(blocks=0)
         base = self._base(model)
         keys = [f"{base}:b:{h}" for h in hashes] + [self._key_key(model, affinity_key)]
         stamp = time.time() if now is None else now
-        raw = await self._lookup(keys=keys, args=[stamp, self._config.index_ttl_s])
+        try:
+            raw = await self._lookup(keys=keys, args=[stamp, self._config.index_ttl_s])
+        except (RedisError, OSError):
+            self._failed()
+            raise
         items = [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
         key_replica = items[-1] or None
         pairs = items[:-1]
@@ -239,7 +270,11 @@ class PrefixIndex:
         affinity_key: str | None,
         now: float | None = None,
     ) -> int:
-        """Note that ``replica`` was sent this prompt; returns blocks evicted from its LRU."""
+        """Note that ``replica`` was sent this prompt; returns blocks evicted from its LRU.
+
+        Dropped (0) while the breaker is open."""
+        if self._skipped():
+            return 0
         base = self._base(model)
         keys = [f"{base}:r:{replica}", self._key_key(model, affinity_key)]
         keys += [f"{base}:b:{h}" for h in hashes]
@@ -252,4 +287,8 @@ class PrefixIndex:
             f"{base}:b:",
             *hashes,
         ]
-        return int(await self._record(keys=keys, args=args))
+        try:
+            return int(await self._record(keys=keys, args=args))
+        except (RedisError, OSError):
+            self._failed()
+            raise

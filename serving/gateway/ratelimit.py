@@ -3,8 +3,13 @@
 Each limit is a token bucket that holds one minute's allowance and refills continuously,
 checked and charged by one Lua script, so every gateway replica draws from the same
 bucket. Tokens are charged up front at the request's estimate (prompt estimate plus its
-output cap) and corrected with the real usage when the answer reports it. While Redis is
-away the same buckets run in process.
+output cap) and corrected with the real usage when the answer reports it.
+
+While Redis cannot be reached (the gateway's Redis circuit breaker is open, or a call
+failed; ``redis_guard.py``) each replica enforces its share of every limit in process:
+``ceil(limit / gateway.num_replicas)`` per minute, in a bucket of that size that starts
+full (a request costing more than the share passes a full bucket, up to the whole limit).
+Back on Redis, the shared buckets count again; what was charged locally is not copied.
 
 Answers carry OpenAI's headers: ``x-ratelimit-limit-requests``,
 ``x-ratelimit-remaining-requests``, ``x-ratelimit-reset-requests`` and the same for tokens.
@@ -20,6 +25,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from serving.gateway.errors import RateLimitError
+from serving.gateway.redis_guard import guard_of
 from serving.gateway.tenants import Tenant
 
 __all__ = ["BucketResult", "RateLimiter", "format_reset"]
@@ -70,18 +76,25 @@ def format_reset(ms: int) -> str:
 
 
 class _LocalBucket:
-    def __init__(self, capacity: float) -> None:
-        self.level = capacity
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.level = float(capacity)
         self.ts = time.monotonic() * 1000
 
 
 class RateLimiter:
-    """Token buckets per tenant: requests per minute and tokens per minute."""
+    """Token buckets per tenant: requests per minute and tokens per minute.
 
-    def __init__(self, redis: Any, key_prefix: str) -> None:
+    ``redis`` None: the buckets are local to this process, each of ``local_share`` replicas
+    enforcing ``ceil(limit / local_share)``, as while Redis cannot be reached.
+    """
+
+    def __init__(self, redis: Any, key_prefix: str, *, local_share: int = 1) -> None:
         self._redis = redis
         self._prefix = key_prefix
         self._script = redis.register_script(_BUCKET) if redis is not None else None
+        self._guard = guard_of(redis)
+        self._local_share = max(1, local_share)
         self._local: dict[str, _LocalBucket] = {}
 
     def _key(self, tenant: str, kind: str) -> str:
@@ -97,18 +110,26 @@ class RateLimiter:
                 )
                 return BucketResult(bool(allowed), int(remaining), int(wait), int(reset))
             except (RedisError, OSError):
-                pass  # Redis is away: the same bucket in process
-        bucket = self._local.setdefault(key, _LocalBucket(capacity))
+                if self._guard is not None:  # Redis is away: this replica's share, in process
+                    self._guard.fallback("rate_limit")
+        return self._take_local(key, capacity, cost, mode)
+
+    def _take_local(self, key: str, limit: int, cost: float, mode: int) -> BucketResult:
+        """The bucket in process: this replica's share of ``limit``."""
+        share = math.ceil(limit / self._local_share)
+        rate = share / 60_000.0
+        bucket = self._local.get(key)
+        if bucket is None or bucket.capacity != share:
+            bucket = self._local[key] = _LocalBucket(share)
         mono = time.monotonic() * 1000
-        bucket.level = min(capacity, bucket.level + (mono - bucket.ts) * rate)
+        bucket.level = min(share, bucket.level + (mono - bucket.ts) * rate)
         bucket.ts = mono
-        if cost <= bucket.level or mode == 2:
-            bucket.level = min(capacity, bucket.level - cost)
-            return BucketResult(
-                True, int(max(bucket.level, 0)), 0, math.ceil((capacity - bucket.level) / rate)
-            )
-        wait = -1 if cost > capacity else math.ceil((cost - bucket.level) / rate)
-        return BucketResult(False, int(bucket.level), wait, math.ceil((capacity - bucket.level) / rate))
+        fits = cost <= bucket.level or (cost <= limit and bucket.level >= share)
+        if fits or mode == 2:
+            bucket.level = min(share, bucket.level - cost)
+            return BucketResult(True, int(max(bucket.level, 0)), 0, math.ceil((share - bucket.level) / rate))
+        wait = -1 if cost > limit else math.ceil((min(cost, share) - bucket.level) / rate)
+        return BucketResult(False, int(max(bucket.level, 0)), wait, math.ceil((share - bucket.level) / rate))
 
     async def check(self, tenant: Tenant, estimated_tokens: int) -> dict[str, str]:
         """Charge one request and its token estimate; 429 if a bucket cannot pay.

@@ -23,6 +23,11 @@ asked for but not deterministic).
 Memory bound: a sorted set of entry keys by store time and a running byte total; a
 store that takes the total above ``max_total_bytes`` evicts the oldest entries, in the
 same Lua script. Entries also expire after ``ttl_s``.
+
+While Redis cannot be reached (the gateway's Redis circuit breaker is open;
+``redis_guard.py``) the cache is skipped: no lookup, no store, no
+``X-OSS-Response-Cache`` header; the engine answers. A lookup that fails is skipped the
+same way.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 from serving.config import ResponseCacheConfig
 from serving.engine.protocol import Endpoint, EngineJSON
 from serving.gateway.context import RequestContext
+from serving.gateway.redis_guard import guard_of
 from serving.metrics import GatewayMetrics
 
 __all__ = [
@@ -172,10 +178,18 @@ class ResponseCache:
         self._config = config
         self._metrics = metrics
         self._store = redis.register_script(_STORE)
+        self._guard = guard_of(redis)
         self._tasks: set[asyncio.Task[None]] = set()
         base = "{" + config.key_prefix + "}"
         self._entry_prefix = base + ":e:"
         self._lru, self._sizes, self._total = base + ":lru", base + ":sizes", base + ":bytes"
+
+    def _unavailable(self) -> bool:
+        """The breaker is open: skip the cache (and count it)."""
+        if self._guard is not None and self._guard.is_open:
+            self._guard.fallback("response_cache")
+            return True
+        return False
 
     def wanted(self, ctx: RequestContext) -> bool:
         """Enabled, tenant opted in, and the request asks for it."""
@@ -201,6 +215,8 @@ class ResponseCache:
             ctx.response_headers[CACHE_HEADER] = "skip"
             self._metrics.response_cache.labels(model=model, result="skip").inc()
             return None
+        if self._unavailable():
+            return None
         key = self._entry_prefix + cache_key(ctx.tenant.id, ctx.endpoint, ctx.body)
         streaming = bool(ctx.body.get("stream"))
         field = _sse_field(ctx.body) if streaming else "json"
@@ -208,6 +224,8 @@ class ResponseCache:
             found = await self._redis.hmget(key, [field, "json"])
         except Exception as exc:  # Redis down: serve without the cache
             log.warning("response cache lookup failed: %s", exc)
+            if self._guard is not None:
+                self._guard.fallback("response_cache")
             return None
         recorded, as_json = (_str(v) for v in found)
         answer: EngineJSON | None = None
@@ -256,7 +274,7 @@ class ResponseCache:
             self._spawn(plan, "".join(parts))
 
     def _spawn(self, plan: CachePlan, value: str) -> None:
-        if len(value) > self._config.max_entry_bytes:
+        if len(value) > self._config.max_entry_bytes or self._unavailable():
             return
         task = asyncio.create_task(self._put(plan, value), name="oss-serving-response-cache")
         self._tasks.add(task)
@@ -266,6 +284,8 @@ class ResponseCache:
         import time
 
         cfg = self._config
+        if self._unavailable():
+            return
         try:
             total = await self._store(
                 keys=[plan.key, self._lru, self._sizes, self._total],
@@ -274,6 +294,8 @@ class ResponseCache:
             self._metrics.response_cache_bytes.set(int(total))
         except Exception as exc:
             log.warning("response cache store failed: %s", exc)
+            if self._guard is not None:
+                self._guard.fallback("response_cache")
 
     async def drain(self) -> None:
         """Wait for pending stores (tests, shutdown)."""

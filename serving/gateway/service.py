@@ -47,7 +47,7 @@ from serving.gateway.errors import (
 from serving.gateway.flight import Flight, Flights
 from serving.gateway.health import EngineHealth
 from serving.gateway.isolation import CacheIsolation
-from serving.gateway.limits import apply_output_cap, deadline_of, estimate_tokens
+from serving.gateway.limits import RequestLimits, deadline_of
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.tenants import PriorityClass, Tenant, hash_key
@@ -80,7 +80,13 @@ class AdmissionPort(Protocol):
     async def stop(self) -> None: ...
 
     async def acquire(
-        self, model: str, tenant: Tenant, deadline_s: float | None, request_id: str = "-"
+        self,
+        model: str,
+        tenant: Tenant,
+        deadline_s: float | None,
+        request_id: str = "-",
+        *,
+        weight: int = 1,
     ) -> Lease: ...
 
     async def release(self, lease: Lease) -> None: ...
@@ -106,7 +112,13 @@ class Unlimited:
         return None
 
     async def acquire(
-        self, model: str, tenant: Tenant, deadline_s: float | None, request_id: str = "-"
+        self,
+        model: str,
+        tenant: Tenant,
+        deadline_s: float | None,
+        request_id: str = "-",
+        *,
+        weight: int = 1,
     ) -> Lease:
         now = time.monotonic()
         return Lease("unlimited", model, tenant.id, tenant.priority, now, 0.0, "local")
@@ -208,6 +220,7 @@ class GatewayService:
         flights: Flights,
         isolation: CacheIsolation,
         admin_keys: frozenset[str] = frozenset(),
+        limits: RequestLimits | None = None,
         created_unix: int | None = None,
     ) -> None:
         self._config = config
@@ -223,6 +236,7 @@ class GatewayService:
         self.flights = flights
         self._isolation = isolation
         self._admin_keys = admin_keys
+        self._limits = limits or RequestLimits()
         self._created = created_unix if created_unix is not None else int(time.time())
         self._started = False
 
@@ -327,10 +341,10 @@ class GatewayService:
         deadline_s = deadline_of(ctx, self._queue_config)
         if deadline_s is not None:
             ctx.deadline = ctx.arrived + deadline_s
-        apply_output_cap(ctx)
-        estimate = estimate_tokens(ctx.body)
-        ctx.response_headers.update(await self._limiter.check(ctx.tenant, estimate))
-        flight.charged(estimate if ctx.tenant.limits.tokens_per_minute else 0)
+        cost = self._limits.apply(ctx)  # fan-out caps, the output cap (filled in when absent)
+        ctx.response_headers.update(await self._limiter.check(ctx.tenant, cost.tokens))
+        if ctx.tenant.limits.tokens_per_minute:
+            flight.charged(cost.tokens, output=cost.output_tokens)
         # 4: escalation or overflow
         handed = await self._handoff.before_admission(ctx)
         if handed is not None:
@@ -346,7 +360,9 @@ class GatewayService:
             return await self._cached_answer(hit, ctx, flight)
         # 7: admission
         flight.enter()
-        lease = await self.admission.acquire(ctx.model, ctx.tenant, deadline_s, ctx.request_id)
+        lease = await self.admission.acquire(
+            ctx.model, ctx.tenant, deadline_s, ctx.request_id, weight=cost.sequences
+        )
         flight.hold_lease(lease)
         priority = ctx.tenant.priority.value
         self.metrics.admissions.labels(model=ctx.model, priority=priority).inc()

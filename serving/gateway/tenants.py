@@ -67,7 +67,21 @@ class TenantLimits(BaseModel):
     """Requests running or queued at once."""
 
     max_output_tokens: int | None = Field(default=None, ge=1)
-    """Cap on ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` of one request."""
+    """Cap on ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` of one request;
+    also the value filled in when a request names none (else the model's ``default_max_tokens``)."""
+
+    max_n: int | None = Field(default=8, ge=1)
+    """Most sequences one prompt may ask for (``n``, ``best_of``); ``None``: no cap. A request
+    runs ``n x prompts`` sequences: its token estimate and its admission lease count them all."""
+
+    max_prompts: int | None = Field(default=64, ge=1)
+    """Most prompts in one ``/v1/completions`` request (a list of prompts); ``None``: no cap."""
+
+    allow_min_tokens: bool = True
+    """Whether requests may set ``min_tokens``."""
+
+    allow_ignore_eos: bool = True
+    """Whether requests may set ``ignore_eos: true`` (generate up to the output cap)."""
 
 
 class Tenant(BaseModel):

@@ -124,3 +124,18 @@ async def client(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     c = aioredis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
     yield c
     await c.aclose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests that need no engine first, then the modules that bring up a stack of
+    their own (``OWN_STACK = True``; each stops its stack when it ends), then the tests of
+    the shared session stack: two stacks never compete for the machine's cores, and timing
+    tests do not run beside idle engines that busy-poll."""
+
+    def rank(item: pytest.Item) -> int:
+        module = getattr(item, "module", None)
+        if getattr(module, "OWN_STACK", False):
+            return 1
+        return 2 if "live_stack" in getattr(item, "fixturenames", ()) else 0
+
+    items.sort(key=rank)  # stable: the order within each group stays

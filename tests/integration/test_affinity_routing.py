@@ -6,7 +6,7 @@ replica that took the request, the engine replica that served it and why. The Ra
 proxy spreads requests over both gateways, so each test keeps sending until it has seen
 what it needs from both, within a bound.
 
-This module runs before the session's main stack starts (module order) and stops its own
+This module runs before the session's main stack starts (``OWN_STACK``) and stops its own
 stack when it ends, so the two never compete for the machine's cores.
 """
 
@@ -24,6 +24,7 @@ import pytest
 from tests.integration.conftest import SMOLLM, LiveStack, _free_port, running_stack, smollm_config
 
 pytestmark = pytest.mark.integration
+OWN_STACK = True  # runs before the session's shared stack (conftest.py)
 
 IMBALANCE = 1  # load wins once the affine replica runs more than one request more than the other
 

@@ -392,3 +392,78 @@ async def test_engine_answers_400_when_the_request_fails_validation() -> None:
     assert len(items) == 1
     assert isinstance(items[0], EngineJSON)
     assert (items[0].status, items[0].body["error"]["param"]) == (400, "prompt")
+
+
+# ---------------------------------------------------------------------------------------
+# The engine side: gpt-oss's Harmony rendering fails on shapes the request model accepts
+
+
+HARMONY_FAILURES = {
+    # validates as an openai_harmony Message; the renderer then calls .get on it
+    "harmony-message": [{"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}]}],
+    "null-tool-calls": [{"role": "assistant", "content": "x", "tool_calls": None}],
+    "function-role": [{"role": "function", "content": "x"}],
+}
+
+
+class _HarmonyServer(_Server):
+    """Chat through vLLM's real Harmony message rendering (what gpt-oss models run before
+    any output), as Ray's engine does it: inside the answer's generator."""
+
+    async def chat(self, request: Any, raw_request_info: Any = None) -> Any:
+        from vllm.entrypoints.openai.parser.harmony_utils import parse_chat_inputs_to_harmony_messages
+
+        async def answer() -> Any:
+            parse_chat_inputs_to_harmony_messages(list(request.messages))
+            yield SimpleNamespace(model_dump=lambda mode: {"object": "chat.completion"})
+
+        return answer()
+
+
+@pytest.mark.parametrize("case", sorted(HARMONY_FAILURES))
+async def test_engine_answers_400_when_prompt_rendering_fails(case: str) -> None:
+    body = {"model": "gpt-oss-tiny", "messages": HARMONY_FAILURES[case]}
+    assert validate_request(Endpoint.chat, body, 2000) == "gpt-oss-tiny"  # the gateway cannot tell
+    items = [item async for item in _HarmonyServer(None).generate("chat", body, {})]
+    assert len(items) == 1
+    answer = items[0]
+    assert isinstance(answer, EngineJSON)
+    assert answer.status == 400
+    for leak in LEAKS:
+        assert leak not in answer.body["error"]["message"]
+
+
+async def test_engine_failures_that_are_not_the_requests_fault_still_raise() -> None:
+    class Broken(_Server):
+        async def chat(self, request: Any, raw_request_info: Any = None) -> Any:
+            async def answer() -> Any:
+                raise RuntimeError("engine core died")
+                yield
+
+            return answer()
+
+    with pytest.raises(RuntimeError):
+        [item async for item in Broken(None).generate("chat", CHAT, {})]
+
+
+def test_vllm_error_answers_are_cleaned() -> None:
+    from serving.engine.server import _error_json
+
+    pydantic_text = (
+        "1 validation error for Author\nrole\n  Input should be 'user', 'assistant', 'system', "
+        "'developer' or 'tool' [type=enum, input_value='function', input_type=str]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/enum"
+    )
+    answers = {
+        pydantic_text: "Invalid value for 'role': Input should be 'user', 'assistant', 'system', "
+        "'developer' or 'tool'",
+        "reasoning_effort='xhigh' is not supported by Harmony. (parameter=reasoning_effort, value=xhigh)": (
+            "reasoning_effort='xhigh' is not supported by Harmony."
+        ),
+    }
+    for text, expected in answers.items():
+        info = SimpleNamespace(message=text, type="BadRequestError", code=400, param=None)
+        answer = _error_json(SimpleNamespace(error=info))
+        assert (answer.status, answer.body["error"]["message"]) == (400, expected)
+    server_error = SimpleNamespace(error=SimpleNamespace(message="boom", type="x", code=500, param=None))
+    assert _error_json(server_error).body["error"]["message"] == "boom"  # the gateway replaces 5xx text

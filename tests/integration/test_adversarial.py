@@ -1,0 +1,177 @@
+"""A hostile tenant against the real stack: real Redis, a real vLLM engine, a real upstream.
+
+The stack is its own (``oss-serve up`` with authentication on, tenants with limits, a
+private ``redis-server`` so the tests may empty it, and an OpenAI-compatible upstream on
+loopback: the simulated engine served over HTTP). Each test is one attack that
+succeeded on the gateway before the pipeline was rebuilt; the module starts before the
+session's shared stack and stops its own when it ends (see ``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from loadtest.sim import EngineProfile
+from loadtest.sim.background import serve_in_thread
+from loadtest.sim.server import SimEngine
+from serving.gateway.isolation import CacheIsolation
+from serving.gateway.tenants import hash_key
+from tests.integration.conftest import SMOLLM, LiveStack, _free_port, running_stack, smollm_config
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+OWN_STACK = True
+
+OPS_KEY = "key-ops"
+TENANTS = {
+    "alpha": {"handoff": "allowed"},
+    "bravo": {"handoff": "allowed"},
+    "capped": {"handoff": "allowed", "requests_per_minute": 1, "max_output_tokens": 4},
+    "narrow": {"models": [SMOLLM]},
+}
+
+
+def key(tenant: str) -> str:
+    return f"key-{tenant}"
+
+
+@dataclass
+class Adversarial:
+    stack: LiveStack
+    redis: RedisServer
+    upstream: SimEngine
+
+    def sdk(self, tenant: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.stack.api, api_key=key(tenant), max_retries=0, timeout=180)
+
+    def get(self, path: str, key_: str | None = None) -> httpx.Response:
+        headers = {"authorization": f"Bearer {key_}"} if key_ else {}
+        return httpx.get(self.stack.base_url + path, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def adv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Adversarial]:
+    root: Path = tmp_path_factory.mktemp("adversarial")
+    redis = RedisServer(root / "redis").start()
+    upstream = SimEngine(
+        EngineProfile(step_base_s=0.0005, step_per_seq_s=0, default_max_tokens=6), "sim-cloud"
+    )
+    port = _free_port()
+    try:
+        with serve_in_thread(upstream) as upstream_url:
+            config = {
+                "models": [smollm_config()],
+                "gateway": {"port": port, "health_check_interval_s": 1.0},
+                "redis": {"url": redis.url},
+                "auth": {"required": True, "refresh_s": 0.5, "admin_key_sha256": [hash_key(OPS_KEY)]},
+                "tenants": [
+                    {"id": t, "api_key_sha256": [hash_key(key(t))], **extra} for t, extra in TENANTS.items()
+                ],
+                "queue": {"key_prefix": f"ossadv{port}"},
+                "upstreams": [
+                    {
+                        "name": "cloud",
+                        "base_url": upstream_url + "/v1",
+                        "default_model": "cloud-large",
+                        "api_key_env": None,
+                    }
+                ],
+                "handoff": {
+                    "upstream": "cloud",
+                    "virtual_models": [{"name": "auto", "low": SMOLLM, "medium": SMOLLM, "high": SMOLLM}],
+                },
+            }
+            with running_stack(root, config) as stack:
+                yield Adversarial(stack, redis, upstream)
+    finally:
+        redis.stop()
+
+
+def long_system(tag: str) -> str:
+    return f"[{tag}] You answer for the payroll office of ACME. " + "Every rule here is binding. " * 60
+
+
+def cached_tokens(reply: object) -> int:
+    usage = getattr(reply, "usage", None)
+    details = getattr(usage, "prompt_tokens_details", None)
+    return int(getattr(details, "cached_tokens", 0) or 0)
+
+
+def test_handoff_stays_within_the_tenants_limits(adv: Adversarial) -> None:
+    """A tenant with 1 request a minute and 4 output tokens escalating to the cloud: one
+    answer, then 429s; the upstream is asked for at most 4 tokens."""
+    adv.upstream.faults.bodies.clear()
+    statuses = []
+    for _ in range(5):
+        resp = httpx.post(
+            adv.stack.api + "/chat/completions",
+            json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {key('capped')}", "x-oss-escalate": "1"},
+            timeout=60,
+        )
+        statuses.append(resp.status_code)
+        if resp.status_code == 200:
+            assert resp.headers["x-oss-serving-backend"] == "cloud"
+    assert statuses == [200, 429, 429, 429, 429]
+    bodies = list(adv.upstream.faults.bodies)
+    assert len(bodies) == 1
+    assert 0 < int(bodies[0]["max_tokens"]) <= 4
+
+
+def test_one_tenant_cannot_probe_another_tenants_prompt_cache(adv: Adversarial) -> None:
+    """Tenant A's repeat hits the engine's prefix cache; tenant B sending the same long
+    system prompt sees no cached tokens (its cache salt differs)."""
+    system = long_system(uuid.uuid4().hex)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Who approves leave?"}]
+    a = adv.sdk("alpha")
+    first = a.chat.completions.create(model=SMOLLM, messages=messages, max_tokens=2, temperature=0)  # type: ignore[arg-type]
+    assert cached_tokens(first) == 0
+    again = a.chat.completions.create(model=SMOLLM, messages=messages, max_tokens=2, temperature=0)  # type: ignore[arg-type]
+    assert cached_tokens(again) > 0, "the same tenant's repeat should hit the prefix cache"
+    b = adv.sdk("bravo").chat.completions.create(model=SMOLLM, messages=messages, max_tokens=2, temperature=0)  # type: ignore[arg-type]
+    assert cached_tokens(b) == 0, "another tenant must not see tenant A's cached prefix"
+    # and a client cannot buy its way in with a salt of its own, even tenant A's very salt
+    other = [{"role": "system", "content": long_system(uuid.uuid4().hex)}, messages[1]]
+    a.chat.completions.create(model=SMOLLM, messages=other, max_tokens=2, temperature=0)  # type: ignore[arg-type]
+    forged = adv.sdk("bravo").chat.completions.create(
+        model=SMOLLM,
+        messages=other,  # type: ignore[arg-type]
+        max_tokens=2,
+        temperature=0,
+        extra_body={"cache_salt": CacheIsolation({}).salt("alpha")},
+    )
+    assert cached_tokens(forged) == 0
+
+
+def test_doors_are_closed_without_credentials(adv: Adversarial) -> None:
+    assert adv.get("/metrics").status_code == 401
+    assert adv.get("/metrics", key("alpha")).status_code == 401
+    ops = adv.get("/metrics", OPS_KEY)
+    assert ops.status_code == 200
+    assert "oss_serving_requests_total" in ops.text
+    assert set(adv.get("/health").json()) == {"live", "ready", "status"}
+    assert "models" in adv.get("/health", OPS_KEY).json()
+    assert adv.get("/health/ready").status_code == 200
+    assert adv.get("/v1/models").status_code == 401
+    assert [m["id"] for m in adv.get("/v1/models", key("narrow")).json()["data"]] == [SMOLLM]
+
+
+def test_tenant_limits_survive_a_fresh_minute_of_requests(adv: Adversarial) -> None:
+    """The tenant's per-minute bucket lives in the shared Redis: still empty a moment later."""
+    time.sleep(1)
+    resp = httpx.post(
+        adv.stack.api + "/chat/completions",
+        json={"model": SMOLLM, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {key('capped')}"},
+        timeout=60,
+    )
+    assert resp.status_code == 429
+    assert resp.json()["error"]["code"] == "requests_limit_exceeded"
