@@ -4,24 +4,24 @@ Labels are bounded: ``model`` is one of the configured models or ``unknown``,
 ``endpoint`` one of the OpenAI routes, ``status`` an HTTP status code. Never a raw
 user-supplied string.
 
-Every metric is a :class:`Metric`: a ``prometheus_client`` metric in the gateway's own
-registry (served at the gateway's ``/metrics``), used as ``.labels(...).inc()``,
-``.set()``, ``.dec()`` or ``.observe()``. On a cluster, :func:`export_through_ray` also
-mirrors each one into a Ray metric (``ray.serve.metrics``): Ray's metrics agent on the
-node then exports it as ``ray_<name>`` with the replica's ``deployment``, ``replica``
-and ``application`` tags, so every gateway replica is its own series, scraped from the
-metrics port of the pod it runs in (the chart's PodMonitor renames them back to
-``oss_serving_*``). Through a load-balanced HTTP port each scrape would reach any
-replica, and the series would mix them.
+The registry is served at the gateway's own ``/metrics``. On a cluster,
+:func:`export_through_ray` also mirrors every metric into a Ray metric
+(``ray.serve.metrics``): Ray's metrics agent on the node exports it as ``ray_<name>``
+with the replica's ``deployment``, ``replica`` and ``application`` tags, so each gateway
+replica is its own series, scraped from the metrics port of the pod it runs in (the
+Helm chart's PodMonitor renames them back to ``oss_serving_*``). Through the
+load-balanced HTTP port instead, each scrape would reach any replica and the series
+would mix them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -29,7 +29,6 @@ __all__ = [
     "GatewayMetrics",
     "HandoffMetrics",
     "Kind",
-    "Metric",
     "RayMetricFactory",
     "export_through_ray",
 ]
@@ -37,276 +36,171 @@ __all__ = [
 UNKNOWN_MODEL = "unknown"
 PREFIX = "oss_serving_"
 
-Kind = Literal["counter", "gauge", "histogram"]
-#: Builds the Ray mirror of a metric: (kind, name, description, tag keys, buckets) -> a
-#: ray.util.metrics-like object with inc/set/observe(value, tags=...).
-RayMetricFactory = Callable[[Kind, str, str, tuple[str, ...], Sequence[float] | None], Any]
 
-
-class _Child:
-    """One label set of a :class:`Metric`: updates the registry and the Ray mirror."""
-
-    __slots__ = ("_metric", "_prom", "_tags", "_value")
-
-    def __init__(self, metric: Metric, prom: Any, tags: dict[str, str]) -> None:
-        self._metric = metric
-        self._prom = prom
-        self._tags = tags
-        self._value = 0.0  # gauges: Ray gauges only take set(), so inc/dec are tracked here
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._prom.inc(amount)
-        mirror = self._metric._mirror
-        if self._metric.kind == "gauge":
-            self._value += amount
-            if mirror is not None:
-                mirror.set(self._value, tags=self._tags)
-        elif mirror is not None and amount > 0:  # Ray counters refuse 0
-            mirror.inc(amount, tags=self._tags)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.inc(-amount)
-
-    def set(self, value: float) -> None:
-        self._prom.set(value)
-        self._value = float(value)
-        if self._metric._mirror is not None:
-            self._metric._mirror.set(self._value, tags=self._tags)
-
-    def observe(self, value: float) -> None:
-        self._prom.observe(value)
-        if self._metric._mirror is not None:
-            self._metric._mirror.observe(value, tags=self._tags)
-
-
-class Metric:
-    """A gateway metric: a prometheus_client metric plus, once exported, its Ray mirror."""
-
-    def __init__(
-        self,
-        kind: Kind,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        registry: CollectorRegistry,
-        buckets: Sequence[float] | None = None,
-    ) -> None:
-        self.kind: Kind = kind
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self.buckets = tuple(buckets) if buckets is not None else None
-        self._mirror: Any = None
-        self._children: dict[tuple[str, ...], _Child] = {}
-        if kind == "counter":
-            self._prom: Any = Counter(name, documentation, self.labelnames, registry=registry)
-        elif kind == "gauge":
-            self._prom = Gauge(name, documentation, self.labelnames, registry=registry)
-        else:
-            assert buckets is not None
-            self._prom = Histogram(name, documentation, self.labelnames, buckets=buckets, registry=registry)
-
-    def labels(self, *values: str, **labels: str) -> _Child:
-        key = tuple(str(v) for v in values) if values else tuple(str(labels[n]) for n in self.labelnames)
-        child = self._children.get(key)
-        if child is None:
-            prom = self._prom.labels(*key) if self.labelnames else self._prom
-            child = _Child(self, prom, dict(zip(self.labelnames, key, strict=True)))
-            self._children[key] = child
-        return child
-
-    # A metric without labels is used directly: metrics.redis_up.set(1).
-    def inc(self, amount: float = 1.0) -> None:
-        self.labels().inc(amount)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self.labels().dec(amount)
-
-    def set(self, value: float) -> None:
-        self.labels().set(value)
-
-    def observe(self, value: float) -> None:
-        self.labels().observe(value)
-
-    def mirror_into(self, factory: RayMetricFactory) -> None:
-        """Create the Ray mirror; the values recorded so far are carried over."""
-        if self._mirror is not None:
-            return
-        self._mirror = factory(self.kind, self.name, self.documentation, self.labelnames, self.buckets)
-        for child in self._children.values():
-            if self.kind == "gauge":
-                self._mirror.set(child._value, tags=child._tags)
-
-
-class _Metrics:
-    """Builds :class:`Metric` objects in one registry and remembers them."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-        self._all: list[Metric] = []
-
-    def _add(self, metric: Metric) -> Metric:
-        self._all.append(metric)
-        return metric
-
-    def _counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Metric:
-        return self._add(Metric("counter", name, documentation, labelnames, registry=self._registry))
-
-    def _gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Metric:
-        return self._add(Metric("gauge", name, documentation, labelnames, registry=self._registry))
-
-    def _histogram(
-        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
-    ) -> Metric:
-        return self._add(
-            Metric("histogram", name, documentation, labelnames, registry=self._registry, buckets=buckets)
-        )
-
-    def metrics(self) -> Iterator[Metric]:
-        """Every metric of this set."""
-        yield from self._all
-
-
-class GatewayMetrics(_Metrics):
+class GatewayMetrics:
     """The gateway's Prometheus metrics, in a registry of its own."""
 
     def __init__(self, models: Sequence[str], buckets_s: Sequence[float]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        super().__init__(self.registry)
         self._models = frozenset(models)
-        self.requests = self._counter(
+        self.requests = Counter(
             PREFIX + "requests",
             "Requests answered by the gateway, by model, endpoint and HTTP status.",
             ["model", "endpoint", "status"],
+            registry=self.registry,
         )
-        self.latency = self._histogram(
+        self.latency = Histogram(
             PREFIX + "request_latency_seconds",
             "Time from request arrival at the gateway to the last byte sent.",
             ["model", "endpoint"],
-            buckets_s,
+            buckets=buckets_s,
+            registry=self.registry,
         )
-        self.ttft = self._histogram(
+        self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "Time from request arrival at the gateway to the first streamed chunk from the engine.",
             ["model", "endpoint"],
-            buckets_s,
+            buckets=buckets_s,
+            registry=self.registry,
         )
-        self.in_flight = self._gauge(
+        self.in_flight = Gauge(
             PREFIX + "requests_in_flight",
             "Requests the gateway is serving right now.",
             ["model", "endpoint"],
+            registry=self.registry,
         )
-        self.model_ready = self._gauge(
+        self.model_ready = Gauge(
             PREFIX + "model_ready",
             "1 when at least one engine replica of the model answers its health check.",
             ["model"],
+            registry=self.registry,
         )
-        self.redis_up = self._gauge(
+        self.redis_up = Gauge(
             PREFIX + "redis_up",
             "1 when the gateway reaches Redis.",
+            registry=self.registry,
         )
         # Prompt caching (prefix-affinity routing, response cache).
-        self.prefix_affinity = self._counter(
+        self.prefix_affinity = Counter(
             PREFIX + "prefix_affinity",
             "Prefix index lookups: hit when a replica holds a prefix of the prompt or its affinity key.",
             ["model", "result"],
+            registry=self.registry,
         )
-        self.prefix_index_errors = self._counter(
+        self.prefix_index_errors = Counter(
             PREFIX + "prefix_index_errors",
             "Prefix index lookups or updates that failed (Redis unreachable); routing fell back to load.",
+            registry=self.registry,
         )
-        self.routing_decisions = self._counter(
+        self.routing_decisions = Counter(
             PREFIX + "routing_decisions",
             "Engine replica choices by reason: affinity, load (load beat affinity), fallback, round_robin.",
             ["model", "reason"],
+            registry=self.registry,
         )
-        self.response_cache = self._counter(
+        self.response_cache = Counter(
             PREFIX + "response_cache_lookups",
             "Response cache lookups by result: hit, miss, skip (asked for but not deterministic).",
             ["model", "result"],
+            registry=self.registry,
         )
-        self.response_cache_hits = self._counter(
+        self.response_cache_hits = Counter(
             PREFIX + "response_cache_hits",
             "Requests answered from the response cache.",
             ["model"],
+            registry=self.registry,
         )
-        self.response_cache_bytes = self._gauge(
+        self.response_cache_bytes = Gauge(
             PREFIX + "response_cache_bytes",
             "Bytes held by the response cache, as last seen by this gateway.",
+            registry=self.registry,
         )
-        self.prompt_tokens = self._counter(
+        self.prompt_tokens = Counter(
             PREFIX + "prompt_tokens",
             "Prompt tokens of answered requests, from the engine's usage.",
             ["model"],
+            registry=self.registry,
         )
-        self.cached_prompt_tokens = self._counter(
+        self.cached_prompt_tokens = Counter(
             PREFIX + "prompt_cached_tokens",
             "Prompt tokens the engine served from its prefix cache "
             "(usage.prompt_tokens_details.cached_tokens).",
             ["model"],
+            registry=self.registry,
         )
 
-        self.tpot = self._histogram(
+        self.tpot = Histogram(
             PREFIX + "time_per_output_token_seconds",
             "Time per output token after the first, as the gateway sees the stream (streams with usage).",
             ["model"],
-            [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1],
+            buckets=[0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1],
+            registry=self.registry,
         )
-        self.output_tokens = self._counter(
+        self.output_tokens = Counter(
             PREFIX + "output_tokens",
             "Output tokens served, by model (from the engines' usage).",
             ["model"],
+            registry=self.registry,
         )
-        self.queue_depth = self._gauge(
+        self.queue_depth = Gauge(
             PREFIX + "queue_depth",
             "Requests waiting for admission, by model and priority class (the shared Redis queue).",
             ["model", "priority"],
+            registry=self.registry,
         )
-        self.queue_in_use = self._gauge(
+        self.queue_in_use = Gauge(
             PREFIX + "queue_leases",
             "Granted leases (requests running on the engines), by model.",
             ["model"],
+            registry=self.registry,
         )
-        self.queue_capacity = self._gauge(
+        self.queue_capacity = Gauge(
             PREFIX + "queue_capacity",
             "Concurrent requests the model's engines are given, by model.",
             ["model"],
+            registry=self.registry,
         )
-        self.queue_degraded = self._gauge(
+        self.queue_degraded = Gauge(
             PREFIX + "queue_degraded",
             "1 while Redis is unreachable and this gateway admits with its local queue.",
+            registry=self.registry,
         )
-        self.queue_wait = self._histogram(
+        self.queue_wait = Histogram(
             PREFIX + "queue_wait_seconds",
             "Time from arrival to admission.",
             ["model", "priority"],
-            [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+            buckets=[0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+            registry=self.registry,
         )
-        self.admissions = self._counter(
+        self.admissions = Counter(
             PREFIX + "admissions",
             "Requests admitted, by model and priority class.",
             ["model", "priority"],
+            registry=self.registry,
         )
-        self.rejections = self._counter(
+        self.rejections = Counter(
             PREFIX + "rejections",
             "Requests rejected by admission or limits, by model and reason.",
             ["model", "reason"],
+            registry=self.registry,
         )
-        self.leases_expired = self._counter(
+        self.leases_expired = Counter(
             PREFIX + "leases_expired",
             "Leases that expired without being released (their gateway died), by model.",
             ["model"],
+            registry=self.registry,
         )
-        self.tenant_requests = self._counter(
+        self.tenant_requests = Counter(
             PREFIX + "tenant_requests",
             "Requests by tenant (bounded by the known tenants; others count as 'other') and model.",
             ["tenant", "model"],
+            registry=self.registry,
         )
-        self.tenant_tokens = self._counter(
+        self.tenant_tokens = Counter(
             PREFIX + "tenant_tokens",
             "Tokens by tenant, model and kind (prompt or completion), from the engines' usage.",
             ["tenant", "model", "kind"],
+            registry=self.registry,
         )
 
         self.handoff = HandoffMetrics(self.registry, buckets_s)
@@ -319,78 +213,163 @@ class GatewayMetrics(_Metrics):
         """Prometheus text exposition of this registry."""
         return generate_latest(self.registry)
 
-    def metrics(self) -> Iterator[Metric]:
-        """Every metric of the gateway, the handoff's included."""
-        yield from super().metrics()
-        yield from self.handoff.metrics()
 
-
-class HandoffMetrics(_Metrics):
+class HandoffMetrics:
     """Handoff to upstream APIs. ``upstream`` and ``tenant`` are bounded by configuration;
     ``reason``, ``cause``, ``kind`` and ``window`` are fixed word lists."""
 
     def __init__(self, registry: CollectorRegistry, buckets_s: Sequence[float]) -> None:
-        super().__init__(registry)
-        self.handoffs = self._counter(
+        self.handoffs = Counter(
             PREFIX + "handoffs",
             "Requests answered by an upstream, by reason (overflow, not_ready, escalation, "
             "context_length, failover), upstream and tenant.",
             ["reason", "upstream", "tenant"],
+            registry=registry,
         )
-        self.declined = self._counter(
+        self.declined = Counter(
             PREFIX + "handoff_declined",
             "Handoffs the policy wanted that did not happen, by cause (tenant-policy, budget, "
             "upstream-busy, no-upstream-model, upstream-error); the request was served locally.",
             ["reason", "upstream", "tenant", "cause"],
+            registry=registry,
         )
-        self.requests = self._counter(
+        self.requests = Counter(
             PREFIX + "upstream_requests",
             "Requests sent to an upstream, by upstream, endpoint and the status answered to the client.",
             ["upstream", "endpoint", "status"],
+            registry=registry,
         )
-        self.errors = self._counter(
+        self.errors = Counter(
             PREFIX + "upstream_errors",
             "Upstream failures by kind (upstream_timeout, upstream_unavailable, upstream_busy, "
             "status_4xx, status_5xx, stream, timeout, cancelled, empty).",
             ["upstream", "kind"],
+            registry=registry,
         )
-        self.latency = self._histogram(
+        self.latency = Histogram(
             PREFIX + "upstream_latency_seconds",
             "Time from sending a request upstream to its last byte.",
             ["upstream"],
-            buckets_s,
+            buckets=buckets_s,
+            registry=registry,
         )
-        self.time_to_first_byte = self._histogram(
+        self.time_to_first_byte = Histogram(
             PREFIX + "upstream_time_to_first_byte_seconds",
             "Time from sending a request upstream to its first event (or whole answer).",
             ["upstream"],
-            buckets_s,
+            buckets=buckets_s,
+            registry=registry,
         )
-        self.in_flight = self._gauge(
+        self.in_flight = Gauge(
             PREFIX + "upstream_requests_in_flight",
             "Requests this gateway has at an upstream right now.",
             ["upstream"],
+            registry=registry,
         )
-        self.tokens = self._counter(
+        self.tokens = Counter(
             PREFIX + "upstream_tokens",
             "Tokens used at an upstream (its usage), by upstream, tenant and kind (prompt, completion).",
             ["upstream", "tenant", "kind"],
+            registry=registry,
         )
-        self.budget_used = self._gauge(
+        self.budget_used = Gauge(
             PREFIX + "upstream_budget_used",
             "Budget spent at an upstream in the current window (minute_requests, minute_tokens, "
             "month_tokens), over all gateways.",
             ["upstream", "window"],
+            registry=registry,
         )
-        self.budget_limit = self._gauge(
+        self.budget_limit = Gauge(
             PREFIX + "upstream_budget_limit",
             "Configured budget of an upstream per window (absent: unlimited).",
             ["upstream", "window"],
+            registry=registry,
         )
 
 
+Kind = Literal["counter", "gauge", "histogram"]
+#: Builds the Ray mirror of one metric: (kind, name, description, tag keys, bucket
+#: bounds or None) -> an object with ``inc``/``set``/``observe(value, tags=...)``.
+RayMetricFactory = Callable[[Kind, str, str, tuple[str, ...], "tuple[float, ...] | None"], Any]
+
+
+class _MirroredChild:
+    """One label set: updates the prometheus_client child, then its Ray mirror."""
+
+    __slots__ = ("_kind", "_prom", "_ray", "_tags")
+
+    def __init__(self, kind: Kind, prom: Any, ray: Any, tags: dict[str, str]) -> None:
+        self._kind = kind
+        self._prom = prom
+        self._ray = ray
+        self._tags = tags
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._prom.inc(amount)
+        if self._kind == "gauge":
+            self._ray.set(self._prom._value.get(), tags=self._tags)
+        elif amount > 0:  # Ray counters refuse 0
+            self._ray.inc(amount, tags=self._tags)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._prom.dec(amount)
+        self._ray.set(self._prom._value.get(), tags=self._tags)
+
+    def set(self, value: float) -> None:
+        self._prom.set(value)
+        self._ray.set(float(value), tags=self._tags)
+
+    def observe(self, value: float) -> None:
+        self._prom.observe(value)
+        self._ray.observe(value, tags=self._tags)
+
+
+class _Mirrored:
+    """A gateway metric and its Ray mirror, used like the prometheus_client metric
+    (``.labels(...).inc()``, ``.set()``, ``.dec()``, ``.observe()``; the same calls
+    directly on a metric without labels)."""
+
+    def __init__(self, prom: MetricWrapperBase, factory: RayMetricFactory) -> None:
+        # prometheus_client keeps a metric's definition in these attributes (a test reads
+        # every gateway metric through them, so a change there fails loudly).
+        meta: Any = prom
+        self.prom = prom
+        self.kind: Kind = meta._type
+        self.labelnames: tuple[str, ...] = tuple(meta._labelnames)
+        bounds = getattr(meta, "_upper_bounds", None)
+        self.buckets = tuple(b for b in bounds if b != float("inf")) if bounds else None
+        self.name: str = meta._name
+        self.ray = factory(self.kind, self.name, meta._documentation, self.labelnames, self.buckets)
+        self._children: dict[tuple[str, ...], _MirroredChild] = {}
+        if self.kind == "gauge":
+            # Values set before the export (prometheus_client keeps its children).
+            for values, child in list(getattr(prom, "_metrics", {}).items()):
+                self.ray.set(child._value.get(), tags=dict(zip(self.labelnames, values, strict=True)))
+
+    def labels(self, *values: Any, **labels: Any) -> _MirroredChild:
+        key = tuple(str(v) for v in values) if values else tuple(str(labels[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            prom = self.prom.labels(*key) if self.labelnames else self.prom
+            child = _MirroredChild(self.kind, prom, self.ray, dict(zip(self.labelnames, key, strict=True)))
+            self._children[key] = child
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.labels().dec(amount)
+
+    def set(self, value: float) -> None:
+        self.labels().set(value)
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+
 def _ray_serve_metric(
-    kind: Kind, name: str, description: str, tag_keys: tuple[str, ...], buckets: Sequence[float] | None
+    kind: Kind, name: str, description: str, tag_keys: tuple[str, ...], buckets: tuple[float, ...] | None
 ) -> Any:
     """A ``ray.serve.metrics`` metric: inside a Serve replica it carries the replica's
     ``deployment``, ``replica`` and ``application`` tags by itself."""
@@ -405,14 +384,22 @@ def _ray_serve_metric(
     )
 
 
-def export_through_ray(metrics: GatewayMetrics, factory: RayMetricFactory | None = None) -> None:
-    """Mirror every gateway metric into Ray's metrics (per replica; see the module doc).
+def export_through_ray(metrics: GatewayMetrics, factory: RayMetricFactory | None = None) -> list[str]:
+    """Mirror every metric of ``metrics`` (its handoff metrics included) into Ray's
+    metrics, in place; returns the names mirrored. See the module doc.
 
-    Call it once per gateway replica, inside the replica (its constructor), after the
-    :class:`GatewayMetrics` is built, when ``metrics.ray_export`` is configured. The
-    gateway's own registry and ``/metrics`` keep working as before. ``factory`` builds
-    the Ray objects (tests pass their own); by default ``ray.serve.metrics``.
+    Call it once per gateway replica, inside the replica (its constructor), right after
+    the :class:`GatewayMetrics` is built, when ``metrics.ray_export`` is configured. The
+    attributes keep their names and calls; the registry and ``/metrics`` keep working.
+    ``factory`` builds the Ray objects (tests pass their own); by default
+    ``ray.serve.metrics``. Calling it again changes nothing.
     """
     make = factory or _ray_serve_metric
-    for metric in metrics.metrics():
-        metric.mirror_into(make)
+    names = []
+    for owner in (metrics, metrics.handoff):
+        for attribute, value in list(vars(owner).items()):
+            if isinstance(value, MetricWrapperBase):
+                mirrored = _Mirrored(value, make)
+                setattr(owner, attribute, mirrored)
+                names.append(mirrored.name)
+    return names
