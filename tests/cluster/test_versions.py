@@ -76,7 +76,10 @@ def test_chart_runs_the_stated_ray_and_tags_the_image_with_its_app_version() -> 
     annotations = chart["annotations"]
     assert annotations["oss-serving.io/ray-version"] == v["RAY_VERSION"]
     assert annotations["oss-serving.io/vllm-version"] == v["VLLM_VERSION"]
-    assert annotations["oss-serving.io/base-image"] == f"rayproject/ray-llm:{v['RAY_VERSION']}-{v['BASE_VARIANT']}"
+    assert (
+        annotations["oss-serving.io/base-image"]
+        == f"rayproject/ray-llm:{v['RAY_VERSION']}-{v['BASE_VARIANT']}"
+    )
 
 
 def test_a_disagreeing_pin_is_caught() -> None:
