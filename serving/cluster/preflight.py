@@ -35,7 +35,7 @@ from serving.cluster.kube import ClusterReader
 from serving.config import ConfigError, parse_config
 from serving.engine.budget import GPUS, BudgetError, check_model
 
-__all__ = ["Finding", "load_values", "merge_values", "run_preflight"]
+__all__ = ["Finding", "load_values", "merge_values", "parse_set_values", "run_preflight"]
 
 JSON = dict[str, Any]
 Level = Literal["ok", "warning", "error"]
@@ -87,6 +87,34 @@ def merge_values(base: JSON, override: JSON) -> JSON:
             out[key] = merge_values(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_scalar(text: str) -> Any:
+    """A --set value typed as Helm types it: true/false, null, integers, else a string."""
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "null":
+        return None
+    if text.lstrip("-").isdigit() and not (len(text.lstrip("-")) > 1 and text.lstrip("-").startswith("0")):
+        return int(text)
+    return text
+
+
+def parse_set_values(items: Sequence[str]) -> JSON:
+    """``helm --set`` items (``a.b.c=value``; no lists or escaped dots) as nested values."""
+    out: JSON = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a mapping")
+        node[leaf] = _set_scalar(value)
     return out
 
 
