@@ -201,13 +201,17 @@ def _fits_requests(node: JSON, requests: JSON) -> str | None:
     return ", ".join(short) or None
 
 
-def _check_worker_group(group: JSON, nodes: list[JSON], extra_selector: dict[str, str]) -> list[Finding]:
+def _check_worker_group(
+    group: JSON, nodes: list[JSON], extra_selector: dict[str, str], node_disk: str | None = None
+) -> list[Finding]:
+    """``node_disk``: the ephemeral storage a pod requests for weights on the node's disk."""
     name = f"gpu-nodes:{group['name']}"
     want = int(group["gpusPerPod"])
     selector: dict[str, str] = {**extra_selector, **(group.get("nodeSelector") or {})}
     requests: JSON = {
         **((group.get("resources") or {}).get("requests") or {}),
         **(group.get("extraResources") or {}),
+        **({"ephemeral-storage": node_disk} if node_disk else {}),
     }
     tolerations: list[JSON] = group.get("tolerations") or []
     gpu_nodes = [n for n in nodes if _node_gpus(n) > 0]
@@ -563,8 +567,13 @@ def run_preflight(reader: ClusterReader, values: JSON, namespace: str) -> list[F
 
     nodes = reader.list_nodes()
     extra_selector: dict[str, str] = values.get("ray", {}).get("gpuNodeSelector") or {}
+    cache = values.get("weights", {}).get("cache", {})
+    node_disk = None
+    if cache.get("enabled") and cache.get("type") == "node":
+        # As the chart requests it: the weights plus the 20Gi /tmp.
+        node_disk = f"{int(quantity(cache.get('size', '0')) // 2**30) + 20}Gi"
     for group in values.get("ray", {}).get("workerGroups", []):
-        findings += _check_worker_group(group, nodes, extra_selector)
+        findings += _check_worker_group(group, nodes, extra_selector, node_disk)
     findings += _check_budget(values)
     findings += _check_secrets(reader, values, namespace)
     findings += _check_storage(reader, values, namespace)

@@ -65,6 +65,17 @@ def test_requests_larger_than_the_nodes_are_an_error() -> None:
     assert "lower the group's resources.requests" in node_check.message
 
 
+def test_weights_on_the_node_disk_must_fit_its_ephemeral_storage() -> None:
+    values = _values("gpt-oss-120b-h100.yaml", "clouds/eks.yaml", weights={"cache": {"type": "node"}})
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    assert findings["gpu-nodes:h100"].level == "ok"  # 100Gi of 3.5 TiB
+    assert findings["weights-cache"].level == "ok"
+    values["weights"]["cache"]["size"] = "4Ti"
+    node_check = _by_check(run_preflight(RecordedReader(), values, "serving"))["gpu-nodes:h100"]
+    assert node_check.level == "error"
+    assert "ephemeral-storage 4116Gi > allocatable 3730056408Ki" in node_check.message
+
+
 def test_operator_outside_the_policys_namespace_is_an_error_with_the_fix() -> None:
     values = _values(networkPolicy={"kuberayOperator": {"namespace": "kuberay-system"}})
     finding = _by_check(run_preflight(RecordedReader(), values, "serving"))["kuberay-operator"]
