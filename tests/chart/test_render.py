@@ -241,6 +241,26 @@ def test_selectors_use_only_selector_labels(rendered_scenarios: dict[str, Render
         assert labels["app.kubernetes.io/instance"] == RELEASE
 
 
+def test_extension_points_reach_every_ray_pod(render: Callable[[dict[str, Any]], Rendered]) -> None:
+    values: dict[str, Any] = {
+        "ray": {
+            "extraEnv": [{"name": "A", "value": "1"}],
+            "extraVolumes": [{"name": "certs", "secret": {"secretName": "corp-ca"}}],
+            "extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/corp-ca", "readOnly": True}],
+            "podAnnotations": {"example.com/team": "ml"},
+        }
+    }
+    rc = render(values).one("RayService")["spec"]["rayClusterConfig"]
+    templates = [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc["workerGroupSpecs"]]
+    for template in templates:
+        assert template["metadata"]["annotations"] == {"example.com/team": "ml"}
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert {"name": "A", "value": "1"} in container["env"]
+        assert {"name": "certs", "secret": {"secretName": "corp-ca"}} in pod["volumes"]
+        assert {"name": "certs", "mountPath": "/etc/corp-ca", "readOnly": True} in container["volumeMounts"]
+
+
 def test_high_throughput_mode_reaches_every_ray_container(
     render: Callable[[dict[str, Any]], Rendered],
 ) -> None:
