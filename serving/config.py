@@ -486,6 +486,12 @@ class MetricsConfig(_Strict):
     enabled: bool = True
     """Serve ``/metrics`` on the gateway."""
 
+    ray_export: bool = False
+    """Also export the metrics through Ray's metrics agent (``serving.metrics.export_through_ray``):
+    on a cluster each gateway replica is then its own series (tagged ``deployment``,
+    ``replica``, ``application``), scraped from the metrics port of the pod it runs in.
+    The Helm chart turns this on."""
+
     ttft_buckets_s: list[float] = Field(
         default_factory=lambda: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
     )

@@ -3,16 +3,35 @@
 Labels are bounded: ``model`` is one of the configured models or ``unknown``,
 ``endpoint`` one of the OpenAI routes, ``status`` an HTTP status code. Never a raw
 user-supplied string.
+
+The registry is served at the gateway's own ``/metrics``. On a cluster,
+:func:`export_through_ray` also mirrors every metric into a Ray metric
+(``ray.serve.metrics``): Ray's metrics agent on the node exports it as ``ray_<name>``
+with the replica's ``deployment``, ``replica`` and ``application`` tags, so each gateway
+replica is its own series, scraped from the metrics port of the pod it runs in (the
+Helm chart's PodMonitor renames them back to ``oss_serving_*``). Through the
+load-balanced HTTP port instead, each scrape would reach any replica and the series
+would mix them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
-__all__ = ["CONTENT_TYPE_LATEST", "UNKNOWN_MODEL", "GatewayMetrics", "HandoffMetrics"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "UNKNOWN_MODEL",
+    "GatewayMetrics",
+    "HandoffMetrics",
+    "Kind",
+    "RayMetricFactory",
+    "export_through_ray",
+]
 
 UNKNOWN_MODEL = "unknown"
 PREFIX = "oss_serving_"
@@ -305,3 +324,121 @@ class HandoffMetrics:
             ["upstream", "window"],
             registry=registry,
         )
+
+
+Kind = Literal["counter", "gauge", "histogram"]
+#: Builds the Ray mirror of one metric: (kind, name, description, tag keys, bucket
+#: bounds or None) -> an object with ``inc``/``set``/``observe(value, tags=...)``.
+RayMetricFactory = Callable[[Kind, str, str, tuple[str, ...], "tuple[float, ...] | None"], Any]
+
+
+class _MirroredChild:
+    """One label set: updates the prometheus_client child, then its Ray mirror."""
+
+    __slots__ = ("_kind", "_prom", "_ray", "_tags")
+
+    def __init__(self, kind: Kind, prom: Any, ray: Any, tags: dict[str, str]) -> None:
+        self._kind = kind
+        self._prom = prom
+        self._ray = ray
+        self._tags = tags
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._prom.inc(amount)
+        if self._kind == "gauge":
+            self._ray.set(self._prom._value.get(), tags=self._tags)
+        elif amount > 0:  # Ray counters refuse 0
+            self._ray.inc(amount, tags=self._tags)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._prom.dec(amount)
+        self._ray.set(self._prom._value.get(), tags=self._tags)
+
+    def set(self, value: float) -> None:
+        self._prom.set(value)
+        self._ray.set(float(value), tags=self._tags)
+
+    def observe(self, value: float) -> None:
+        self._prom.observe(value)
+        self._ray.observe(value, tags=self._tags)
+
+
+class _Mirrored:
+    """A gateway metric and its Ray mirror, used like the prometheus_client metric
+    (``.labels(...).inc()``, ``.set()``, ``.dec()``, ``.observe()``; the same calls
+    directly on a metric without labels)."""
+
+    def __init__(self, prom: MetricWrapperBase, factory: RayMetricFactory) -> None:
+        # prometheus_client keeps a metric's definition in these attributes (a test reads
+        # every gateway metric through them, so a change there fails loudly).
+        meta: Any = prom
+        self.prom = prom
+        self.kind: Kind = meta._type
+        self.labelnames: tuple[str, ...] = tuple(meta._labelnames)
+        bounds = getattr(meta, "_upper_bounds", None)
+        self.buckets = tuple(b for b in bounds if b != float("inf")) if bounds else None
+        self.name: str = meta._name
+        self.ray = factory(self.kind, self.name, meta._documentation, self.labelnames, self.buckets)
+        self._children: dict[tuple[str, ...], _MirroredChild] = {}
+        if self.kind == "gauge":
+            # Values set before the export (prometheus_client keeps its children).
+            for values, child in list(getattr(prom, "_metrics", {}).items()):
+                self.ray.set(child._value.get(), tags=dict(zip(self.labelnames, values, strict=True)))
+
+    def labels(self, *values: Any, **labels: Any) -> _MirroredChild:
+        key = tuple(str(v) for v in values) if values else tuple(str(labels[n]) for n in self.labelnames)
+        child = self._children.get(key)
+        if child is None:
+            prom = self.prom.labels(*key) if self.labelnames else self.prom
+            child = _MirroredChild(self.kind, prom, self.ray, dict(zip(self.labelnames, key, strict=True)))
+            self._children[key] = child
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.labels().dec(amount)
+
+    def set(self, value: float) -> None:
+        self.labels().set(value)
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+
+def _ray_serve_metric(
+    kind: Kind, name: str, description: str, tag_keys: tuple[str, ...], buckets: tuple[float, ...] | None
+) -> Any:
+    """A ``ray.serve.metrics`` metric: inside a Serve replica it carries the replica's
+    ``deployment``, ``replica`` and ``application`` tags by itself."""
+    from ray.serve import metrics as serve_metrics
+
+    if kind == "counter":
+        return serve_metrics.Counter(name, description=description, tag_keys=tag_keys)
+    if kind == "gauge":
+        return serve_metrics.Gauge(name, description=description, tag_keys=tag_keys)
+    return serve_metrics.Histogram(
+        name, description=description, boundaries=list(buckets or ()), tag_keys=tag_keys
+    )
+
+
+def export_through_ray(metrics: GatewayMetrics, factory: RayMetricFactory | None = None) -> list[str]:
+    """Mirror every metric of ``metrics`` (its handoff metrics included) into Ray's
+    metrics, in place; returns the names mirrored. See the module doc.
+
+    Call it once per gateway replica, inside the replica (its constructor), right after
+    the :class:`GatewayMetrics` is built, when ``metrics.ray_export`` is configured. The
+    attributes keep their names and calls; the registry and ``/metrics`` keep working.
+    ``factory`` builds the Ray objects (tests pass their own); by default
+    ``ray.serve.metrics``. Calling it again changes nothing.
+    """
+    make = factory or _ray_serve_metric
+    names = []
+    for owner in (metrics, metrics.handoff):
+        for attribute, value in list(vars(owner).items()):
+            if isinstance(value, MetricWrapperBase):
+                mirrored = _Mirrored(value, make)
+                setattr(owner, attribute, mirrored)
+                names.append(mirrored.name)
+    return names

@@ -69,6 +69,22 @@ _PINNED_TAG = {
     "not": {"enum": ["latest", "main", "master"]},
     "description": "A pinned image tag (moving tags such as latest are rejected).",
 }
+_APP_TAG = {
+    "type": "string",
+    "not": {"enum": ["latest", "main", "master"]},
+    "description": "A pinned image tag; empty: the chart's appVersion (moving tags are rejected).",
+}
+_STRING_MAP: JSON = {"type": "object", "additionalProperties": {"type": "string"}}
+_CONTAINER_SECURITY = _obj(
+    {
+        "capabilities": _obj(
+            {"add": {"type": "array", "items": {"type": "string", "pattern": "^[A-Z_]+$"}}},
+            description="Capabilities added after dropping ALL (e.g. IPC_LOCK for RDMA memory registration).",
+        ),
+        "readOnlyRootFilesystem": {"type": "boolean"},
+    },
+    description="Merged over the chart's container securityContext.",
+)
 _IMAGE = _obj(
     {
         "repository": _str(minLength=1),
@@ -100,6 +116,15 @@ def _worker_group() -> JSON:
             "tolerations": _ANY_LIST,
             "affinity": _ANY_OBJECT,
             "startupSeconds": _int(60, "Seconds a worker may take to start before it is restarted."),
+            "extraResources": {
+                **_RESOURCE_LIST,
+                "description": "Extra resources requested and limited per pod (e.g. rdma/ib).",
+            },
+            "extraEnv": _ANY_LIST,
+            "extraVolumes": _ANY_LIST,
+            "extraVolumeMounts": _ANY_LIST,
+            "podAnnotations": _STRING_MAP,
+            "securityContext": _CONTAINER_SECURITY,
         },
         required=["name", "gpuType", "gpusPerPod", "replicas", "minReplicas", "maxReplicas", "resources"],
     )
@@ -113,11 +138,11 @@ def _chart_properties() -> JSON:
         "image": _obj(
             {
                 "repository": _str(minLength=1),
-                "tag": _PINNED_TAG,
+                "tag": _APP_TAG,
                 "digest": {"type": "string", "pattern": r"^$|^sha256:[a-f0-9]{64}$"},
                 "pullPolicy": {"enum": ["IfNotPresent", "Always", "Never"]},
             },
-            required=["repository", "tag"],
+            required=["repository"],
         ),
         "imagePullSecrets": _ANY_LIST,
         "config": {
@@ -137,6 +162,8 @@ def _chart_properties() -> JSON:
                         "highThroughput": {"type": "boolean"},
                     }
                 ),
+                "gcsFaultTolerance": _obj({"enabled": {"type": "boolean"}}),
+                "gpuNodeSelector": _STRING_MAP,
                 "head": _obj(
                     {
                         "resources": _RESOURCES,
@@ -156,6 +183,9 @@ def _chart_properties() -> JSON:
                     }
                 ),
                 "extraEnv": _ANY_LIST,
+                "extraVolumes": _ANY_LIST,
+                "extraVolumeMounts": _ANY_LIST,
+                "podAnnotations": _STRING_MAP,
                 "priorityClassName": _K8S_NAME,
                 "runtimeClassName": _K8S_NAME,
                 "readOnlyRootFilesystem": {"type": "boolean"},
@@ -177,6 +207,8 @@ def _chart_properties() -> JSON:
                             ),
                             "resources": _RESOURCES,
                             "maxmemory": _str(pattern=r"^[0-9]+(kb|mb|gb)$"),
+                            "nodeSelector": _STRING_MAP,
+                            "tolerations": _ANY_LIST,
                         }
                     ),
                     "external": _obj(
@@ -219,6 +251,11 @@ def _chart_properties() -> JSON:
                 "cache": _obj(
                     {
                         "enabled": {"type": "boolean"},
+                        "type": {
+                            "enum": ["volume", "node", "shared"],
+                            "description": "volume: a ReadWriteOnce volume per worker pod; node: the node's "
+                            "disk (emptyDir); shared: one ReadWriteMany claim.",
+                        },
                         "existingClaim": _K8S_NAME,
                         "size": _str(pattern=r"^[0-9]+(Gi|Ti)$"),
                         "storageClassName": _str(),
@@ -231,6 +268,8 @@ def _chart_properties() -> JSON:
                         "enabled": {"type": "boolean"},
                         "activeDeadlineSeconds": _int(60),
                         "resources": _RESOURCES,
+                        "nodeSelector": _STRING_MAP,
+                        "tolerations": _ANY_LIST,
                     }
                 ),
             }
@@ -244,9 +283,6 @@ def _chart_properties() -> JSON:
         ),
         "monitoring": _obj(
             {
-                "serviceMonitor": _obj(
-                    {"enabled": {"type": "boolean"}, "interval": _str(), "labels": _ANY_OBJECT}
-                ),
                 "podMonitor": _obj(
                     {"enabled": {"type": "boolean"}, "interval": _str(), "labels": _ANY_OBJECT}
                 ),
@@ -285,7 +321,10 @@ def _chart_properties() -> JSON:
         "networkPolicy": _obj(
             {
                 "enabled": {"type": "boolean"},
-                "kuberayOperatorNamespace": _K8S_NAME,
+                "kuberayOperator": _obj(
+                    {"namespace": _K8S_NAME, "podLabels": {**_STRING_MAP, "minProperties": 1}},
+                    description="Admitted by its pod labels, from any namespace (empty) or the one named.",
+                ),
                 "monitoringNamespace": _K8S_NAME,
                 "gatewayFrom": _ANY_LIST,
             }

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.cluster.kube import ClusterReader, ClusterUnavailable
-from serving.cluster.preflight import Finding, load_values, run_preflight
+from serving.cluster.preflight import Finding, load_values, merge_values, parse_set_values, run_preflight
 from serving.cluster.status import ClusterStatus, collect_status
 from serving.config import ConfigError
 
@@ -60,17 +60,29 @@ def print_findings(findings: list[Finding], console: Console) -> None:
     show_default=True,
     help="The oss-serving chart directory.",
 )
+@click.option(
+    "--set",
+    "set_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A value of the release (repeatable, as with helm --set), e.g. weights.cache.type=shared.",
+)
 @click.option("-n", "--namespace", default="default", show_default=True, help="Namespace of the release.")
 @click.option("--context", default=None, help="kube context (default: the current one).")
 @click.pass_context
 def preflight(
-    ctx: click.Context, values_files: tuple[Path, ...], chart_dir: Path, namespace: str, context: str | None
+    ctx: click.Context,
+    values_files: tuple[Path, ...],
+    chart_dir: Path,
+    set_values: tuple[str, ...],
+    namespace: str,
+    context: str | None,
 ) -> None:
     """Check the current cluster can run the chart with these values, before `helm install`."""
     console = Console(highlight=False)
     factory: ReaderFactory = (ctx.obj or {}).get("cluster_reader_factory", _kube_reader)
     try:
-        values = load_values(chart_dir, values_files)
+        values = merge_values(load_values(chart_dir, values_files), parse_set_values(set_values))
     except ConfigError as exc:
         console.print(f"[red]invalid values[/red]: {exc}")
         sys.exit(2)

@@ -62,6 +62,10 @@ class ClusterReader(Protocol):
         """Pods matching the selector."""
         ...
 
+    def list_pods_all_namespaces(self, label_selector: str) -> list[JSON]:
+        """Pods matching the selector in every namespace (to find the KubeRay operator)."""
+        ...
+
     def service_proxy_get(self, namespace: str, service: str, port: int, path: str) -> str | None:
         """GET through the API server's service proxy; None when it fails."""
         ...
@@ -151,6 +155,10 @@ class KubeReader:
 
     def list_pods(self, namespace: str, label_selector: str) -> list[JSON]:
         body = self._get(f"/api/v1/namespaces/{namespace}/pods", [("labelSelector", label_selector)])
+        return list(body["items"])
+
+    def list_pods_all_namespaces(self, label_selector: str) -> list[JSON]:
+        body = self._get("/api/v1/pods", [("labelSelector", label_selector)])
         return list(body["items"])
 
     def service_proxy_get(self, namespace: str, service: str, port: int, path: str) -> str | None:

@@ -5,15 +5,20 @@ kube context) and the chart values the release would use (the chart's values.yam
 then each ``-f`` file, merged as Helm merges them), and checks:
 
 * the KubeRay operator's CRDs (RayService, RayCluster) are installed;
-* every GPU worker group has nodes that fit one pod: matching nodeSelector, tolerated
-  taints, enough allocatable ``nvidia.com/gpu``, the configured GPU model;
+* the KubeRay operator runs where the network policy admits it (its pod labels, and
+  its namespace when the policy names one);
+* every GPU worker group has nodes that fit one pod: matching nodeSelector (with
+  ``ray.gpuNodeSelector``), tolerated taints, enough allocatable ``nvidia.com/gpu``, CPU
+  and memory, the configured GPU model;
 * every model's layout fits its GPUs (the same budget check as the chart's);
 * the Secrets the values reference exist and hold the expected keys;
-* the weight cache can be provisioned (storage class, or the existing claim is bound);
+* the weight cache can be provisioned: a per-pod volume needs a (default) storage class,
+  a shared cache a ReadWriteMany class (or a bound existing claim), node disk enough
+  ephemeral storage;
 * the Prometheus operator's (and KEDA's) CRDs when monitoring (or KEDA) is on.
 
 Each check gives a :class:`Finding` (ok, warning or error); the command exits 1 when
-any is an error.
+any is an error. Every error says what to change.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from serving.cluster.kube import ClusterReader
 from serving.config import ConfigError, parse_config
 from serving.engine.budget import GPUS, BudgetError, check_model
 
-__all__ = ["Finding", "load_values", "merge_values", "run_preflight"]
+__all__ = ["Finding", "load_values", "merge_values", "parse_set_values", "run_preflight"]
 
 JSON = dict[str, Any]
 Level = Literal["ok", "warning", "error"]
@@ -85,6 +90,34 @@ def merge_values(base: JSON, override: JSON) -> JSON:
     return out
 
 
+def _set_scalar(text: str) -> Any:
+    """A --set value typed as Helm types it: true/false, null, integers, else a string."""
+    if text in ("true", "false"):
+        return text == "true"
+    if text == "null":
+        return None
+    if text.lstrip("-").isdigit() and not (len(text.lstrip("-")) > 1 and text.lstrip("-").startswith("0")):
+        return int(text)
+    return text
+
+
+def parse_set_values(items: Sequence[str]) -> JSON:
+    """``helm --set`` items (``a.b.c=value``; no lists or escaped dots) as nested values."""
+    out: JSON = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a mapping")
+        node[leaf] = _set_scalar(value)
+    return out
+
+
 def load_values(chart_dir: Path, values_files: Sequence[Path] = ()) -> JSON:
     """The chart's values.yaml with each file merged over it, in order."""
     values: JSON = {}
@@ -130,13 +163,60 @@ def _gpu_family(gpu_type: str) -> str:
     return gpu_type.split("-", 1)[0].upper()
 
 
-def _check_worker_group(group: JSON, nodes: list[JSON]) -> list[Finding]:
+_UNITS = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "m": 1e-3,
+}
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes quantity ("80", "500m", "800Gi", "2043517364Ki") as a number."""
+    text = str(value)
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * _UNITS[suffix]
+    return float(text)
+
+
+def _fits_requests(node: JSON, requests: JSON) -> str | None:
+    """None when the node's allocatable CPU, memory and extra resources cover ``requests``,
+    else what is short."""
+    allocatable = node.get("status", {}).get("allocatable", {})
+    short = []
+    for resource, want in requests.items():
+        have = allocatable.get(resource)
+        if have is None:
+            if resource in ("cpu", "memory"):
+                continue
+            short.append(f"no {resource}")
+        elif quantity(have) < quantity(want):
+            short.append(f"{resource} {want} > allocatable {have}")
+    return ", ".join(short) or None
+
+
+def _check_worker_group(
+    group: JSON, nodes: list[JSON], extra_selector: dict[str, str], node_disk: str | None = None
+) -> list[Finding]:
+    """``node_disk``: the ephemeral storage a pod requests for weights on the node's disk."""
     name = f"gpu-nodes:{group['name']}"
     want = int(group["gpusPerPod"])
-    selector: dict[str, str] = group.get("nodeSelector") or {}
+    selector: dict[str, str] = {**extra_selector, **(group.get("nodeSelector") or {})}
+    requests: JSON = {
+        **((group.get("resources") or {}).get("requests") or {}),
+        **(group.get("extraResources") or {}),
+        **({"ephemeral-storage": node_disk} if node_disk else {}),
+    }
     tolerations: list[JSON] = group.get("tolerations") or []
     gpu_nodes = [n for n in nodes if _node_gpus(n) > 0]
     fitting = []
+    too_small = []
     for node in gpu_nodes:
         labels = node["metadata"].get("labels", {})
         if any(labels.get(k) != v for k, v in selector.items()):
@@ -152,9 +232,24 @@ def _check_worker_group(group: JSON, nodes: list[JSON]) -> list[Finding]:
             continue
         if _node_gpus(node) < want:
             continue
+        short = _fits_requests(node, requests)
+        if short:
+            too_small.append(f"{node['metadata']['name']} ({short})")
+            continue
         fitting.append(node)
     findings: list[Finding] = []
     need = f"{want} allocatable {GPU_RESOURCE}" + (f", labels {selector}" if selector else "")
+    if not fitting and too_small:
+        findings.append(
+            Finding(
+                name,
+                "error",
+                f"GPU nodes match worker group {group['name']!r} but cannot hold its pod: "
+                + "; ".join(too_small)
+                + ": lower the group's resources.requests to fit the nodes' allocatable",
+            )
+        )
+        return findings
     if not fitting:
         seen = ", ".join(_describe(n) for n in gpu_nodes) or "no node has GPUs"
         findings.append(
@@ -196,7 +291,8 @@ def _check_worker_group(group: JSON, nodes: list[JSON]) -> list[Finding]:
                 "error",
                 f"worker group {group['name']!r} declares gpuType {group['gpuType']} but fitting nodes have "
                 f"{', '.join(wrong)}: set gpuType (and the models' topology.gpu_type) to the real GPU, or a "
-                "nodeSelector that picks the right nodes",
+                "nodeSelector that picks the right nodes (ray.gpuNodeSelector; per-cloud examples in "
+                "the chart's clouds/)",
             )
         )
     spec = GPUS.get(str(group["gpuType"]))
@@ -295,16 +391,45 @@ def _check_secrets(reader: ClusterReader, values: JSON, namespace: str) -> list[
     return findings
 
 
+def _rwx_classes(classes: list[JSON]) -> list[str]:
+    return sorted(
+        sc["metadata"]["name"] for sc in classes if str(sc.get("provisioner", "")) in RWX_PROVISIONERS
+    )
+
+
+def _default_class(classes: list[JSON]) -> JSON | None:
+    for sc in classes:
+        if any(sc["metadata"].get("annotations", {}).get(a) == "true" for a in DEFAULT_SC_ANNOTATIONS):
+            return sc
+    return None
+
+
 def _check_storage(reader: ClusterReader, values: JSON, namespace: str) -> list[Finding]:
     cache = values.get("weights", {}).get("cache", {})
     if not cache.get("enabled"):
         return [Finding("weights-cache", "ok", "weight cache off: every worker downloads the weights itself")]
+    kind = cache.get("type", "volume")
+    size = str(cache.get("size", ""))
+    if kind == "node":
+        return [
+            Finding(
+                "weights-cache",
+                "ok",
+                f"weights on each node's disk ({size} of ephemeral storage per pod, checked with the pod's "
+                "requests)",
+            )
+        ]
     access = cache.get("accessMode", "ReadWriteMany")
-    if cache.get("existingClaim"):
+    if kind == "shared" and cache.get("existingClaim"):
         claim = reader.get_pvc(namespace, cache["existingClaim"])
         if claim is None:
             return [
-                Finding("weights-cache", "error", f"PVC {namespace}/{cache['existingClaim']} does not exist")
+                Finding(
+                    "weights-cache",
+                    "error",
+                    f"PVC {namespace}/{cache['existingClaim']} does not exist: create it (with the weights "
+                    "staged when weights.download.enabled is false) or unset weights.cache.existingClaim",
+                )
             ]
         phase = claim.get("status", {}).get("phase")
         modes = claim.get("spec", {}).get("accessModes", [])
@@ -313,51 +438,112 @@ def _check_storage(reader: ClusterReader, values: JSON, namespace: str) -> list[
                 Finding(
                     "weights-cache",
                     "error",
-                    f"PVC {cache['existingClaim']} has access modes {modes}, not {access}",
+                    f"PVC {cache['existingClaim']} has access modes {modes}, not {access}: set "
+                    f"weights.cache.accessMode to one of {modes} (ReadOnlyMany or ReadWriteMany for "
+                    "several workers)",
                 )
             ]
         level: Level = "ok" if phase == "Bound" else "warning"
         return [Finding("weights-cache", level, f"PVC {cache['existingClaim']} is {phase}")]
     classes = reader.list_storage_classes()
     by_name = {sc["metadata"]["name"]: sc for sc in classes}
+    known = ", ".join(sorted(by_name)) or "none"
+    rwx = _rwx_classes(classes)
     wanted = cache.get("storageClassName") or ""
-    if wanted:
-        chosen = by_name.get(wanted)
-        if chosen is None:
-            known = ", ".join(sorted(by_name)) or "none"
-            return [
-                Finding(
-                    "weights-cache", "error", f"StorageClass {wanted!r} does not exist (classes: {known})"
-                )
-            ]
-    else:
-        defaults = [
-            sc
-            for sc in classes
-            if any(sc["metadata"].get("annotations", {}).get(a) == "true" for a in DEFAULT_SC_ANNOTATIONS)
+    if wanted and wanted not in by_name:
+        return [
+            Finding(
+                "weights-cache",
+                "error",
+                f"StorageClass {wanted!r} does not exist (classes: {known}): set "
+                "weights.cache.storageClassName to one of them",
+            )
         ]
-        if not defaults:
-            known = ", ".join(sorted(by_name)) or "none"
+    if kind == "shared":
+        fix = (
+            f"set weights.cache.storageClassName to a ReadWriteMany class ({', '.join(rwx)})"
+            if rwx
+            else "install a ReadWriteMany class (EFS, Filestore, Azure Files, NFS, CephFS)"
+        ) + ", or use weights.cache.type volume (a ReadWriteOnce volume per pod, any class)"
+        if not wanted:
             return [
                 Finding(
                     "weights-cache",
                     "error",
-                    f"no default StorageClass: set weights.cache.storageClassName (classes: {known})",
+                    "a shared weight cache needs weights.cache.storageClassName (default classes are "
+                    f"block storage, ReadWriteOnce only): {fix}",
                 )
             ]
-        chosen = defaults[0]
-    provisioner = str(chosen.get("provisioner", ""))
-    name = chosen["metadata"]["name"]
-    if access == "ReadWriteMany" and provisioner not in RWX_PROVISIONERS:
+        provisioner = str(by_name[wanted].get("provisioner", ""))
+        if access == "ReadWriteMany" and provisioner not in RWX_PROVISIONERS:
+            return [
+                Finding(
+                    "weights-cache",
+                    "error",
+                    f"StorageClass {wanted} ({provisioner}) offers no ReadWriteMany volumes, so the shared "
+                    f"cache, the download Job and every GPU worker would stay Pending: {fix}",
+                )
+            ]
+        return [Finding("weights-cache", "ok", f"StorageClass {wanted} ({provisioner}) for the shared cache")]
+    # volume: one ReadWriteOnce volume per worker pod; any class binds it.
+    chosen = by_name[wanted] if wanted else _default_class(classes)
+    if chosen is None:
         return [
             Finding(
                 "weights-cache",
-                "warning",
-                f"StorageClass {name} ({provisioner}) may not offer ReadWriteMany, which the shared weight "
-                "cache needs; use a file-system class (NFS, EFS, Filestore, Azure Files, CephFS)",
+                "error",
+                f"no default StorageClass for the per-pod weight volumes: set weights.cache.storageClassName "
+                f"(classes: {known}), or weights.cache.type node",
             )
         ]
-    return [Finding("weights-cache", "ok", f"StorageClass {name} ({provisioner}) for the weight cache")]
+    return [
+        Finding(
+            "weights-cache",
+            "ok",
+            f"StorageClass {chosen['metadata']['name']} ({chosen.get('provisioner', '')}): a ReadWriteOnce "
+            f"volume of {size} per worker pod",
+        )
+    ]
+
+
+def _check_operator(reader: ClusterReader, values: JSON) -> list[Finding]:
+    policy = values.get("networkPolicy", {})
+    if not policy.get("enabled"):
+        return [Finding("kuberay-operator", "ok", "network policy off: the operator reaches the head")]
+    operator = policy.get("kuberayOperator", {})
+    labels: dict[str, str] = operator.get("podLabels") or {}
+    namespace = operator.get("namespace") or ""
+    selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    pods = reader.list_pods_all_namespaces(selector)
+    if not pods:
+        return [
+            Finding(
+                "kuberay-operator",
+                "error",
+                f"no pod with labels {selector} in any namespace, so the network policy admits no KubeRay "
+                "operator and the Serve application is never submitted: install the kuberay-operator chart, "
+                "or set networkPolicy.kuberayOperator.podLabels to its pods' labels",
+            )
+        ]
+    where = sorted({p["metadata"].get("namespace", "") for p in pods})
+    if namespace and namespace not in where:
+        return [
+            Finding(
+                "kuberay-operator",
+                "error",
+                f"the KubeRay operator runs in namespace {', '.join(where)}, but the network policy admits "
+                f"it only from {namespace}: set networkPolicy.kuberayOperator.namespace to {where[0]} "
+                "(or empty: any namespace)",
+            )
+        ]
+    return [
+        Finding(
+            "kuberay-operator",
+            "ok",
+            f"KubeRay operator in namespace {', '.join(where)} is admitted by the network policy "
+            f"({selector})",
+        )
+    ]
 
 
 def run_preflight(reader: ClusterReader, values: JSON, namespace: str) -> list[Finding]:
@@ -371,15 +557,23 @@ def run_preflight(reader: ClusterReader, values: JSON, namespace: str) -> list[F
                 "kuberay",
                 "error",
                 f"KubeRay CRDs missing ({', '.join(missing)}): "
-                "install the kuberay-operator chart (1.1.0 or newer)",
+                "install the kuberay-operator chart (1.5.0 or newer)",
             )
         )
     else:
         findings.append(Finding("kuberay", "ok", "KubeRay CRDs installed (RayService, RayCluster)"))
 
+    findings += _check_operator(reader, values)
+
     nodes = reader.list_nodes()
+    extra_selector: dict[str, str] = values.get("ray", {}).get("gpuNodeSelector") or {}
+    cache = values.get("weights", {}).get("cache", {})
+    node_disk = None
+    if cache.get("enabled") and cache.get("type") == "node":
+        # As the chart requests it: the weights plus the 20Gi /tmp.
+        node_disk = f"{int(quantity(cache.get('size', '0')) // 2**30) + 20}Gi"
     for group in values.get("ray", {}).get("workerGroups", []):
-        findings += _check_worker_group(group, nodes)
+        findings += _check_worker_group(group, nodes, extra_selector, node_disk)
     findings += _check_budget(values)
     findings += _check_secrets(reader, values, namespace)
     findings += _check_storage(reader, values, namespace)

@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm" / "oss-serving"
 PROFILES = sorted((CHART_DIR / "profiles").glob("*.yaml"))
 CI_VALUES = sorted((CHART_DIR / "ci").glob("*-values.yaml"))
+CLOUDS = sorted((CHART_DIR / "clouds").glob("*.yaml"))
+#: The profile the cloud files are rendered over (as the README's install commands do).
+CLOUD_PROFILE = CHART_DIR / "profiles" / "gpt-oss-120b-h100.yaml"
 RELEASE = "oss"
 NAMESPACE = "serving"
 
@@ -63,10 +66,14 @@ def load_values(path: Path) -> dict[str, Any]:
 
 
 def scenario_values() -> list[tuple[str, dict[str, Any]]]:
-    """Every values set the chart must render: the default, each profile, each ci file."""
+    """Every values set the chart must render: the default, each profile, each ci file,
+    and each cloud file over the H100 profile."""
+    from serving.cluster.preflight import merge_values
+
     out: list[tuple[str, dict[str, Any]]] = [("default", {})]
     out += [(f"profile:{p.stem}", load_values(p)) for p in PROFILES]
     out += [(f"ci:{p.stem}", load_values(p)) for p in CI_VALUES]
+    out += [(f"cloud:{p.stem}", merge_values(load_values(CLOUD_PROFILE), load_values(p))) for p in CLOUDS]
     return out
 
 

@@ -105,7 +105,7 @@ def test_custom_resources_validate_against_crds(rendered_scenarios: dict[str, Re
             for error in validator.iter_errors(obj):
                 path = ".".join(str(p) for p in error.absolute_path)
                 failures.append(f"{name}: {obj['kind']}: {path}: {error.message[:300]}")
-    assert seen == {"RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject"}
+    assert seen == {"RayService", "PodMonitor", "PrometheusRule", "ScaledObject"}
     assert not failures, "\n".join(failures)
 
 
@@ -130,30 +130,35 @@ def _config_mounts(pod_spec: dict[str, Any], config_map: str) -> set[str]:
         m["mountPath"]
         for c in pod_spec["containers"]
         for m in c.get("volumeMounts", [])
-        if m["name"] in volumes
+        if m["name"] in volumes and "subPath" not in m
     }
 
 
 @pytest.mark.parametrize("scenario", SCENARIO_IDS)
-def test_serve_config_reads_our_configuration_from_the_mounted_configmap(
+def test_serve_config_carries_our_configuration_inline(
     rendered_scenarios: dict[str, Rendered], scenario: str
 ) -> None:
     rendered = rendered_scenarios[scenario]
     serve = _serve_config(rendered)
     (app,) = serve["applications"]
     assert app["import_path"] == "serving.serve_app:build_app"
-    config_path = app["args"]["config_path"]
-    cm = rendered.one("ConfigMap", "-config")
-    cfg = parse_config(yaml.safe_load(cm["data"]["config.yaml"]), origin=f"{scenario} ConfigMap")
+    assert set(app["args"]) == {"config"}
+    cfg = parse_config(app["args"]["config"], origin=f"{scenario} serveConfigV2")
     assert cfg.gateway.host == "0.0.0.0"
     assert cfg.gateway.port == serve["http_options"]["port"]
-    # The Serve application builder runs on some Ray node: every Ray pod mounts it.
+    assert cfg.metrics.ray_export is True
+    # The ConfigMap holds the same configuration, mounted as a directory (which the
+    # kubelet keeps current) for `oss-serve` inside the pods.
+    cm = rendered.one("ConfigMap", "-config")
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == app["args"]["config"]
     spec = rendered.one("RayService")["spec"]["rayClusterConfig"]
     pods = [spec["headGroupSpec"]["template"]["spec"]] + [
         g["template"]["spec"] for g in spec["workerGroupSpecs"]
     ]
     for pod in pods:
-        assert config_path in _config_mounts(pod, cm["metadata"]["name"])
+        assert _config_mounts(pod, cm["metadata"]["name"]) == {"/etc/oss-serving/config"}
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["OSS_SERVING_CONFIG"] == "/etc/oss-serving/config/config.yaml"
 
 
 def test_serve_config_matches_ray_serve_schema(rendered_scenarios: dict[str, Rendered]) -> None:
@@ -236,17 +241,24 @@ def test_selectors_use_only_selector_labels(rendered_scenarios: dict[str, Render
         assert labels["app.kubernetes.io/instance"] == RELEASE
 
 
-def test_config_change_rolls_the_ray_pods(render: Callable[[dict[str, Any]], Rendered]) -> None:
-    def checksums(values: dict[str, Any]) -> set[str]:
-        rc = render(values).one("RayService")["spec"]["rayClusterConfig"]
-        templates = [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc["workerGroupSpecs"]]
-        return {t["metadata"]["annotations"]["checksum/config"] for t in templates}
-
-    before = checksums({})
-    after = checksums({"config": {**_default_config(), "gateway": {"num_replicas": 3}}})
-    assert len(before) == 1
-    assert len(after) == 1
-    assert before != after
+def test_extension_points_reach_every_ray_pod(render: Callable[[dict[str, Any]], Rendered]) -> None:
+    values: dict[str, Any] = {
+        "ray": {
+            "extraEnv": [{"name": "A", "value": "1"}],
+            "extraVolumes": [{"name": "certs", "secret": {"secretName": "corp-ca"}}],
+            "extraVolumeMounts": [{"name": "certs", "mountPath": "/etc/corp-ca", "readOnly": True}],
+            "podAnnotations": {"example.com/team": "ml"},
+        }
+    }
+    rc = render(values).one("RayService")["spec"]["rayClusterConfig"]
+    templates = [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc["workerGroupSpecs"]]
+    for template in templates:
+        assert template["metadata"]["annotations"] == {"example.com/team": "ml"}
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert {"name": "A", "value": "1"} in container["env"]
+        assert {"name": "certs", "secret": {"secretName": "corp-ca"}} in pod["volumes"]
+        assert {"name": "certs", "mountPath": "/etc/corp-ca", "readOnly": True} in container["volumeMounts"]
 
 
 def test_high_throughput_mode_reaches_every_ray_container(
@@ -273,6 +285,8 @@ def _default_config() -> dict[str, Any]:
 
 def test_gpu_scheduling_settings_reach_the_worker_pods(render: Callable[[dict[str, Any]], Rendered]) -> None:
     values = yaml.safe_load((CHART_DIR / "profiles" / "gpt-oss-120b-h100.yaml").read_text(encoding="utf-8"))
+    values["ray"]["gpuNodeSelector"] = {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    values["ray"]["workerGroups"][0]["nodeSelector"] = {"pool": "gpu"}
     values["ray"]["priorityClassName"] = "gpu-serving"
     values["ray"]["runtimeClassName"] = "nvidia"
     values["ray"]["workerGroups"][0]["affinity"] = {
@@ -291,7 +305,7 @@ def test_gpu_scheduling_settings_reach_the_worker_pods(render: Callable[[dict[st
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert container["resources"]["requests"]["nvidia.com/gpu"] == "8"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb", "pool": "gpu"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["priorityClassName"] == "gpu-serving"
     assert pod["runtimeClassName"] == "nvidia"
@@ -307,7 +321,14 @@ def test_gpu_scheduling_settings_reach_the_worker_pods(render: Callable[[dict[st
     assert "nvidia.com/gpu" not in json.dumps(head["template"]["spec"]["containers"][0]["resources"])
 
 
-def test_weight_cache_is_filled_once_and_handed_to_vllm(rendered_scenarios: dict[str, Rendered]) -> None:
+def _download_targets(command: list[str]) -> dict[str, str]:
+    assert command[:4] == ["python", "-m", "serving.cluster.weights", "download"], command
+    return dict(arg.split("=", 1) for arg in command[4:])
+
+
+def test_weights_are_fetched_into_each_pods_volume_and_handed_to_vllm(
+    rendered_scenarios: dict[str, Rendered],
+) -> None:
     rendered = rendered_scenarios["profile:both-models"]
     cfg = parse_config(yaml.safe_load(rendered.one("ConfigMap", "-config")["data"]["config.yaml"]))
     sources = {m.name: m.source for m in cfg.models}
@@ -315,25 +336,61 @@ def test_weight_cache_is_filled_once_and_handed_to_vllm(rendered_scenarios: dict
         "gpt-oss-120b": "/models/openai--gpt-oss-120b",
         "gpt-oss-20b": "/models/openai--gpt-oss-20b",
     }
+    assert not rendered.of_kind("Job")
+    assert not rendered.of_kind("PersistentVolumeClaim")
+    (group,) = rendered.one("RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    (fetch,) = pod["initContainers"]
+    assert fetch["name"] == "fetch-weights"
+    assert _download_targets(fetch["command"]) == {
+        "openai/gpt-oss-120b": sources["gpt-oss-120b"],
+        "openai/gpt-oss-20b": sources["gpt-oss-20b"],
+    }
+    assert {"name": "weights", "mountPath": "/models", "readOnly": False} in fetch["volumeMounts"]
+    weights = next(v for v in pod["volumes"] if v["name"] == "weights")
+    claim = weights["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["accessModes"] == ["ReadWriteOnce"]
+    assert claim["resources"]["requests"]["storage"] == "100Gi"
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "weights")
+    assert mount == {"name": "weights", "mountPath": "/models", "readOnly": True}
+
+
+def test_shared_cache_is_filled_once_by_a_job(rendered_scenarios: dict[str, Rendered]) -> None:
+    rendered = rendered_scenarios["ci:shared-cache-values"]
     (job,) = rendered.of_kind("Job")
-    script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
-    for hub_id, folder in [
-        ("openai/gpt-oss-120b", sources["gpt-oss-120b"]),
-        ("openai/gpt-oss-20b", sources["gpt-oss-20b"]),
-    ]:
-        assert f"hf download {hub_id!r}".replace("'", '"') in script
-        assert f'--local-dir "{folder}"' in script
+    assert _download_targets(job["spec"]["template"]["spec"]["containers"][0]["command"]) == {
+        "openai/gpt-oss-20b": "/models/openai--gpt-oss-20b"
+    }
     claim = rendered.one("PersistentVolumeClaim")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["storageClassName"] == "efs-sc"
     (group,) = rendered.one("RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     pod = group["template"]["spec"]
     (wait,) = pod["initContainers"]
-    for folder in sources.values():
-        assert f'"{folder}"' in wait["command"][-1]
+    assert wait["command"][3:] == ["wait", "/models/openai--gpt-oss-20b"]
     weights = next(v for v in pod["volumes"] if v["name"] == "weights")
     assert weights["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "weights")
-    assert mount == {"name": "weights", "mountPath": "/models", "readOnly": True}
+
+
+def test_node_disk_cache_requests_ephemeral_storage(rendered_scenarios: dict[str, Rendered]) -> None:
+    rendered = rendered_scenarios["ci:node-disk-values"]
+    (group,) = rendered.one("RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    weights = next(v for v in pod["volumes"] if v["name"] == "weights")
+    assert weights == {"name": "weights", "emptyDir": {"sizeLimit": "100Gi"}}
+    resources = pod["containers"][0]["resources"]
+    # The weights plus the 20Gi /tmp, so the scheduler picks a node with that much disk.
+    assert resources["requests"]["ephemeral-storage"] == "120Gi"
+    assert resources["limits"]["ephemeral-storage"] == "120Gi"
+
+
+def test_a_cache_too_small_for_the_weights_fails_the_render(chart: Any) -> None:
+    values = yaml.safe_load((CHART_DIR / "profiles" / "both-models.yaml").read_text(encoding="utf-8"))
+    values["weights"] = {"cache": {"size": "60Gi"}}
+    with pytest.raises(helm.HelmError) as caught:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert "weights.cache.size 60Gi is too small" in str(caught.value)
+    assert "gpt-oss-120b, gpt-oss-20b need about 82Gi" in str(caught.value)
 
 
 def test_without_cache_sources_stay_hub_ids(rendered_scenarios: dict[str, Rendered]) -> None:
@@ -446,7 +503,9 @@ def test_autoscaling_settings(rendered_scenarios: dict[str, Rendered]) -> None:
     keda = rendered_scenarios["ci:monitoring-values"].one("ScaledObject")
     (trigger,) = keda["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
-    assert "oss_serving_queue_depth" in trigger["metadata"]["query"]
+    assert trigger["metadata"]["query"] == (
+        'sum(max by (model, priority) (oss_serving_queue_depth{namespace="serving"}))'
+    )
     assert keda["spec"]["scaleTargetRef"]["name"] == "batch-workers"
 
 

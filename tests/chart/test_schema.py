@@ -66,6 +66,27 @@ BAD_VALUES = [
         id="zero-gpus",
     ),
     pytest.param({"config": {"models": []}}, "models", id="no-models"),
+    pytest.param({"weights": {"cache": {"type": "nfs"}}}, "type", id="unknown-weights-cache-type"),
+    pytest.param(
+        {
+            "ray": {
+                "workerGroups": [
+                    {
+                        "name": "gpu",
+                        "gpuType": "H100-80GB",
+                        "gpusPerPod": 1,
+                        "replicas": 1,
+                        "minReplicas": 1,
+                        "maxReplicas": 1,
+                        "resources": {"requests": {}, "limits": {}},
+                        "securityContext": {"privileged": True},
+                    }
+                ]
+            }
+        },
+        "privileged",
+        id="worker-security-context-beyond-capabilities",
+    ),
 ]
 
 

@@ -33,6 +33,7 @@ class RecordedReader:
     serve_details: str | None = "serve-applications.json"
     gateway_metrics: str | None = "gateway-metrics.txt"
     pvcs: dict[str, JSON] = field(default_factory=dict)
+    operator_pods: str = "kuberay-operator-pods.json"
     calls: list[str] = field(default_factory=list)
 
     def context_name(self) -> str:
@@ -71,6 +72,15 @@ class RecordedReader:
             p
             for p in load("pods.json")["items"]
             if p["metadata"]["labels"].get("app.kubernetes.io/instance") == instance
+        ]
+
+    def list_pods_all_namespaces(self, label_selector: str) -> list[JSON]:
+        self.calls.append(f"pods (all namespaces) {label_selector}")
+        wanted = dict(term.split("=", 1) for term in label_selector.split(","))
+        return [
+            p
+            for p in load(self.operator_pods)["items"]
+            if all(p["metadata"].get("labels", {}).get(k) == v for k, v in wanted.items())
         ]
 
     def service_proxy_get(self, namespace: str, service: str, port: int, path: str) -> str | None:

@@ -16,10 +16,13 @@ from .recorded import RecordedReader
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "oss-serving"
 PROFILES = CHART / "profiles"
+CLOUDS = CHART / "clouds"
 
 
 def _values(*files: str, **overrides: Any) -> dict[str, Any]:
-    values = load_values(CHART, [PROFILES / f for f in files])
+    values = load_values(
+        CHART, [(CLOUDS if f.startswith("clouds/") else PROFILES) / f.removeprefix("clouds/") for f in files]
+    )
     return merge_values(values, overrides)
 
 
@@ -28,17 +31,61 @@ def _by_check(findings: list[Finding]) -> dict[str, Finding]:
 
 
 def test_h100_profile_is_ready_on_a_cluster_with_two_h100_nodes() -> None:
-    values = _values("gpt-oss-120b-h100.yaml", weights={"cache": {"storageClassName": "efs-sc"}})
+    # As the README installs it on EKS: the profile plus the EKS file (instance type p5.48xlarge).
+    values = _values("gpt-oss-120b-h100.yaml", "clouds/eks.yaml")
     findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
     assert findings["kuberay"].level == "ok"
+    assert findings["kuberay-operator"].level == "ok"
+    assert "namespace default" in findings["kuberay-operator"].message
     # Three H100 nodes, one cordoned: two fit; maxReplicas 2.
     assert findings["gpu-nodes:h100"].level == "ok"
     assert "2 node(s) fit" in findings["gpu-nodes:h100"].message
     assert findings["gpu-budget:gpt-oss-120b"].level == "ok"
     assert "2102385 tokens" in findings["gpu-budget:gpt-oss-120b"].message
     assert findings["weights-cache"].level == "ok"
-    assert "efs.csi.aws.com" in findings["weights-cache"].message
+    assert "gp3 (ebs.csi.aws.com): a ReadWriteOnce volume of 80Gi per worker pod" in (
+        findings["weights-cache"].message
+    )
     assert not [f for f in findings.values() if f.level == "error"]
+
+
+def test_without_a_gpu_selector_a_mixed_cluster_is_an_error_naming_the_fix() -> None:
+    findings = _by_check(run_preflight(RecordedReader(), _values("gpt-oss-120b-h100.yaml"), "serving"))
+    # The A100 node also has 8 free GPUs: an H100 pod could land there.
+    assert findings["gpu-type:h100"].level == "error"
+    assert "ray.gpuNodeSelector" in findings["gpu-type:h100"].message
+
+
+def test_requests_larger_than_the_nodes_are_an_error() -> None:
+    values = _values("gpt-oss-120b-h100.yaml", "clouds/eks.yaml")
+    values["ray"]["workerGroups"][0]["resources"]["requests"]["cpu"] = "192"
+    node_check = _by_check(run_preflight(RecordedReader(), values, "serving"))["gpu-nodes:h100"]
+    assert node_check.level == "error"
+    assert "cpu 192 > allocatable 191450m" in node_check.message
+    assert "lower the group's resources.requests" in node_check.message
+
+
+def test_weights_on_the_node_disk_must_fit_its_ephemeral_storage() -> None:
+    values = _values("gpt-oss-120b-h100.yaml", "clouds/eks.yaml", weights={"cache": {"type": "node"}})
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    assert findings["gpu-nodes:h100"].level == "ok"  # 100Gi of 3.5 TiB
+    assert findings["weights-cache"].level == "ok"
+    values["weights"]["cache"]["size"] = "4Ti"
+    node_check = _by_check(run_preflight(RecordedReader(), values, "serving"))["gpu-nodes:h100"]
+    assert node_check.level == "error"
+    assert "ephemeral-storage 4116Gi > allocatable 3730056408Ki" in node_check.message
+
+
+def test_operator_outside_the_policys_namespace_is_an_error_with_the_fix() -> None:
+    values = _values(networkPolicy={"kuberayOperator": {"namespace": "kuberay-system"}})
+    finding = _by_check(run_preflight(RecordedReader(), values, "serving"))["kuberay-operator"]
+    assert finding.level == "error"
+    assert "runs in namespace default" in finding.message
+    assert "set networkPolicy.kuberayOperator.namespace to default" in finding.message
+    relabelled = _values(networkPolicy={"kuberayOperator": {"podLabels": {"app": "kuberay"}}})
+    finding = _by_check(run_preflight(RecordedReader(), relabelled, "serving"))["kuberay-operator"]
+    assert finding.level == "error"
+    assert "set networkPolicy.kuberayOperator.podLabels" in finding.message
 
 
 def test_missing_kuberay_is_an_error_naming_the_operator() -> None:
@@ -49,7 +96,9 @@ def test_missing_kuberay_is_an_error_naming_the_operator() -> None:
 
 
 def test_no_node_fits_names_what_the_cluster_has() -> None:
-    values = _values("gpt-oss-120b-h200.yaml")
+    values = _values(
+        "gpt-oss-120b-h200.yaml", ray={"gpuNodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"}}
+    )
     findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
     node_check = findings["gpu-nodes:h200"]
     assert node_check.level == "error"
@@ -81,6 +130,7 @@ def test_120b_tp1_on_40gb_gpus_fails_with_the_budget_message() -> None:
     group = values["ray"]["workerGroups"][0]
     group["gpuType"] = "A100-40GB"
     group["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}
+    group["resources"]["requests"]["memory"] = "1000Gi"  # p4d.24xlarge: 1152 GiB
     findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
     budget = findings["gpu-budget:gpt-oss-120b"]
     assert budget.level == "error"
@@ -111,9 +161,9 @@ def test_referenced_secrets_must_exist_with_their_keys() -> None:
 
 def test_weight_cache_storage_class_checks() -> None:
     reader = RecordedReader()
+    # Default: a ReadWriteOnce volume per pod from the default class (gp3): binds.
     default = _by_check(run_preflight(reader, _values(), "serving"))["weights-cache"]
-    assert default.level == "warning"
-    assert "gp3 (ebs.csi.aws.com) may not offer ReadWriteMany" in default.message
+    assert default.level == "ok"
     missing = _by_check(
         run_preflight(reader, _values(weights={"cache": {"storageClassName": "nfs"}}), "serving")
     )
@@ -123,11 +173,27 @@ def test_weight_cache_storage_class_checks() -> None:
     bound = _by_check(
         run_preflight(
             RecordedReader(pvcs={"models": claim}),
-            _values(weights={"cache": {"existingClaim": "models"}}),
+            _values(weights={"cache": {"type": "shared", "existingClaim": "models"}}),
             "serving",
         )
     )
     assert bound["weights-cache"].level == "ok"
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        pytest.param({"type": "shared"}, id="shared-on-the-default-class"),
+        pytest.param({"type": "shared", "storageClassName": "gp3"}, id="shared-on-block-storage"),
+    ],
+)
+def test_a_shared_cache_on_block_storage_is_an_error_with_the_fix(cache: dict[str, str]) -> None:
+    finding = _by_check(run_preflight(RecordedReader(), _values(weights={"cache": cache}), "serving"))[
+        "weights-cache"
+    ]
+    assert finding.level == "error"
+    assert "set weights.cache.storageClassName to a ReadWriteMany class (efs-sc)" in finding.message
+    assert "or use weights.cache.type volume" in finding.message
 
 
 def test_monitoring_crds_are_required_when_monitoring_is_on() -> None:
@@ -140,8 +206,7 @@ def test_monitoring_crds_are_required_when_monitoring_is_on() -> None:
 
 @pytest.mark.parametrize(("crds", "code"), [("crds.json", 0), ("crds-bare.json", 1)])
 def test_cli_exit_codes(tmp_path: Path, crds: str, code: int) -> None:
-    override = tmp_path / "cache.yaml"
-    override.write_text("weights:\n  cache:\n    storageClassName: efs-sc\n", encoding="utf-8")
+    override = CLOUDS / "eks.yaml"
     result = CliRunner().invoke(
         preflight,
         [

@@ -41,7 +41,7 @@ app.kubernetes.io/part-of: oss-serving
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 {{- end }}
 
@@ -123,6 +123,10 @@ with the chart's own settings (bind address, port, Redis URL, weight-cache paths
 {{- $redis := deepCopy (default dict $cfg.redis) }}
 {{- $_ := set $redis "url" (include "oss-serving.redisUrl" .) }}
 {{- $_ := set $cfg "redis" $redis }}
+{{- $metrics := deepCopy (default dict $cfg.metrics) }}
+{{- /* Each gateway replica exports its own series through Ray's metrics agent. */}}
+{{- $_ := set $metrics "ray_export" true }}
+{{- $_ := set $cfg "metrics" $metrics }}
 {{- $models := list }}
 {{- range $cfg.models }}
 {{- $m := deepCopy . }}
@@ -135,7 +139,11 @@ with the chart's own settings (bind address, port, Redis URL, weight-cache paths
 {{- toYaml $cfg }}
 {{- end }}
 
-{{/* The Ray Serve config (serveConfigV2): one application, built from our configuration. */}}
+{{/*
+The Ray Serve config (serveConfigV2): one application, built from our configuration,
+which is inline (args.config): KubeRay hands a changed serveConfigV2 to the running
+cluster, and Serve updates the application in place.
+*/}}
 {{- define "oss-serving.serveConfig" -}}
 proxy_location: EveryNode
 http_options:
@@ -152,7 +160,17 @@ applications:
     route_prefix: /
     import_path: serving.serve_app:build_app
     args:
-      config_path: /etc/oss-serving/config.yaml
+      config:
+        {{- include "oss-serving.servingConfig" . | nindent 8 }}
+{{- end }}
+
+{{/* host:port of the Redis the GCS keeps its state in (the release's Redis). */}}
+{{- define "oss-serving.gcsRedisAddress" -}}
+{{- if eq .Values.redis.mode "external" }}
+{{- regexReplaceAll "/[0-9]+$" .Values.redis.external.url "" }}
+{{- else }}
+{{- printf "%s:6379" (include "oss-serving.redisName" .) }}
+{{- end }}
 {{- end }}
 
 {{/* Container security context shared by every container of the chart. */}}
@@ -178,10 +196,16 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
-{{/* Environment of every Ray container: configuration path and secrets (by reference). */}}
+{{/*
+Environment of a Ray container: configuration path and secrets (by reference).
+Input: dict root, extraEnv (the worker group's, appended after ray.extraEnv).
+*/}}
 {{- define "oss-serving.rayEnv" -}}
+{{- $extra := .extraEnv }}
+{{- $root := .root }}
+{{- with .root }}
 - name: OSS_SERVING_CONFIG
-  value: /etc/oss-serving/config.yaml
+  value: /etc/oss-serving/config/config.yaml
 - name: OSS_SERVING_TENANTS_FILE
   value: /etc/oss-serving/secrets/{{ .Values.secrets.apiKeys.key }}
 {{- $redisSecret := include "oss-serving.redisSecretName" . }}
@@ -197,14 +221,14 @@ seccompProfile:
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.huggingface.key }}
+      key: {{ $root.Values.secrets.huggingface.key }}
 {{- end }}
 {{- with include "oss-serving.upstreamSecretName" . }}
 - name: OSS_SERVING_UPSTREAM_API_KEY
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.upstream.key }}
+      key: {{ $root.Values.secrets.upstream.key }}
 {{- end }}
 {{- if .Values.weights.cache.enabled }}
 - name: HF_HUB_OFFLINE
@@ -218,7 +242,8 @@ seccompProfile:
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
 {{- end }}
-{{- with .Values.ray.extraEnv }}
+{{- with concat (default list .Values.ray.extraEnv) $extra }}
 {{ toYaml . }}
+{{- end }}
 {{- end }}
 {{- end }}

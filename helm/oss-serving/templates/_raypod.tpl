@@ -34,10 +34,14 @@ affinity:
 {{- end }}
 {{- end }}
 
+{{/*
+Mounts of a Ray container. The configuration is a directory mount of the -config
+ConfigMap (no subPath: the kubelet keeps it current), for `oss-serve` inside the pod;
+the Serve application itself gets its configuration inline (serveConfigV2).
+*/}}
 {{- define "oss-serving.rayVolumeMounts" -}}
 - name: config
-  mountPath: /etc/oss-serving/config.yaml
-  subPath: config.yaml
+  mountPath: /etc/oss-serving/config
   readOnly: true
 - name: api-keys
   mountPath: /etc/oss-serving/secrets
@@ -50,6 +54,9 @@ affinity:
 - name: weights
   mountPath: {{ .root.Values.weights.cache.mountPath }}
   readOnly: true
+{{- end }}
+{{- with concat (default list .root.Values.ray.extraVolumeMounts) .extra }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 
@@ -67,11 +74,8 @@ affinity:
     sizeLimit: {{ .shmSize }}
 - name: tmp
   emptyDir:
-    sizeLimit: 20Gi
-{{- if .weights }}
-- name: weights
-  persistentVolumeClaim:
-    claimName: {{ include "oss-serving.weightsClaimName" .root }}
-    readOnly: true
+    sizeLimit: {{ include "oss-serving.tmpSize" .root }}
+{{- with concat (default list .root.Values.ray.extraVolumes) .extra }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}

@@ -1,0 +1,161 @@
+"""The chart README's "Install on a cluster" section, read top to bottom, is what a
+platform engineer runs: every command in it is exercised here as far as this machine
+allows (helm commands rendered with their exact flags, preflight against the recorded
+cluster, the image and weights commands against the files they name)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from serving.cluster import weights
+from serving.cluster.cli import preflight
+from serving.cluster.preflight import load_values, merge_values, parse_set_values
+from tests.cluster.recorded import RecordedReader
+
+from .conftest import CHART_DIR, Rendered, _render
+
+REPO = CHART_DIR.parents[1]
+README = CHART_DIR / "README.md"
+
+
+def _section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def install_commands() -> list[list[str]]:
+    """Every shell command of the install section (continuation lines joined)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", _section("Install on a cluster"), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def _options(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(positional args, -f files, --set items) of a helm or oss-serve command line."""
+    positional, files, sets = [], [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-f", "--values"):
+            files.append(argv[i + 1])
+            i += 2
+        elif arg == "--set":
+            sets.append(argv[i + 1])
+            i += 2
+        elif arg in ("-n", "--namespace", "--release", "--version", "-t"):
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            positional.append(arg)
+            i += 1
+    return positional, files, sets
+
+
+def _values(files: list[str], sets: list[str]) -> dict[str, Any]:
+    for f in files:
+        assert (REPO / f).is_file(), f"the README names {f}, which does not exist"
+    values = load_values(CHART_DIR, [REPO / f for f in files])
+    return merge_values(values, parse_set_values(sets))
+
+
+def test_the_section_has_the_commands_a_platform_engineer_runs() -> None:
+    heads = [" ".join(c[:2]) for c in install_commands()]
+    assert heads.count("helm install") == 2  # connected and air-gapped
+    assert heads.count("oss-serve preflight") == 2
+    assert "docker build" in heads
+    assert "docker push" in heads
+    assert "python -m" in heads
+
+
+@pytest.mark.parametrize(
+    "index", [i for i, c in enumerate(install_commands()) if c[:2] == ["helm", "install"]]
+)
+def test_helm_install_commands_render(chart: Any, index: int) -> None:
+    argv = install_commands()[index]
+    positional, files, sets = _options(argv[2:])
+    assert positional == ["oss", "helm/oss-serving"]
+    assert argv[argv.index("-n") + 1] == "serving"
+    values = _values(files, sets)
+    rendered: Rendered = _render(chart, values)
+    assert rendered.one("RayService")
+    images = {
+        c["image"]
+        for o in rendered.objects
+        for c in yaml.safe_load(yaml.safe_dump(o))
+        .get("spec", {})
+        .get("template", {})
+        .get("spec", {})
+        .get("containers", [])
+    }
+    if any(s.startswith("image.repository=") for s in sets):
+        # Air-gapped: every image from the own registry, nothing downloaded, weights checked.
+        rc = rendered.one("RayService")["spec"]["rayClusterConfig"]
+        pods = [rc["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in rc["workerGroupSpecs"]
+        ]
+        images |= {c["image"] for p in pods for c in p.get("initContainers", []) + p["containers"]}
+        images |= {c["image"] for p in rendered.of_kind("Pod") for c in p["spec"]["containers"]}
+        assert all(i.startswith("registry.corp.example/") for i in images), images
+        assert not rendered.of_kind("Job")
+        (worker,) = [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
+        assert [c["name"] for c in worker["initContainers"]] == ["check-weights"]
+
+
+@pytest.mark.parametrize(
+    "index", [i for i, c in enumerate(install_commands()) if c[:2] == ["oss-serve", "preflight"]]
+)
+def test_preflight_commands_pass_on_the_recorded_cluster(index: int) -> None:
+    argv = install_commands()[index]
+    staged = {"spec": {"accessModes": ["ReadWriteMany"]}, "status": {"phase": "Bound"}}
+    result = CliRunner().invoke(
+        preflight,
+        [*argv[2:], "--chart", str(CHART_DIR)],
+        obj={"cluster_reader_factory": lambda context: RecordedReader(pvcs={"gpt-oss-weights": staged})},
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    assert "ready to install" in result.output
+
+
+def test_image_commands_build_the_dockerfile_and_mirror_the_charts_images() -> None:
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
+    chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text(encoding="utf-8"))
+    commands = install_commands()
+    (build,) = [c for c in commands if c[:2] == ["docker", "build"]]
+    assert build[build.index("-f") + 1] == "deploy/Dockerfile"
+    assert (REPO / "deploy" / "Dockerfile").is_file()
+    assert build[build.index("-t") + 1] == f"registry.corp.example/ml/oss-serving:{chart['appVersion']}"
+    pulled = {c[2] for c in commands if c[:2] == ["docker", "pull"]}
+    redis = values["redis"]["bundled"]["image"]
+    curl = values["test"]["image"]
+    assert pulled == {f"{redis['repository']}:{redis['tag']}", f"{curl['repository']}:{curl['tag']}"}
+
+
+def test_the_weights_staging_command_is_the_charts_download() -> None:
+    (stage,) = [c for c in install_commands() if c[:3] == ["python", "-m", "serving.cluster.weights"]]
+    assert stage[3] == "download"
+    (target,) = weights.parse_targets(stage[4:])
+    assert target.repo == "openai/gpt-oss-120b"
+    assert Path(target.folder).name == "openai--gpt-oss-120b"  # the folder name the chart mounts
+
+
+def test_readme_lists_what_only_a_live_cluster_can_check() -> None:
+    section = _section("Not yet verified on a cluster")
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) >= 10
+    for row in rows:
+        how = row.split("|")[2]
+        assert "`" in how, f"no command in: {row}"
