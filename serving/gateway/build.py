@@ -37,7 +37,7 @@ from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.redis_guard import RedisGuard
 from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
-from serving.metrics import GatewayMetrics
+from serving.metrics import GatewayMetrics, export_through_ray
 
 __all__ = [
     "LEAK_MARGIN_S",
@@ -91,7 +91,10 @@ def build_gateway(
     """
     env = os.environ if environ is None else environ
     models = [m.name for m in cfg.models]
-    metrics = metrics or GatewayMetrics(models, cfg.metrics.ttft_buckets_s)
+    if metrics is None:
+        metrics = GatewayMetrics(models, cfg.metrics.ttft_buckets_s)
+        if cfg.metrics.ray_export:  # in the cluster: each replica its own series (see metrics.py)
+            export_through_ray(metrics)
     prefix = cfg.queue.key_prefix
     # One Redis health policy per replica: every Redis user gets the guarded client.
     guard = RedisGuard(redis, cfg.redis, metrics) if redis is not None else None
