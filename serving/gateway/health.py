@@ -37,6 +37,8 @@ class BreakerView(Protocol):
 
     def report(self) -> dict[str, Any]: ...
 
+    async def aclose(self) -> None: ...
+
 
 class QueueView(Protocol):
     """What health needs of admission."""
@@ -109,8 +111,11 @@ class EngineHealth:
             self._task = asyncio.create_task(self._forever(), name="oss-serving-health")
 
     async def stop(self) -> None:
+        """Stop probing (the breaker's own Redis probe too)."""
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        if self._breaker is not None:
+            await self._breaker.aclose()
 
     async def _forever(self) -> None:
         while True:

@@ -114,8 +114,8 @@ class PrefixRouting:
             key=affinity_key(ctx, cfg),
             lookup=None,
         )
-        if self._index is None or (not plan.hashes and plan.key is None):
-            return plan
+        if self._index is None or not self._index.available or (not plan.hashes and plan.key is None):
+            return plan  # no index, Redis away (breaker open: routed by load), or nothing to look up
         try:
             plan.lookup = await self._index.lookup(ctx.model, plan.hashes, plan.key)
         except Exception as exc:  # Redis down: route by load, keep serving

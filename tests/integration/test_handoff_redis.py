@@ -51,14 +51,15 @@ async def test_two_replicas_share_one_budget(client: aioredis.Redis) -> None:
     assert used == {"minute_requests": 3, "minute_tokens": 240, "month_tokens": 240}
 
 
-async def test_budget_falls_back_to_local_counting_when_redis_is_down(
-    server: RedisServer, client: aioredis.Redis
-) -> None:
-    cfg = _config(requests_per_minute=1)
-    budget = UpstreamBudget(cfg.upstreams[0], RedisCounters(client))
+async def test_budget_fails_closed_when_redis_is_down(server: RedisServer, client: aioredis.Redis) -> None:
+    """No per-process counting: an outage can never overspend the budget or restart the
+    monthly cap (each replica would otherwise start from zero)."""
+    cfg = _config(requests_per_minute=5)
+    counters = RedisCounters(client)
+    budget = UpstreamBudget(cfg.upstreams[0], counters)
     server.stop()
-    assert await budget.reserve(10) is not None  # counted locally, still limited
-    assert await budget.reserve(10) is None
+    assert await budget.reserve(10) is None  # declined: nothing counted in process
+    assert not counters.reachable
 
 
 async def test_build_gateway_shares_the_budget_in_redis(client: aioredis.Redis) -> None:
