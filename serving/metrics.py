@@ -268,7 +268,8 @@ class HandoffMetrics:
         self.declined = Counter(
             PREFIX + "handoff_declined",
             "Handoffs the policy wanted that did not happen, by cause (tenant-policy, budget, "
-            "upstream-busy, no-upstream-model, upstream-error); the request was served locally.",
+            "upstream-busy, no-upstream-model, upstream-error, budget-unavailable: Redis unreachable, "
+            "the budget fails closed); the request was served locally.",
             ["reason", "upstream", "tenant", "cause"],
             registry=registry,
         )

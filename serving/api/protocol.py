@@ -155,10 +155,10 @@ def parse_json_body(raw: bytes, config: GatewayConfig | None = None) -> dict[str
 
     Limits: ``config.max_json_depth`` (nesting of arrays and objects, the body being level
     1) and ``config.max_array_items`` (items of any one array). ``None``: the defaults of
-    :class:`GatewayConfig`. Errors: ``invalid_json`` (not UTF-8, not JSON, ``NaN`` or
-    ``Infinity``, a non-finite or over-long number, an unpaired surrogate escape, not an
-    object), ``nesting_too_deep``,
-    ``array_too_long``; all are :class:`InvalidRequestError` with ``param`` null.
+    :class:`GatewayConfig`. Errors, all :class:`InvalidRequestError` with ``param`` null:
+    ``invalid_json`` (not UTF-8, not JSON, ``NaN`` or ``Infinity``, a non-finite or
+    over-long number, an unpaired surrogate escape, not an object), ``nesting_too_deep``
+    and ``array_too_long``.
     """
     limits = config or _DEFAULTS
     try:
@@ -237,6 +237,26 @@ def _check_responses_answer(request: Any) -> None:
         log.debug("ResponsesResponse check skipped", exc_info=True)
 
 
+MAX_LENGTH_PENALTY = 50.0
+"""Largest ``|length_penalty|`` of a beam search request. vLLM accepts any value but
+scores beams by ``logprob / len ** length_penalty``, which overflows or divides by zero
+past about ``1024 / log2(len)``: 50 keeps prompts of up to a million tokens safe, far
+beyond the values anyone uses (around 1)."""
+
+
+def _check_beam_search(request: Any) -> None:
+    penalty = getattr(request, "length_penalty", None)
+    if not getattr(request, "use_beam_search", False) or not isinstance(penalty, int | float):
+        return
+    if not -MAX_LENGTH_PENALTY <= penalty <= MAX_LENGTH_PENALTY:
+        raise InvalidRequestError(
+            f"Invalid value for 'length_penalty': {penalty:g} is out of range; with beam "
+            f"search it must be between {-MAX_LENGTH_PENALTY:g} and {MAX_LENGTH_PENALTY:g}.",
+            param="length_penalty",
+            code="invalid_value",
+        )
+
+
 def validate_request(endpoint: Endpoint, body: dict[str, Any], max_message_chars: int) -> str:
     """Check ``body`` against vLLM's model for ``endpoint``; return the model name.
 
@@ -251,6 +271,8 @@ def validate_request(endpoint: Endpoint, body: dict[str, Any], max_message_chars
         request = request_model.model_validate(dict(body))
         if endpoint is Endpoint.responses:
             _check_responses_answer(request)
+        else:
+            _check_beam_search(request)
     except Exception as exc:
         raise invalid_request(exc, max_message_chars) from None
     return model

@@ -192,6 +192,8 @@ def describe(exc: BaseException, max_chars: int = 2000) -> RequestError:
         message = _scrub(str(exc))
     elif isinstance(exc, RecursionError):
         message = "The request is nested too deeply to be processed."
+    elif isinstance(exc, ArithmeticError):
+        message = "A parameter of the request has a value too extreme to compute with."
     else:
         message = _GENERIC
     return RequestError(message[:max_chars], param, code, status)
@@ -205,14 +207,17 @@ def is_client_error(exc: BaseException, *, before_output: bool = False) -> bool:
     code raises for bad values, and template errors of a request's chat template; also
     ``RecursionError`` (a value nested too deeply for a validator).
 
-    ``before_output``: raised while vLLM turned a validated request into a prompt, before
-    any output. There ``AttributeError``, ``KeyError`` and ``IndexError`` count too: vLLM's
-    prompt rendering meets message shapes its request model accepts but it does not handle
-    (gpt-oss's Harmony rendering calls ``.get`` on a message that validated as a Harmony
-    ``Message``, iterates ``"tool_calls": null``, ...).
+    ``before_output``: raised while vLLM turned a validated request into a prompt and
+    started on it, before any output. There ``AttributeError``, ``KeyError`` and
+    ``IndexError`` count too: vLLM's prompt rendering meets message shapes its request
+    model accepts but it does not handle (gpt-oss's Harmony rendering calls ``.get`` on a
+    message that validated as a Harmony ``Message``, iterates ``"tool_calls": null``, ...);
+    so does ``ArithmeticError``: extreme parameter values that vLLM accepts break its
+    arithmetic (beam search divides by ``len ** length_penalty``, zero for a
+    ``length_penalty`` of ``-1e78``).
     """
     vllm = _vllm_errors()
-    if before_output and isinstance(exc, AttributeError | KeyError | IndexError):
+    if before_output and isinstance(exc, AttributeError | KeyError | IndexError | ArithmeticError):
         return True
     return (
         (vllm is not None and isinstance(exc, vllm[0]))

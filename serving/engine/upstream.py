@@ -9,10 +9,28 @@ any token), or :class:`EngineSSE` events ending in-band on errors after the firs
 
 Raised before the first byte, when there is no HTTP answer to map::
 
-    UpstreamError (upstream, code, status)
+    UpstreamError (upstream, code, status, billable)
     ├── UpstreamBusyError         502  its concurrency limit is reached; nothing was sent
     ├── UpstreamUnavailableError  502  no connection, or it broke before an answer
-    └── UpstreamTimeoutError      504  no answer within ``first_byte_timeout_s``
+    └── UpstreamTimeoutError      504  a timeout (below) ran out before the answer
+
+``billable`` says whether the request may have reached the upstream (it was sent): the
+handoff then keeps the budget's reservation charged, as the upstream bills it whether or
+not the gateway waited for the answer.
+
+Timeouts, each meaning what it says (``UpstreamConfig``):
+
+- ``connect_timeout_s``: to open a connection (or get one from the pool); nothing was sent;
+- ``first_byte_timeout_s``: from sending a *streamed* request to its headers and first
+  event. A non-streamed request is bounded by the total instead: OpenAI-compatible
+  servers send its headers once the whole answer is generated;
+- ``read_timeout_s``: the longest gap between two chunks once the answer has begun (two
+  events of a stream, two reads of a body);
+- ``total_timeout_s``: from sending to the last byte.
+
+Past one of them before the answer began (or in a non-streamed body), the request fails
+with :class:`UpstreamTimeoutError`; in a stream, the stream ends with an in-band error
+event (code ``upstream_timeout``).
 
 An upstream HTTP error (any status >= 400) comes back as one :class:`EngineJSON` whose
 body is our error body with ``error.upstream`` (its name) and ``error.upstream_status``
@@ -26,8 +44,8 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import Any, Literal, TypeVar
 
 import httpx
 
@@ -53,6 +71,8 @@ _PATHS = {
 #: Client errors the client should see as they are; anything else is the gateway's problem.
 _PASS_THROUGH = frozenset({400, 404, 409, 413, 415, 422, 429})
 _MAX_ERROR_BODY = 16 * 1024
+_T = TypeVar("_T")
+_Phase = Literal["first_byte", "read", "total"]
 _MAX_MESSAGE = 1000
 
 
@@ -62,10 +82,12 @@ class UpstreamError(Exception):
     status = 502
     code = "upstream_error"
 
-    def __init__(self, upstream: str, message: str) -> None:
+    def __init__(self, upstream: str, message: str, *, billable: bool = False) -> None:
         super().__init__(message)
         self.upstream = upstream
         self.message = message
+        self.billable = billable
+        """The request was sent: the upstream may have run (and billed) it."""
 
     def as_engine_json(self) -> EngineJSON:
         """This error as our OpenAI error body (``upstream_status`` is null: no answer)."""
@@ -164,9 +186,10 @@ class UpstreamClient(EngineClient):
         self._http = httpx.AsyncClient(
             base_url=config.base_url.rstrip("/"),
             headers=headers,
+            # Reads are bounded per phase in ``_generate`` (first byte, gaps, total).
             timeout=httpx.Timeout(
                 connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
+                read=None,
                 write=config.read_timeout_s,
                 pool=config.connect_timeout_s,
             ),
@@ -208,60 +231,63 @@ class UpstreamClient(EngineClient):
         extra = {"X-Request-Id": headers["x-request-id"]} if "x-request-id" in headers else {}
         request = self._http.build_request("POST", _PATHS[endpoint], json=body, headers=extra)
         streaming = bool(body.get("stream"))
+        clock = _Clock(self.config)
         response: httpx.Response | None = None
-        lines: AsyncIterator[str] | None = None
         try:
             try:
-                async with asyncio.timeout(self.config.first_byte_timeout_s):
-                    response = await self._http.send(request, stream=True)
-                    if response.status_code >= 400 or not streaming:
-                        raw = await _read_capped(
-                            response, None if response.status_code < 400 else _MAX_ERROR_BODY
-                        )
-                    else:
-                        lines = response.aiter_lines()
-                        first = await _next_event(lines)
-            except TimeoutError:
-                limit_s = self.config.first_byte_timeout_s
+                # Until the answer begins: a stream's headers and first event within the
+                # first-byte timeout; a non-streamed answer's headers within the total.
+                first_byte: _Phase = "first_byte" if streaming else "total"
+                response = await clock.within(self._http.send(request, stream=True), first_byte)
+                if response.status_code >= 400:
+                    raw = await self._read_body(response, clock, _MAX_ERROR_BODY)
+                    yield _mapped_error(self.name, response.status_code, raw)
+                    return
+                if not streaming:
+                    raw = await self._read_body(response, clock, None)
+                else:
+                    lines = response.aiter_lines()
+                    first = await clock.within(_next_event(lines), first_byte)
+            except _Expired as exc:
+                raise UpstreamTimeoutError(self.name, exc.describe(self.name), billable=True) from None
+            except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 raise UpstreamTimeoutError(
-                    self.name, f"the upstream {self.name!r} did not answer within {limit_s:g} s"
+                    self.name, f"the upstream {self.name!r} timed out connecting: {type(exc).__name__}"
                 ) from None
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeoutError(
-                    self.name, f"the upstream {self.name!r} timed out: {exc!r}"
+                    self.name, f"the upstream {self.name!r} timed out: {type(exc).__name__}", billable=True
                 ) from None
             except httpx.HTTPError as exc:
                 raise UpstreamUnavailableError(
-                    self.name, f"the upstream {self.name!r} is unreachable: {type(exc).__name__}"
+                    self.name,
+                    f"the upstream {self.name!r} is unreachable: {type(exc).__name__}",
+                    billable=not isinstance(exc, httpx.ConnectError),
                 ) from None
-            if response.status_code >= 400:
-                yield _mapped_error(self.name, response.status_code, raw)
-                return
-            if lines is None:
+            if not streaming:
                 try:
                     answer = json.loads(raw)
                 except ValueError:
                     answer = None
                 if not isinstance(answer, dict):
                     raise UpstreamUnavailableError(
-                        self.name, f"the upstream {self.name!r} sent no JSON object"
+                        self.name, f"the upstream {self.name!r} sent no JSON object", billable=True
                     )
                 yield EngineJSON(response.status_code, answer)
                 return
             if first is None:
                 raise UpstreamUnavailableError(
-                    self.name, f"the upstream {self.name!r} closed the stream at once"
+                    self.name, f"the upstream {self.name!r} closed the stream at once", billable=True
                 )
             yield EngineSSE(first)
             while True:
                 try:
-                    event = await _next_event(lines)
+                    event = await clock.within(_next_event(lines), "read")
+                except _Expired as exc:
+                    yield _in_band(self.name, exc.describe(self.name), "upstream_timeout")
+                    return
                 except httpx.TimeoutException:
-                    yield _in_band(
-                        self.name,
-                        f"the upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
-                        "upstream_timeout",
-                    )
+                    yield _in_band(self.name, f"the upstream {self.name!r} timed out", "upstream_timeout")
                     return
                 except httpx.HTTPError as exc:
                     yield _in_band(
@@ -277,6 +303,21 @@ class UpstreamClient(EngineClient):
             if response is not None:
                 await response.aclose()
 
+    async def _read_body(self, response: httpx.Response, clock: _Clock, limit: int | None) -> bytes:
+        """The body (its first ``limit`` bytes), each read within the gap timeout and all of
+        it within the total."""
+        chunks: list[bytes] = []
+        size = 0
+        reads = response.aiter_bytes()
+        while limit is None or size < limit:
+            chunk = await clock.within(anext(reads, None), "read")
+            if chunk is None:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+        return data if limit is None else data[:limit]
+
     async def check_health(self, timeout_s: float) -> None:
         """The upstream answers ``GET /models`` with 2xx."""
         started = time.monotonic()
@@ -291,16 +332,50 @@ class UpstreamClient(EngineClient):
         return EngineStats(unfinished_requests=self.in_flight)
 
 
-async def _read_capped(response: httpx.Response, limit: int | None) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if limit is not None and size >= limit:
-            break
-    data = b"".join(chunks)
-    return data if limit is None else data[:limit]
+class _Expired(Exception):
+    """A timeout of one request ran out: ``which`` (first byte, gap, total) after ``limit_s``."""
+
+    def __init__(self, which: str, limit_s: float) -> None:
+        super().__init__(which)
+        self.which = which
+        self.limit_s = limit_s
+
+    def describe(self, upstream: str) -> str:
+        what = {
+            "first_byte": "did not begin its answer within",
+            "read": "sent nothing for",
+            "total": "did not finish its answer within",
+        }[self.which]
+        return f"the upstream {upstream!r} {what} {self.limit_s:g} s"
+
+
+class _Clock:
+    """The deadlines of one upstream request: each wait is bounded by its phase's timeout
+    and by what is left of the total."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._loop = asyncio.get_running_loop()
+        started = self._loop.time()
+        self._config = config
+        self._deadline = started + config.total_timeout_s
+        self._first_byte_at = started + config.first_byte_timeout_s
+
+    async def within(self, work: Awaitable[_T], phase: _Phase) -> _T:
+        """``work``, bounded by ``phase`` (``first_byte``: counted from the start of the
+        request; ``read``: a gap, from now; ``total``: nothing more) and by the total;
+        raises :class:`_Expired` naming the bound that ran out."""
+        c = self._config
+        bounds = [("total", self._deadline, c.total_timeout_s)]
+        if phase == "first_byte":
+            bounds.append(("first_byte", self._first_byte_at, c.first_byte_timeout_s))
+        elif phase == "read":
+            bounds.append(("read", self._loop.time() + c.read_timeout_s, c.read_timeout_s))
+        which, at, limit_s = min(bounds, key=lambda b: b[1])
+        try:
+            async with asyncio.timeout_at(at):
+                return await work
+        except TimeoutError:
+            raise _Expired(which, limit_s) from None
 
 
 async def _next_event(lines: AsyncIterator[str]) -> str | None:

@@ -5,6 +5,13 @@ Over capacity it waits, ordered by priority class, then weighted fair share betw
 tenants (start-time fair queuing), then arrival (``queue_scripts`` has the data model).
 Every state change is one Lua script, so two gateways never admit past capacity.
 
+A lease weighs as many capacity slots as its request runs sequences (``n x prompts``,
+priced by ``limits.py``): it is granted only when that many slots are free, and nothing
+overtakes it meanwhile. A request heavier than the model's whole capacity is capped at the
+capacity (it runs alone) rather than rejected: the capacity is summed over the engine
+replicas the gateway has heard from and changes with them, so a 400 would depend on the
+fleet's size of the moment (the tenant's ``max_n`` / ``max_prompts`` are the fixed caps).
+
 Ownership: a granted request's lease has a TTL (``lease_ttl_s``) and a waiting request's
 ticket a heartbeat (``ticket_heartbeat_s``); one background task per gateway renews all of
 its leases and heartbeats in one round trip, so a crashed gateway's leases expire and its
@@ -409,12 +416,21 @@ class RedisQueue:
 
 
 class LocalQueue:
-    """The same policy in process: used per gateway replica while Redis is away."""
+    """The same policy in process: used per gateway replica while Redis is away.
+
+    A request of weight ``k`` (the sequences it runs) is granted only when ``k`` slots are
+    free (``k`` at most the capacity: a heavier one runs alone), and costs its tenant ``k``
+    turns of its fair share; nothing overtakes the head of the queue while it waits for
+    its slots.
+    """
 
     def __init__(self, capacity: Callable[[str], int]) -> None:
         self._capacity = capacity
         self._heaps: dict[str, list[tuple[int, float, int, str]]] = {}
-        self._running: dict[str, set[str]] = {}
+        self._running: dict[str, dict[str, int]] = {}
+        """model -> granted ticket -> slots it holds."""
+        self._weights: dict[str, int] = {}
+        """Waiting ticket -> slots it asks for."""
         self._vnow: dict[tuple[str, int], float] = {}
         self._last: dict[tuple[str, str, int], float] = {}
         self._futures: dict[str, asyncio.Future[None]] = {}
@@ -422,22 +438,39 @@ class LocalQueue:
 
     def _admit(self, model: str) -> None:
         heap = self._heaps.setdefault(model, [])
-        running = self._running.setdefault(model, set())
-        while heap and len(running) < self._capacity(model):
-            rank, start, _seq, ticket = heapq.heappop(heap)
-            future = self._futures.pop(ticket, None)
-            if future is None or future.done():
+        running = self._running.setdefault(model, {})
+        capacity = self._capacity(model)
+        used = sum(running.values())
+        while heap:
+            rank, start, _seq, ticket = heap[0]
+            future = self._futures.get(ticket)
+            if future is None or future.done():  # gone while it waited
+                heapq.heappop(heap)
+                self._futures.pop(ticket, None)
+                self._weights.pop(ticket, None)
                 continue
-            running.add(ticket)
+            weight = min(self._weights.get(ticket, 1), capacity)
+            if used + weight > capacity:
+                break  # the head waits for its slots; nothing overtakes it
+            heapq.heappop(heap)
+            del self._futures[ticket]
+            self._weights.pop(ticket, None)
+            running[ticket] = weight
+            used += weight
             self._vnow[(model, rank)] = max(self._vnow.get((model, rank), 0.0), start)
             future.set_result(None)
 
-    async def acquire(self, ticket: str, model: str, tenant: Tenant, timeout_s: float) -> None:
+    async def acquire(
+        self, ticket: str, model: str, tenant: Tenant, timeout_s: float, weight: int = 1
+    ) -> int:
+        """Wait until ``ticket`` holds ``weight`` slots (at most the capacity); how many."""
         rank = tenant.priority.rank
+        weight = max(1, min(weight, self._capacity(model)))
         start = max(self._vnow.get((model, rank), 0.0), self._last.get((model, tenant.id, rank), 0.0))
-        self._last[(model, tenant.id, rank)] = start + 1.0 / tenant.weight
+        self._last[(model, tenant.id, rank)] = start + weight / tenant.weight
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._futures[ticket] = future
+        self._weights[ticket] = weight
         heapq.heappush(self._heaps.setdefault(model, []), (rank, start, next(self._seq), ticket))
         self._admit(model)
         try:
@@ -445,20 +478,25 @@ class LocalQueue:
                 await future
         except BaseException:
             self._futures.pop(ticket, None)
+            self._weights.pop(ticket, None)
             if future.done() and not future.cancelled() and future.exception() is None:
                 self.release(ticket, model)  # granted, but its request went away
+            else:
+                self._admit(model)  # a heavy head that left may have held up lighter ones
             raise
+        return self._running.get(model, {}).get(ticket, weight)
 
     def abort_waiting(self, error: Callable[[], BaseException]) -> int:
         """Fail every waiting request with ``error()`` (the gateway stops); how many."""
         futures = [f for f in self._futures.values() if not f.done()]
         self._futures.clear()
+        self._weights.clear()
         for future in futures:
             future.set_exception(error())
         return len(futures)
 
     def release(self, ticket: str, model: str) -> None:
-        self._running.setdefault(model, set()).discard(ticket)
+        self._running.setdefault(model, {}).pop(ticket, None)
         self._admit(model)
 
     def snapshot(self, model: str) -> QueueSnapshot:
@@ -468,7 +506,9 @@ class LocalQueue:
             if future is not None and not future.done():
                 depth[list(PriorityClass)[rank].value] += 1
         return QueueSnapshot(
-            depth=depth, in_use=len(self._running.get(model, ())), capacity=self._capacity(model)
+            depth=depth,
+            in_use=sum(self._running.get(model, {}).values()),
+            capacity=self._capacity(model),
         )
 
 
@@ -616,9 +656,17 @@ class Admission:
         return 0.0 if snap.in_use < snap.capacity and waiting == 0 else float(waiting + 1) / snap.capacity
 
     async def acquire(
-        self, model: str, tenant: Tenant, deadline_s: float | None, request_id: str = "-"
+        self,
+        model: str,
+        tenant: Tenant,
+        deadline_s: float | None,
+        request_id: str = "-",
+        *,
+        weight: int = 1,
     ) -> Lease:
-        """Wait for a lease; raise RateLimitError (tenant concurrency) or OverloadedError."""
+        """Wait for a lease of ``weight`` slots (the sequences the request runs; a request
+        heavier than the model's whole capacity is capped at it and runs alone); raise
+        RateLimitError (tenant concurrency) or OverloadedError."""
         if self._closing:
             raise _shutting_down()
         budget = deadline_s if deadline_s is not None else self._config.max_wait_s
@@ -626,15 +674,28 @@ class Admission:
         if self.redis_queue is not None and not self._degraded:
             try:
                 return await self._acquire_redis(
-                    model, tenant, budget, deadline_s is not None, arrived, request_id
+                    model,
+                    tenant,
+                    budget,
+                    deadline_s is not None,
+                    arrived,
+                    request_id,
+                    max(1, min(weight, self.capacity(model))),
                 )
             except REDIS_DOWN as exc:
                 log.warning("Redis unreachable (%s): admitting locally", exc)
                 self._degraded = True
-        return await self._acquire_local(model, tenant, budget, arrived, request_id)
+        return await self._acquire_local(model, tenant, budget, arrived, request_id, weight)
 
     async def _acquire_redis(
-        self, model: str, tenant: Tenant, budget: float, has_deadline: bool, arrived: float, request_id: str
+        self,
+        model: str,
+        tenant: Tenant,
+        budget: float,
+        has_deadline: bool,
+        arrived: float,
+        request_id: str,
+        weight: int,
     ) -> Lease:
         queue = self.redis_queue
         assert queue is not None
@@ -656,7 +717,7 @@ class Admission:
         waiter = Waiter(ticket, model, tenant.id, request_id, arrived)
         self._waiting[ticket] = waiter  # heartbeated from now on
         try:
-            status = await self._enqueue(queue, waiter, tenant, drop_ms)
+            status = await self._enqueue(queue, waiter, tenant, drop_ms, weight)
             if waiter.aborted:  # stop() came meanwhile; its cancel may have run before the enqueue
                 await self._cancel_ticket(waiter)
                 raise _shutting_down()
@@ -687,17 +748,27 @@ class Admission:
             # No await from here on: the lease is in ``_leases`` before the waiter leaves.
             now = time.monotonic()
             lease = Lease(
-                ticket, model, tenant.id, tenant.priority, now, now - arrived, "redis", request_id=request_id
+                ticket,
+                model,
+                tenant.id,
+                tenant.priority,
+                now,
+                now - arrived,
+                "redis",
+                request_id=request_id,
+                weight=weight,
             )
             self._leases[ticket] = lease
             return lease
         finally:
             self._waiting.pop(ticket, None)
 
-    async def _enqueue(self, queue: RedisQueue, waiter: Waiter, tenant: Tenant, drop_ms: int) -> int:
+    async def _enqueue(
+        self, queue: RedisQueue, waiter: Waiter, tenant: Tenant, drop_ms: int, weight: int = 1
+    ) -> int:
         """ENQUEUE; when the caller is cancelled meanwhile, the script runs all the same (its
         call is in a batch already): once it has, the ticket is cancelled again, shielded."""
-        call = asyncio.ensure_future(queue.enqueue(waiter.ticket, waiter.model, tenant, drop_ms))
+        call = asyncio.ensure_future(queue.enqueue(waiter.ticket, waiter.model, tenant, drop_ms, weight))
         try:
             status, _position = await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -730,18 +801,26 @@ class Admission:
         await asyncio.shield(task)
 
     async def _acquire_local(
-        self, model: str, tenant: Tenant, budget: float, arrived: float, request_id: str
+        self, model: str, tenant: Tenant, budget: float, arrived: float, request_id: str, weight: int = 1
     ) -> Lease:
         if self._closing:
             raise _shutting_down()
         ticket = f"local-{uuid.uuid4().hex}"
         try:
-            await self.local_queue.acquire(ticket, model, tenant, budget)
+            slots = await self.local_queue.acquire(ticket, model, tenant, budget, weight)
         except TimeoutError:
             raise _waited_too_long(budget, False) from None
         now = time.monotonic()
         lease = Lease(
-            ticket, model, tenant.id, tenant.priority, now, now - arrived, "local", request_id=request_id
+            ticket,
+            model,
+            tenant.id,
+            tenant.priority,
+            now,
+            now - arrived,
+            "local",
+            request_id=request_id,
+            weight=slots,
         )
         self._leases[ticket] = lease
         return lease
@@ -774,6 +853,11 @@ class Admission:
             snap = self.local_queue.snapshot(model)
         snap.reclaimed_total = self._reclaimed.get(model, 0)
         return snap
+
+
+def _slots(leases: Any, heavy: Any) -> int:
+    """Slots in use: one per lease, plus ``weight - 1`` per heavier lease (``lease_weight``)."""
+    return int(leases) + sum(max(int(w) - 1, 0) for w in heavy or ())
 
 
 async def _bounded(work: Awaitable[Any], timeout_s: float) -> None:

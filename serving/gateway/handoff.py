@@ -42,8 +42,10 @@ from serving.config import HandoffConfig, ModelConfig, UpstreamConfig, VirtualMo
 from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE
 from serving.engine.upstream import UpstreamError, upstream_error_body
 from serving.gateway.context import RequestContext
+from serving.gateway.limits import UsageText, fan_out, output_limit, prompt_tokens
 from serving.gateway.tenants import HandoffRight, PriorityClass
 from serving.metrics import HandoffMetrics
+from serving.wire import usage_pair
 
 __all__ = [
     "BACKEND_HEADER",
@@ -72,7 +74,6 @@ DECLINED_HEADER = "X-OSS-Serving-Handoff-Declined"
 """Why a handoff the policy wanted did not happen: ``<reason>; <cause>``."""
 
 _MARKED = frozenset({"1", "true", "yes", "cloud"})
-_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 Answer = tuple[EngineJSON | None, AsyncIterator[str] | None]
 PredictedWait = Callable[[str, PriorityClass], Awaitable[float]]
@@ -297,6 +298,11 @@ class UpstreamBudget:
             await self._counters.add(tok, delta, self.MINUTE_TTL_S)
             await self._counters.add(mon, delta, self.MONTH_TTL_S)
 
+    @property
+    def available(self) -> bool:
+        """False when the last budget call could not reach Redis (the budget fails closed)."""
+        return bool(getattr(self._counters, "reachable", True))
+
     async def used(self) -> dict[str, int]:
         """This minute's requests and tokens, this month's tokens."""
         values = await self._counters.get_many(self._keys(*self._windows()))
@@ -343,6 +349,9 @@ class _Trip:
     strip_usage: bool
     status: int = 200
     usage: tuple[int, int] | None = None
+    billed: bool = False
+    """The upstream may have billed it (it was sent, and not answered with an error): without
+    usage, the reservation stays charged to the budget."""
     first_byte: float | None = None
     done: bool = False
     labels: dict[str, str] = field(default_factory=dict)
@@ -439,8 +448,8 @@ class HandoffPolicy:
             return None
         if ctx.headers.get(self._config.escalate_header, "").strip().lower() in _MARKED:
             return HandoffReason.escalation, upstream
-        context = rule.context_tokens or self._models[ctx.model].engine_kwargs.get("max_model_len")
-        if context and self.estimate_tokens(ctx.body) > int(context):
+        context = rule.context_tokens or self._models[ctx.model].context_tokens
+        if context and self._context_tokens(ctx.body) > int(context):
             return HandoffReason.context_length, upstream
         return None
 
@@ -470,10 +479,16 @@ class HandoffPolicy:
         return None
 
     def estimate_tokens(self, body: Mapping[str, Any]) -> int:
-        """Prompt tokens estimated from characters, plus the requested output tokens."""
-        chars = sum(len(json.dumps(body[k])) for k in ("messages", "prompt", "input", "tools") if k in body)
-        output = next((int(body[f]) for f in _OUTPUT_FIELDS if body.get(f) is not None), 0)
-        return math.ceil(chars / self._config.chars_per_token) + output
+        """The budget's reservation: prompt tokens estimated from characters, plus the output
+        limit (the gateway filled it in when the client named none) times the sequences the
+        request runs (``max(n, best_of) x prompts``)."""
+        choices, prompts = fan_out(body)
+        output = (output_limit(body) or 0) * choices * prompts
+        return prompt_tokens(body, self._config.chars_per_token) + output
+
+    def _context_tokens(self, body: Mapping[str, Any]) -> int:
+        """What one sequence needs of a context: the prompt plus its output limit."""
+        return prompt_tokens(body, self._config.chars_per_token) + (output_limit(body) or 0)
 
     # ------------------------------------------------------------ the upstream leg
     def _decline(self, ctx: RequestContext, reason: HandoffReason, upstream: str, cause: str) -> None:
@@ -509,8 +524,10 @@ class HandoffPolicy:
             return None
         reservation = await upstream.budget.reserve(self.estimate_tokens(ctx.body))
         if reservation is None:
-            self._decline(ctx, reason, name, "budget")
-            await self._record_budget(upstream)
+            cause = "budget" if upstream.budget.available else "budget-unavailable"
+            self._decline(ctx, reason, name, cause)
+            if upstream.budget.available:
+                await self._record_budget(upstream)
             return None
         body, strip_usage = _upstream_body(ctx.endpoint, ctx.body, upstream_model)
         trip = _Trip(
@@ -533,6 +550,7 @@ class HandoffPolicy:
             kind = failure.code if failure is not None else "empty"
             await _close(stream)
             trip.status = failure.status if failure is not None else 502
+            trip.billed = failure is not None and failure.billable  # e.g. timed out once sent
             await self._end(trip, error_kind=kind)
             if fall_back:
                 self._decline(ctx, reason, name, "upstream-error")
@@ -541,10 +559,11 @@ class HandoffPolicy:
             return self._mark(ctx, trip, answer), None
         except BaseException:
             await _close(stream)
-            trip.status = 499
+            trip.status, trip.billed = 499, True  # it may be running upstream already
             await self._end(trip, error_kind="cancelled")
             raise
         trip.first_byte = time.perf_counter()
+        trip.billed = not (isinstance(first, EngineJSON) and first.status >= 400)
         self._metrics.time_to_first_byte.labels(upstream=name).observe(trip.first_byte - trip.started)
         if isinstance(first, EngineJSON):
             await _close(stream)
@@ -555,7 +574,7 @@ class HandoffPolicy:
                     self._decline(ctx, reason, name, "upstream-error")
                     return None
                 return self._mark(ctx, trip, first), None
-            trip.usage = _usage(first.body.get("usage"))
+            trip.usage = usage_pair(first.body.get("usage"))
             body_out = _rewrite_model(first.body, client_model)
             await self._end(trip)
             return self._mark(ctx, trip, EngineJSON(first.status, body_out)), None
@@ -597,7 +616,7 @@ class HandoffPolicy:
                 text = self._rewrite_events(trip, item.text)
                 if '"upstream_status"' in text and '"error"' in text:
                     trip.status, error_kind = 502, "stream"
-                if text:
+                if text or isinstance(text, UsageText):
                     yield text
         except (asyncio.CancelledError, GeneratorExit):
             trip.status, error_kind = 499, "cancelled"
@@ -607,8 +626,10 @@ class HandoffPolicy:
             await self._end(trip, error_kind=error_kind)
 
     def _rewrite_events(self, trip: _Trip, text: str) -> str:
-        """``model`` becomes the client's; usage is read (and dropped if we asked for it)."""
+        """``model`` becomes the client's; usage is read (and dropped if we asked for it: the
+        text then carries it for the gateway's accounting, as a :class:`UsageText`)."""
         out: list[str] = []
+        stripped: tuple[int, int] | None = None
         for event in text.split("\n\n"):
             if not event.strip():
                 continue
@@ -622,10 +643,11 @@ class HandoffPolicy:
                     continue
                 if not isinstance(data, dict):
                     continue
-                usage = _usage(data.get("usage")) or _usage((data.get("response") or {}).get("usage"))
+                usage = usage_pair(data.get("usage")) or usage_pair((data.get("response") or {}).get("usage"))
                 if usage is not None:
                     trip.usage = usage
                     if trip.strip_usage:
+                        stripped = usage
                         if data.get("choices") == []:
                             lines = []  # the usage-only chunk we asked for on the client's behalf
                             break
@@ -634,7 +656,7 @@ class HandoffPolicy:
                 lines[i] = "data: " + json.dumps(data, separators=(",", ":"))
             if lines:
                 out.append("\n".join(lines) + "\n\n")
-        return "".join(out)
+        return UsageText("".join(out), stripped) if stripped is not None else "".join(out)
 
     async def _end(self, trip: _Trip, *, error_kind: str | None = None) -> None:
         """Account for one handoff once: metrics, budget, log line."""
@@ -654,8 +676,13 @@ class HandoffPolicy:
         if trip.usage is not None:
             m.tokens.labels(kind="prompt", **trip.labels).inc(prompt)
             m.tokens.labels(kind="completion", **trip.labels).inc(completion)
+        # What the upstream billed: its usage; without it the reservation, once it may have
+        # run (sent and not refused, even when we gave up waiting); nothing otherwise.
+        billed = prompt + completion
+        if trip.usage is None:
+            billed = trip.reservation.tokens if trip.billed else 0
         with contextlib.suppress(Exception):
-            settle = trip.upstream.budget.settle(trip.reservation, prompt + completion)
+            settle = trip.upstream.budget.settle(trip.reservation, billed)
             await asyncio.shield(settle)
             await self._record_budget(trip.upstream)
         log.info(
@@ -726,16 +753,6 @@ def _rewrite_model(data: dict[str, Any], model: str) -> dict[str, Any]:
     if isinstance(response, dict) and "model" in response:
         data = {**data, "response": {**response, "model": model}}
     return data
-
-
-def _usage(usage: Any) -> tuple[int, int] | None:
-    if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion
 
 
 def _empty_answer(upstream: str) -> EngineJSON:

@@ -41,6 +41,7 @@ __all__ = [
     "Cost",
     "RequestLimits",
     "UsageText",
+    "check_fan_out",
     "deadline_of",
     "estimate_tokens",
     "fan_out",
@@ -198,9 +199,13 @@ def check_fan_out(ctx: RequestContext) -> None:
             code=FAN_OUT,
         )
     if not limits.allow_min_tokens and body.get("min_tokens"):
-        raise InvalidRequestError("min_tokens is not allowed for this tenant", param="min_tokens", code=NOT_ALLOWED)
+        raise InvalidRequestError(
+            "min_tokens is not allowed for this tenant", param="min_tokens", code=NOT_ALLOWED
+        )
     if not limits.allow_ignore_eos and body.get("ignore_eos"):
-        raise InvalidRequestError("ignore_eos is not allowed for this tenant", param="ignore_eos", code=NOT_ALLOWED)
+        raise InvalidRequestError(
+            "ignore_eos is not allowed for this tenant", param="ignore_eos", code=NOT_ALLOWED
+        )
 
 
 # ------------------------------------------------------------------ counting a stream
@@ -246,8 +251,7 @@ def streamed_tokens(text: str) -> int:
                 continue
             delta = choice.get("delta")
             part = delta if isinstance(delta, dict) else choice
-            if any(isinstance(part.get(k), str) and part.get(k) for k in _DELTA_KEYS):
-                count += 1
-            elif isinstance(part.get("tool_calls"), list) and part["tool_calls"]:
+            texts = any(isinstance(part.get(k), str) and part.get(k) for k in _DELTA_KEYS)
+            if texts or (isinstance(part.get("tool_calls"), list) and part["tool_calls"]):
                 count += 1
     return count

@@ -4,16 +4,24 @@ Per model ``m`` (all keys share the hash tag ``{<prefix>:m}``):
 
 - ``wait``  ZSET ticket -> score: ``rank * LANE + start_tag`` (priority lane first, then
   start-time fair queuing between tenants, then arrival: ticket ids sort by arrival);
-- ``meta``  HASH ticket -> JSON {t: tenant, d: drop time ms, s: start tag, r: rank}; the
-  drop time is the request's deadline, or its arrival plus the longest queue wait: no
-  ticket waits forever (``d`` 0: none, from gateways of earlier versions);
+- ``meta``  HASH ticket -> JSON {t: tenant, d: drop time ms, s: start tag, r: rank, w:
+  weight}; the drop time is the request's deadline, or its arrival plus the longest queue
+  wait: no ticket waits forever (``d`` 0: none, from gateways of earlier versions); the
+  weight is the capacity slots the request needs (the sequences it runs, ``n x prompts``;
+  absent: 1);
 - ``hb``    ZSET ticket -> heartbeat expiry (ms) of a waiting ticket: its gateway renews it
   (every third of the heartbeat timeout, all its waiting tickets in one round trip, and
   at every check of the ticket). A ticket whose heartbeat expired belongs to a gateway
   that is gone: it is dropped, never granted (the way Redis Streams reclaims a dead
   consumer's idle entries), so a dead gateway's queued requests take no capacity. A
   waiting ticket without an entry (enqueued by an earlier version) is granted as before;
-- ``leases`` ZSET ticket -> lease expiry (ms): granted requests; its size is the capacity in use;
+- ``leases`` ZSET ticket -> lease expiry (ms): granted requests;
+- ``lease_weight`` HASH ticket -> weight, for leases of more than one slot. The capacity in
+  use is ``ZCARD leases`` plus ``weight - 1`` per entry (an entry whose lease is gone is
+  dropped when it is counted). A ticket is granted only when its weight fits in the free
+  capacity (a weight above the capacity counts as the capacity: it runs alone), and the
+  head of the wait set waits for its slots: nothing overtakes it. Gateways of earlier
+  versions count one slot per lease;
 - ``lease_tenant`` HASH ticket -> tenant;
 - ``released`` ZSET ticket -> expiry (ms) of a tombstone written when a lease is released
   or cancelled: a renewal of that lease still on its way (sent in the same batch, or on
@@ -31,9 +39,10 @@ Per tenant, ``active`` ZSET ticket -> expiry counts its queued and running reque
 a lease's as long as the lease, and both are renewed with them.
 
 Start-time fair queuing: a ticket's start tag is ``max(lane virtual time, the tenant's last
-finish tag)`` and its finish tag ``start + 1/weight``; the lane serves the smallest start
+finish tag)`` and its finish tag ``start + slots/weight``; the lane serves the smallest start
 tag first. A tenant with weight 3 gets three starts for every one of a weight-1 tenant
-while both are backlogged, and an idle tenant banks no credit.
+while both are backlogged, a request of four slots costs its tenant four starts, and an
+idle tenant banks no credit.
 
 Times are the calling gateway's clock (``now_ms`` in ARGV), as for lease expiries.
 """
@@ -48,20 +57,38 @@ RENEW_BATCH = 256
 """Most tickets one RENEW call carries (a longer list is split into several calls)."""
 
 # Every script but RENEW gets the same KEYS:
-#   wait meta leases lease_tenant vt rejected stats tenant_active hb released
+#   wait meta leases lease_tenant vt rejected stats tenant_active hb released lease_weight
 # (tenant_active is the tenant of the ticket the script is called for).
 
 _ADMIT = """
 local SWEEP = 256  -- dead waiting tickets dropped per call, at most (the head check drops the rest)
 
--- Expire leases and dead waiting tickets, then grant the head of the wait set while capacity
--- is free. Returns the granted tickets (also published on ``channel``).
-local function admit(W, M, L, LT, V, R, S, HB, now, cap, ttl, maxg, channel)
+-- Capacity slots in use: one per lease, plus weight - 1 per heavier lease. An entry of LW
+-- whose lease is gone (expired, released by an earlier version) is dropped.
+local function in_use(L, LW)
+  local used = redis.call('ZCARD', L)
+  local heavy = redis.call('HGETALL', LW)
+  for i = 1, #heavy, 2 do
+    if redis.call('ZSCORE', L, heavy[i]) then
+      used = used + tonumber(heavy[i + 1]) - 1
+    else
+      redis.call('HDEL', LW, heavy[i])
+    end
+  end
+  return used
+end
+
+-- Expire leases and dead waiting tickets, then grant the head of the wait set while its
+-- weight fits in the free capacity. Returns the granted tickets (also published on ``channel``).
+local function admit(W, M, L, LT, V, R, S, HB, LW, now, cap, ttl, maxg, channel)
   -- Leases not renewed in time: their gateway is gone, the capacity returns.
   local expired = redis.call('ZRANGEBYSCORE', L, '-inf', now)
   if #expired > 0 then
     redis.call('ZREMRANGEBYSCORE', L, '-inf', now)
-    for _, t in ipairs(expired) do redis.call('HDEL', LT, t) end
+    for _, t in ipairs(expired) do
+      redis.call('HDEL', LT, t)
+      redis.call('HDEL', LW, t)
+    end
     redis.call('HINCRBY', S, 'expired', #expired)
   end
   -- Waiting tickets whose heartbeat expired: nobody waits for them any more. Their tenant
@@ -75,29 +102,34 @@ local function admit(W, M, L, LT, V, R, S, HB, now, cap, ttl, maxg, channel)
       abandoned = abandoned + 1
     end  -- else granted or cancelled already (by a gateway of an earlier version)
   end
-  local used = redis.call('ZCARD', L)
+  local used = in_use(L, LW)
   local granted = {}
-  while used < cap and #granted < maxg do
+  while #granted < maxg do
     local top = redis.call('ZRANGE', W, 0, 0)
     if #top == 0 then break end
     local t = top[1]
-    redis.call('ZREM', W, t)
     local raw = redis.call('HGET', M, t)
-    redis.call('HDEL', M, t)
-    local hb = redis.call('ZSCORE', HB, t)
-    redis.call('ZREM', HB, t)
     local meta = raw and cjson.decode(raw) or {}
-    if hb and tonumber(hb) <= now then
-      abandoned = abandoned + 1  -- a dead ticket the bounded sweep left: dropped, not granted
-    elseif meta.d and meta.d > 0 and now > meta.d then
+    local hb = redis.call('ZSCORE', HB, t)
+    local gone = hb and tonumber(hb) <= now  -- a dead ticket the bounded sweep left
+    local late = meta.d and meta.d > 0 and now > meta.d
+    local w = math.min(math.max(tonumber(meta.w or 1) or 1, 1), cap)  -- heavier than all: alone
+    if not gone and not late and used + w > cap then break end  -- the head waits for its slots
+    redis.call('ZREM', W, t)
+    redis.call('HDEL', M, t)
+    redis.call('ZREM', HB, t)
+    if gone then
+      abandoned = abandoned + 1  -- dropped, not granted
+    elseif late then
       redis.call('HSET', R, t, 'deadline')
     else
       redis.call('ZADD', L, now + ttl, t)
       redis.call('HSET', LT, t, meta.t or '')
+      if w > 1 then redis.call('HSET', LW, t, w) end
       local lane = 'now:' .. tostring(meta.r or 0)
       local cur = tonumber(redis.call('HGET', V, lane) or '0')
       if meta.s and meta.s > cur then redis.call('HSET', V, lane, meta.s) end
-      used = used + 1
+      used = used + w
       granted[#granted + 1] = t
     end
   end
@@ -115,7 +147,7 @@ end
 """
 
 # ARGV: ticket tenant rank weight drop_ms now_ms capacity ttl_ms max_grants
-#       tenant_limit channel lane heartbeat_ms
+#       tenant_limit channel lane heartbeat_ms slots
 # -> {status, position, depth}: status 1 granted, 0 waiting, -1 tenant concurrency limit
 ENQUEUE = (
     _ADMIT
@@ -128,6 +160,8 @@ local drop, now = tonumber(ARGV[5]), tonumber(ARGV[6])
 local cap, ttl, maxg = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local limit, channel, lanew = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
 local hbms = tonumber(ARGV[13])
+local slots = math.max(tonumber(ARGV[14] or '1') or 1, 1)
+local LW = KEYS[11]
 redis.call('ZREMRANGEBYSCORE', TA, '-inf', now)
 if limit > 0 and redis.call('ZCARD', TA) >= limit then return {-1, 0, redis.call('ZCARD', W)} end
 -- Counted for the tenant while it waits, as long as its heartbeat lives.
@@ -137,11 +171,12 @@ local lane = tostring(rank)
 local vnow = tonumber(redis.call('HGET', V, 'now:' .. lane) or '0')
 local last = tonumber(redis.call('HGET', V, tenant .. ':' .. lane) or '0')
 local start = math.max(vnow, last)
-redis.call('HSET', V, tenant .. ':' .. lane, start + 1.0 / weight)
+-- A ticket of k slots costs its tenant k turns of its fair share.
+redis.call('HSET', V, tenant .. ':' .. lane, start + math.min(slots, cap) / weight)
 redis.call('ZADD', W, rank * lanew + start, ticket)
-redis.call('HSET', M, ticket, cjson.encode({t = tenant, d = drop, s = start, r = rank}))
+redis.call('HSET', M, ticket, cjson.encode({t = tenant, d = drop, s = start, r = rank, w = slots}))
 redis.call('ZADD', HB, now + hbms, ticket)
-admit(W, M, L, LT, V, R, S, HB, now, cap, ttl, maxg, channel)
+admit(W, M, L, LT, V, R, S, HB, LW, now, cap, ttl, maxg, channel)
 if redis.call('ZSCORE', L, ticket) then
   redis.call('ZADD', TA, now + ttl, ticket)  -- granted at once: counted as long as its lease
   return {1, 0, redis.call('ZCARD', W)}
@@ -161,9 +196,10 @@ CHECK = (
     + """
 local W, M, L, LT, V, R, S, TA = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local HB = KEYS[9]
+local LW = KEYS[11]
 local t, now = ARGV[1], tonumber(ARGV[2])
 local ttl, hbms = tonumber(ARGV[4]), tonumber(ARGV[7])
-admit(W, M, L, LT, V, R, S, HB, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
+admit(W, M, L, LT, V, R, S, HB, LW, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
 if redis.call('ZSCORE', L, t) then
   redis.call('ZADD', TA, now + ttl, t)
   redis.call('PEXPIRE', TA, math.max(ttl, hbms) * 4)
@@ -186,10 +222,11 @@ RELEASE = (
     _ADMIT
     + """
 local W, M, L, LT, V, R, S, TA = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local HB, RL = KEYS[9], KEYS[10]
+local HB, RL, LW = KEYS[9], KEYS[10], KEYS[11]
 local t, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 redis.call('ZREM', L, t)
 redis.call('HDEL', LT, t)
+redis.call('HDEL', LW, t)  -- all of its slots
 redis.call('ZREM', TA, t)
 tombstone(RL, t, now, ttl)
 local service = tonumber(ARGV[7])
@@ -198,7 +235,7 @@ if service >= 0 then
   if old < 0 then old = service end
   redis.call('HSET', S, 'ewma_ms', 0.8 * old + 0.2 * service)
 end
-local g = admit(W, M, L, LT, V, R, S, HB, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
+local g = admit(W, M, L, LT, V, R, S, HB, LW, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
 return #g
 """
 )
@@ -209,16 +246,22 @@ CANCEL = (
     _ADMIT
     + """
 local W, M, L, LT, V, R, S, TA = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local HB, RL = KEYS[9], KEYS[10]
+local HB, RL, LW = KEYS[9], KEYS[10], KEYS[11]
 local t, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+local cap, maxg, channel = tonumber(ARGV[3]), tonumber(ARGV[5]), ARGV[6]
 redis.call('ZREM', TA, t)
 redis.call('HDEL', R, t)
 redis.call('ZREM', HB, t)
-if redis.call('ZREM', W, t) == 1 then redis.call('HDEL', M, t); return 1 end
+if redis.call('ZREM', W, t) == 1 then
+  redis.call('HDEL', M, t)
+  admit(W, M, L, LT, V, R, S, HB, LW, now, cap, ttl, maxg, channel)  -- a heavy head held them up
+  return 1
+end
 if redis.call('ZREM', L, t) == 1 then
   redis.call('HDEL', LT, t)
+  redis.call('HDEL', LW, t)
   tombstone(RL, t, now, ttl)
-  admit(W, M, L, LT, V, R, S, HB, now, tonumber(ARGV[3]), ttl, tonumber(ARGV[5]), ARGV[6])
+  admit(W, M, L, LT, V, R, S, HB, LW, now, cap, ttl, maxg, channel)
   return 2
 end
 return 0
@@ -227,34 +270,38 @@ return 0
 
 # One gateway's renewals for one model and tenant (its maintenance task sends one call per
 # model and tenant, all in one round trip).
-# KEYS: leases lease_tenant tenant_active wait hb released
+# KEYS: leases lease_tenant tenant_active wait hb released lease_weight
 # ARGV: tenant lease_expiry_ms heartbeat_expiry_ms tenant_key_ttl_ms n_leases
-#       lease tickets (n_leases of them), then waiting tickets
+#       lease tickets (n_leases of them), their weights (n_leases), then waiting tickets
 # -> {leases renewed, leases skipped (released: tombstone), waiting renewed, waiting unknown}
 #
 # A lease is renewed, and re-added when it is missing (Redis restarted, it expired while
 # its gateway stalled, or it was granted locally while Redis was away), so capacity
-# accounting comes back with Redis; but never one that was released: its tombstone says so.
+# accounting comes back with Redis (with its weight); but never one that was released: its
+# tombstone says so.
 # A waiting ticket's heartbeat is renewed only while it still waits: a renewal never brings
 # back a ticket that was granted, dropped or cancelled.
 RENEW = """
 local L, LT, TA, W, HB, RL = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local LW = KEYS[7]
 local tenant = ARGV[1]
 local lexp, hexp, keyttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local nl = tonumber(ARGV[5])
 local renewed, skipped, waiting, unknown = 0, 0, 0, 0
 for i = 6, 5 + nl do
   local t = ARGV[i]
+  local w = tonumber(ARGV[i + nl]) or 1
   if redis.call('ZSCORE', RL, t) then
     skipped = skipped + 1
   else
     redis.call('ZADD', L, lexp, t)
     redis.call('HSET', LT, t, tenant)
+    if w > 1 then redis.call('HSET', LW, t, w) end
     redis.call('ZADD', TA, lexp, t)
     renewed = renewed + 1
   end
 end
-for i = 6 + nl, #ARGV do
+for i = 6 + 2 * nl, #ARGV do
   local t = ARGV[i]
   if redis.call('ZSCORE', W, t) then
     redis.call('ZADD', HB, hexp, t)

@@ -32,8 +32,8 @@ OPERATIONS = {
 MAX_OUTPUT_TOKENS = 16
 MAX_N = 2
 MAX_LOGPROBS = 5
-EXAMPLES_PER_RUN = 40
-"""Examples per operation and generation mode (positive, negative): 240 in all at most."""
+EXAMPLES_PER_RUN = 60
+"""Examples per operation and generation mode (positive, negative): 360 in all at most."""
 FUZZ_SECONDS = 100.0
 """Wall-clock budget of the fuzz, shared out evenly between the six runs."""
 REQUEST_TIMEOUT_S = 60.0
@@ -68,10 +68,11 @@ def _int_at_most(maximum: int, *, minimum: int | None = None, nullable: bool = F
 def fuzz_openapi(doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` restricted to the three operations, with ``model`` pinned and costs capped.
 
-    Output lengths are at most 16 tokens and required where the default is unbounded
-    (chat's ``max_completion_tokens``, responses' ``max_output_tokens``), ``n`` at most 2,
-    logprobs at most 5 (``-1``, all of the vocabulary, would make each answer megabytes).
-    Negative values stay possible where they are cheap to reject.
+    Output lengths are 1 to 16 tokens and required (the gateway fills in the model's
+    ``default_max_tokens`` where a request names none), ``n`` 1 or 2, logprobs 0
+    to 5 (``-1``, all of the vocabulary, would make each answer megabytes), and completions
+    need a non-empty ``prompt``: so that positive examples reach the engines. Negative
+    examples break these too; :func:`too_costly` skips those that would be expensive.
     """
     doc = copy.deepcopy(doc)
     doc["paths"] = {path: {"post": doc["paths"][path]["post"]} for path in OPERATIONS}
@@ -85,19 +86,28 @@ def fuzz_openapi(doc: dict[str, Any]) -> dict[str, Any]:
         required.append("model")
         for key in ("n", "best_of"):
             if key in props:
-                props[key] = _int_at_most(MAX_N, nullable=True)
+                props[key] = _int_at_most(MAX_N, minimum=1, nullable=True)
         if "min_tokens" in props:
-            props["min_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS)
+            props["min_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS, minimum=0)
         for key in ("top_logprobs", "prompt_logprobs", "logprobs"):
             if key in props and '"integer"' in json.dumps(props[key]):
                 props[key] = _int_at_most(MAX_LOGPROBS, minimum=0, nullable=True)
     chat = schemas["ChatCompletionRequest"]
-    chat["properties"]["max_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS, nullable=True)
-    chat["properties"]["max_completion_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS)
+    chat["properties"]["max_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS, minimum=1, nullable=True)
+    chat["properties"]["max_completion_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS, minimum=1)
     chat["required"].append("max_completion_tokens")
-    schemas["CompletionRequest"]["properties"]["max_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS, nullable=True)
+    completion = schemas["CompletionRequest"]
+    completion["properties"]["max_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS, minimum=1)
+    completion["required"].append("max_tokens")
+    # Without a prompt nothing reaches the engine (vLLM's schema has it optional, its
+    # validator requires it): the regressions below cover the missing prompt.
+    prompt = completion["properties"]["prompt"]
+    prompt["anyOf"] = [branch for branch in prompt["anyOf"] if branch.get("type") != "null"]
+    for branch in prompt["anyOf"]:
+        branch["minItems" if branch["type"] == "array" else "minLength"] = 1
+    completion["required"].append("prompt")
     responses = schemas["ResponsesRequest"]
-    responses["properties"]["max_output_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS)
+    responses["properties"]["max_output_tokens"] = _int_at_most(MAX_OUTPUT_TOKENS, minimum=1)
     responses["required"].append("max_output_tokens")
     return doc
 
@@ -119,11 +129,12 @@ def too_costly(path: str, body: Any) -> bool:
         body.get(k) == -1 or over(k, MAX_LOGPROBS) for k in ("logprobs", "top_logprobs", "prompt_logprobs")
     ):
         return True
-    if path.endswith("/chat/completions"):  # unbounded output unless one of them is set
+    # Without a limit the gateway fills in the model's default_max_tokens (thousands).
+    if path.endswith("/chat/completions"):
         return body.get("max_completion_tokens") is None and body.get("max_tokens") is None
     if path.endswith("/responses"):
         return body.get("max_output_tokens") is None
-    return False
+    return body.get("max_tokens") is None
 
 
 def problems(status: int, text: str) -> list[str]:

@@ -292,3 +292,116 @@ async def test_redis_outage_falls_back_locally_and_recovers(tmp_path: Path) -> N
         await admission.stop()
         await client.aclose()
         srv.stop()
+
+
+# ------------------------------------------------------------------ lease weights
+async def test_a_weight_4_request_on_capacity_4_runs_alone(client: aioredis.Redis) -> None:
+    """It waits until 4 slots are free, nothing overtakes it meanwhile, and while it runs
+    nothing else does; its release frees all 4."""
+    admission = _admission(client, 4)
+    tenant = Tenant(id="a")
+    held = await admission.acquire("m", tenant, None)
+    heavy = asyncio.create_task(admission.acquire("m", tenant, None, weight=4))
+    await asyncio.sleep(0.1)
+    light = asyncio.create_task(admission.acquire("m", tenant, None))  # behind the heavy one
+    await asyncio.sleep(0.2)
+    snap = await admission.snapshot("m")
+    assert (heavy.done(), light.done(), snap.in_use, snap.depth["standard"]) == (False, False, 1, 2)
+    await admission.release(held)
+    lease = await asyncio.wait_for(heavy, 5)
+    assert lease.weight == 4
+    assert (await admission.snapshot("m")).in_use == 4
+    await asyncio.sleep(0.2)
+    assert not light.done()  # nothing runs beside it
+    assert await client.hget("{oss:q:m}:lease_weight", lease.ticket) == b"4"
+    await admission.release(lease)
+    other = await asyncio.wait_for(light, 5)
+    snap = await admission.snapshot("m")
+    assert (snap.in_use, await client.hlen("{oss:q:m}:lease_weight")) == (1, 0)
+    await admission.release(other)
+
+
+async def test_heavier_than_the_capacity_is_capped_at_it(client: aioredis.Redis) -> None:
+    admission = _admission(client, 3)
+    lease = await admission.acquire("m", Tenant(id="a"), None, weight=4096)
+    assert lease.weight == 3
+    assert (await admission.snapshot("m")).in_use == 3
+    blocked = asyncio.create_task(admission.acquire("m", Tenant(id="b"), None))
+    await asyncio.sleep(0.2)
+    assert not blocked.done()
+    await admission.release(lease)
+    await admission.release(await asyncio.wait_for(blocked, 5))
+    assert (await admission.snapshot("m")).in_use == 0
+
+
+async def test_weights_are_charged_to_the_fair_share(client: aioredis.Redis) -> None:
+    """Equal tenant weights, one sending 2-slot requests, one 1-slot: each gets half of the
+    slots (the heavy one half as many requests), within 10%."""
+    admission = _admission(client, 4)
+    counts: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def worker(tenant: Tenant, weight: int) -> None:
+        while not stop.is_set():
+            lease = await admission.acquire("m", tenant, None, weight=weight)
+            if not stop.is_set():
+                counts[tenant.id] += weight
+            await asyncio.sleep(0.01)
+            await admission.release(lease)
+
+    tasks = [asyncio.create_task(worker(Tenant(id="heavy"), 2)) for _ in range(16)]
+    tasks += [asyncio.create_task(worker(Tenant(id="light"), 1)) for _ in range(16)]
+    await asyncio.sleep(0.5)
+    counts.clear()
+    await asyncio.sleep(3.0)
+    stop.set()
+    snapshot = dict(counts)
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    share = snapshot["heavy"] / (snapshot["heavy"] + snapshot["light"])
+    assert abs(share - 0.5) <= 0.05, snapshot
+
+
+async def test_cancel_and_renew_handle_every_slot(client: aioredis.Redis) -> None:
+    admission = _admission(client, 4)
+    queue = admission.redis_queue
+    assert queue is not None
+    lease = await admission.acquire("m", Tenant(id="a"), None, weight=3)
+    # Redis lost the lease (restart): the renewal brings it back with its weight
+    await client.delete("{oss:q:m}:leases", "{oss:q:m}:lease_weight")
+    assert (await admission.snapshot("m")).in_use == 0
+    assert await queue.renew([lease]) == (0, 0)
+    assert (await admission.snapshot("m")).in_use == 3
+    # a granted ticket cancelled (its client left as it was granted) frees all 3 slots
+    assert await queue.cancel(lease.ticket, "m", "a") == 2
+    assert (await admission.snapshot("m")).in_use == 0
+    assert await client.hlen("{oss:q:m}:lease_weight") == 0
+    await admission.release(lease)  # its own release later is harmless
+    assert (await admission.snapshot("m")).in_use == 0
+
+
+async def test_an_expired_heavy_lease_returns_all_its_slots(client: aioredis.Redis) -> None:
+    holder = _admission(client, 4, lease_ttl_s=0.5)  # never renewed: no maintenance task
+    await holder.acquire("m", Tenant(id="a"), None, weight=4)
+    admission = _admission(client, 4)
+    lease = await asyncio.wait_for(admission.acquire("m", Tenant(id="b"), None, weight=4), 5)
+    snap = await admission.snapshot("m")
+    assert (snap.in_use, snap.expired_total) == (4, 1)
+    await admission.release(lease)
+
+
+async def test_a_heavy_head_that_leaves_lets_the_others_in(client: aioredis.Redis) -> None:
+    admission = _admission(client, 4)
+    tenant = Tenant(id="a")
+    held = await admission.acquire("m", tenant, None)
+    heavy = asyncio.create_task(admission.acquire("m", tenant, None, weight=4))
+    await asyncio.sleep(0.1)
+    light = asyncio.create_task(admission.acquire("m", tenant, None))
+    await asyncio.sleep(0.3)
+    assert not light.done()
+    heavy.cancel()  # its client went away: the cancel grants what waited behind it
+    started = time.monotonic()
+    lease = await asyncio.wait_for(light, 5)
+    assert time.monotonic() - started < 0.5
+    assert (await admission.snapshot("m")).in_use == 2
+    await admission.release(lease)
+    await admission.release(held)

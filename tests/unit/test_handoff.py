@@ -33,6 +33,7 @@ from serving.config import (
 from serving.engine.protocol import EngineClient
 from serving.engine.upstream import UpstreamClient
 from serving.gateway.handoff import HandoffPolicy
+from serving.gateway.limits import prompt_tokens
 from serving.gateway.tenants import hash_key
 from tests.fakes import FakeEngine
 from tests.gateway import TestGateway
@@ -83,6 +84,7 @@ class Stack:
         redis: Any | None = None,
         environ: dict[str, str] | None = None,
         request_timeout_s: float = 30.0,
+        tenants: list[dict[str, Any]] | None = None,
     ) -> None:
         models = [
             ModelConfig(name=SMALL, source="openai/gpt-oss-20b", engine_kwargs={"max_model_len": 4096}),
@@ -110,6 +112,10 @@ class Stack:
             tenants=[
                 TenantSeed(id=t, handoff=right, api_key_sha256=[hash_key(key(t))])  # type: ignore[arg-type]
                 for t, right in TENANTS.items()
+            ]
+            + [
+                TenantSeed.model_validate({**t, "api_key_sha256": [hash_key(key(t["id"]))]})
+                for t in tenants or ()
             ],
         )
         self.engines: dict[str, EngineClient] = engines or {SMALL: FakeEngine(), BIG: FakeEngine()}
@@ -423,8 +429,10 @@ async def test_upstream_key_comes_from_the_environment(cloud: tuple[SimEngine, s
 
 
 async def test_slow_upstream_times_out_instead_of_hanging(cloud: tuple[SimEngine, str]) -> None:
+    """A stream must begin within ``first_byte_timeout_s``; a non-streamed answer (whose
+    headers come when it is complete) within ``total_timeout_s``."""
     cloud[0].faults.delay_s = 2.0
-    s = Stack(cloud[1], upstream={"first_byte_timeout_s": 0.2})
+    s = Stack(cloud[1], upstream={"first_byte_timeout_s": 0.2, "total_timeout_s": 0.4})
     await s.service.probe_once()
     try:
         resp = await s.post("open", chat("auto"), **{"x-oss-escalate": "1"})
@@ -567,3 +575,142 @@ async def test_metrics_endpoint_shows_handoffs(stack: Stack) -> None:
     assert 'oss_serving_handoffs_total{reason="escalation",tenant="open",upstream="cloud"} 1.0' in text
     assert 'oss_serving_upstream_latency_seconds_count{upstream="cloud"} 1.0' in text
     assert 'oss_serving_upstream_requests_in_flight{upstream="cloud"} 0.0' in text
+
+
+# ------------------------------------------------------------------ tenant limits on a handoff
+class ChargeLog:
+    """The tenant's tokens-per-minute charges: the pre-charge, then the flight's correction."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.estimates: list[int] = []
+        self.deltas: list[int] = []
+        limiter = stack.service._limiter
+        check, correct = limiter.check, limiter.correct_tokens
+
+        async def checked(tenant: Any, estimate: int) -> dict[str, str]:
+            self.estimates.append(estimate)
+            return await check(tenant, estimate)
+
+        async def corrected(tenant: Any, delta: int) -> None:
+            self.deltas.append(delta)
+            await correct(tenant, delta)
+
+        limiter.check = checked  # type: ignore[method-assign]
+        limiter.correct_tokens = corrected  # type: ignore[method-assign]
+
+    @property
+    def charged(self) -> int:
+        return sum(self.estimates) + sum(self.deltas)
+
+
+async def test_escalation_obeys_the_tenants_rate_limit_and_output_cap(cloud: tuple[SimEngine, str]) -> None:
+    """Stage 3 (caps and rate limits) runs before the handoff: the upstream sees one request,
+    with an explicit output limit within the tenant's cap; the rest get the local 429."""
+    capped = {"id": "capped", "handoff": "allowed", "requests_per_minute": 1, "max_output_tokens": 4}
+    s = Stack(cloud[1], tenants=[capped])
+    await s.service.probe_once()
+    try:
+        body = {"model": "auto", "messages": MSG}  # no max_tokens: the gateway fills it in
+        answers = [await s.post("capped", dict(body), **{"x-oss-escalate": "1"}) for _ in range(5)]
+        assert [a.status_code for a in answers] == [200, 429, 429, 429, 429]
+        assert answers[0].headers["x-oss-serving-backend"] == "cloud"
+        assert answers[1].json()["error"]["code"] == "requests_limit_exceeded"
+        assert len(cloud[0].faults.bodies) == 1
+        sent = cloud[0].faults.bodies[0]
+        assert sent["max_tokens"] is not None
+        assert sent["max_tokens"] <= 4
+        over = await s.post("capped", {**body, "max_tokens": 5}, **{"x-oss-escalate": "1"})
+        assert over.status_code == 400  # above the cap: refused before any handoff
+        assert len(cloud[0].faults.bodies) == 1
+    finally:
+        await s.close()
+
+
+async def test_missing_output_limit_is_filled_in_for_the_upstream(
+    stack: Stack, cloud: tuple[SimEngine, str]
+) -> None:
+    """No output limit: the picked model's ``default_max_tokens`` (4096), bounded by what
+    its context leaves after the prompt; and a request that fits is not escalated for it."""
+    resp = await stack.post("open", {"model": "auto", "messages": MSG}, **{"x-oss-escalate": "1"})
+    assert resp.headers["x-oss-serving-backend"] == "cloud"
+    assert cloud[0].faults.bodies[-1]["max_tokens"] == 4096  # gpt-oss-120b: 8192 of context
+    responses = await stack.post("open", {"model": "auto", "input": "hi"}, **{"x-oss-escalate": "1"})
+    assert responses.status_code == 200
+    assert cloud[0].faults.bodies[-1]["max_output_tokens"] == 4096
+    small = await stack.post("open", {"model": "auto", "messages": MSG, "reasoning_effort": "low"})
+    assert small.headers["x-oss-serving-backend"] == "local"  # 4096 of context: fits, stays
+    body = stack.engines[SMALL].calls[-1][1]  # type: ignore[attr-defined]
+    assert body["max_tokens"] == 4096 - prompt_tokens(body, 3.0)
+    assert len(cloud[0].faults.bodies) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_handed_off_request_is_charged_to_the_tenant_like_a_local_one(
+    cloud: tuple[SimEngine, str], stream: bool
+) -> None:
+    """The tenant's tokens per minute end charged with the upstream's own usage, streamed
+    (the usage chunk the gateway asked for is not shown to the client) or not."""
+    metered = {"id": "metered", "handoff": "allowed", "tokens_per_minute": 100_000}
+    s = Stack(cloud[1], tenants=[metered])
+    log = ChargeLog(s)
+    await s.service.probe_once()
+    try:
+        async with s.http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat("auto", stream=stream, max_tokens=6),
+            headers={"authorization": f"Bearer {key('metered')}", "x-oss-escalate": "1"},
+        ) as resp:
+            assert resp.headers["x-oss-serving-backend"] == "cloud"
+            text = (await resp.aread()).decode()
+        assert '"usage"' not in text if stream else '"usage"' in text
+        labels = {"upstream": "cloud", "tenant": "metered"}
+        used = s.metric("oss_serving_upstream_tokens_total", kind="prompt", **labels) + s.metric(
+            "oss_serving_upstream_tokens_total", kind="completion", **labels
+        )
+        assert used > 0
+        assert len(log.estimates) == 1
+        assert log.charged == used  # corrected from the upstream's usage
+    finally:
+        await s.close()
+
+
+async def test_budget_reservation_counts_every_sequence(cloud: tuple[SimEngine, str]) -> None:
+    s = Stack(cloud[1], upstream={"tokens_per_minute": 40})
+    await s.service.probe_once()
+    try:
+        one = s.policy.estimate_tokens({"messages": MSG, "max_tokens": 6})
+        assert s.policy.estimate_tokens({"messages": MSG, "max_tokens": 6, "n": 3}) == one + 2 * 6
+        # 8 sequences of 6 tokens do not fit a budget of 40 tokens a minute: kept local
+        resp = await s.post("open", chat("auto", n=8), **{"x-oss-escalate": "1"})
+        assert resp.status_code == 200
+        assert resp.headers["x-oss-serving-backend"] == "local"
+        assert resp.headers["x-oss-serving-handoff-declined"] == "escalation; budget"
+        assert list(cloud[0].faults.bodies) == []
+    finally:
+        await s.close()
+
+
+async def test_a_timeout_after_sending_keeps_the_reservation_charged(cloud: tuple[SimEngine, str]) -> None:
+    """The upstream bills a request the gateway stopped waiting for: its reservation stays
+    in the budget. A request it refused (an HTTP error) or never received is refunded."""
+    cloud[0].faults.delay_s = 1.0
+    s = Stack(cloud[1], upstream={"first_byte_timeout_s": 0.2})
+    down = Stack(_closed_port_url())
+    await s.service.probe_once()
+    await down.service.probe_once()
+    try:
+        timed_out = await s.post("open", chat("auto", stream=True), **{"x-oss-escalate": "1"})
+        assert timed_out.status_code == 504
+        reserved = s.policy.estimate_tokens({"messages": MSG, "max_tokens": 6})
+        assert (await s.budget.used())["month_tokens"] == reserved
+        cloud[0].faults.delay_s, cloud[0].faults.status = 0.0, 500
+        refused = await s.post("open", chat("auto"), **{"x-oss-escalate": "1"})
+        assert refused.status_code == 502
+        assert (await s.budget.used())["month_tokens"] == reserved  # not billed: refunded
+        unreachable = await down.post("open", chat("auto"), **{"x-oss-escalate": "1"})
+        assert unreachable.status_code == 502
+        assert (await down.budget.used())["month_tokens"] == 0
+    finally:
+        await s.close()
+        await down.close()
