@@ -9,15 +9,23 @@ session's shared stack and stops its own when it ends (see ``conftest.py``).
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
+import redis as redis_sync
 
 from loadtest.sim import EngineProfile
 from loadtest.sim.background import serve_in_thread
@@ -36,6 +44,7 @@ TENANTS = {
     "bravo": {"handoff": "allowed"},
     "capped": {"handoff": "allowed", "requests_per_minute": 1, "max_output_tokens": 4},
     "narrow": {"models": [SMOLLM]},
+    "doomed": {},
 }
 
 
@@ -48,6 +57,7 @@ class Adversarial:
     stack: LiveStack
     redis: RedisServer
     upstream: SimEngine
+    stack_prefix: str
 
     def sdk(self, tenant: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.stack.api, api_key=key(tenant), max_retries=0, timeout=180)
@@ -90,7 +100,7 @@ def adv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Adversarial]:
                 },
             }
             with running_stack(root, config) as stack:
-                yield Adversarial(stack, redis, upstream)
+                yield Adversarial(stack, redis, upstream, f"ossadv{port}")
     finally:
         redis.stop()
 
@@ -175,3 +185,138 @@ def test_tenant_limits_survive_a_fresh_minute_of_requests(adv: Adversarial) -> N
     )
     assert resp.status_code == 429
     assert resp.json()["error"]["code"] == "requests_limit_exceeded"
+
+
+def chat(adv: Adversarial, tenant: str, **extra: object) -> httpx.Response:
+    body = {"model": SMOLLM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    return httpx.post(
+        adv.stack.api + "/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key(tenant)}"},
+        timeout=120,
+    )
+
+
+def tenants_cli(adv: Adversarial, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", "tenants", *args, "--config", str(adv.stack.config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def test_fan_out_is_capped_before_it_costs_anything(adv: Adversarial) -> None:
+    wide = chat(adv, "alpha", n=4096, max_tokens=1000)
+    assert wide.status_code == 400
+    assert (wide.json()["error"]["param"], wide.json()["error"]["code"]) == ("n", "fan_out_over_limit")
+    prompts = httpx.post(
+        adv.stack.api + "/completions",
+        json={"model": SMOLLM, "prompt": ["x"] * 1024, "max_tokens": 1},
+        headers={"authorization": f"Bearer {key('alpha')}"},
+        timeout=60,
+    )
+    assert prompts.status_code == 400
+    assert prompts.json()["error"]["code"] == "fan_out_over_limit"
+    assert chat(adv, "alpha").status_code == 200  # and the tenant is served as before
+
+
+def test_a_corrupt_tenant_record_does_not_stop_key_refresh(adv: Adversarial) -> None:
+    prefix = adv.stack_prefix
+    r = redis_sync.Redis.from_url(adv.redis.url)
+    r.hset(f"{prefix}:tenants", "broken", "{not json")
+    r.hset(f"{prefix}:tenants", "future", '{"id": "future", "a_field_of_a_newer_version": 1}')
+    time.sleep(1.5)  # several refreshes with the bad records in place
+    assert chat(adv, "alpha").status_code == 200
+    added = tenants_cli(adv, "add", "latecomer")
+    assert added.returncode == 0, added.stderr
+    new_key = next(w for w in added.stdout.split() if w.startswith("oss-"))
+
+    def served() -> int:
+        return httpx.post(
+            adv.stack.api + "/chat/completions",
+            json={"model": SMOLLM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            headers={"authorization": f"Bearer {new_key}"},
+            timeout=60,
+        ).status_code
+
+    wait_for(lambda: served() == 200, 15, "a key added after the corrupt records to work")
+    assert tenants_cli(adv, "revoke", new_key).returncode == 0
+    wait_for(lambda: served() == 401, 15, "a key revoked after the corrupt records to stop working")
+    r.hdel(f"{prefix}:tenants", "broken", "future")
+
+
+def _gateway_pids(adv: Adversarial) -> list[int]:
+    """This stack's gateway replica processes (descendants of its supervisor)."""
+    state = json.loads((adv.stack.log_file.parent / "state.json").read_text())
+    pids = []
+    for child in psutil.Process(int(state["supervisor_pid"])).children(recursive=True):
+        try:
+            if "ServeReplica:oss-serving:gateway" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return pids
+
+
+def test_a_revoked_seeded_key_stays_revoked_after_a_gateway_restart(adv: Adversarial) -> None:
+    assert chat(adv, "doomed").status_code == 200  # seeded from the configuration
+    revoked = tenants_cli(adv, "revoke", key("doomed"))
+    assert revoked.returncode == 0, revoked.stderr
+    wait_for(lambda: chat(adv, "doomed").status_code == 401, 15, "the revocation to reach the gateway")
+    pids = _gateway_pids(adv)
+    assert pids, "no gateway replica process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)  # the replica restarts and seeds from the configuration again
+
+    def restarted() -> bool:
+        try:
+            return chat(adv, "alpha").status_code == 200 and set(_gateway_pids(adv)) - set(pids) != set()
+        except httpx.HTTPError:
+            return False
+
+    wait_for(restarted, 180, "a new gateway replica to serve")
+    assert chat(adv, "doomed").status_code == 401
+
+
+def test_redis_restarted_empty_while_requests_flow(adv: Adversarial) -> None:
+    """No valid key is ever refused while Redis comes back with nothing in it; the
+    directory is re-seeded. (Last in the module: it empties the stack's Redis.)"""
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                statuses.append(chat(adv, "alpha").status_code)
+            except httpx.HTTPError:
+                statuses.append(-1)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(3)
+        adv.redis.stop()
+        time.sleep(2)
+        adv.redis.start()  # same port, no data
+        time.sleep(6)  # several refreshes of the empty Redis
+    finally:
+        stop.set()
+        worker.join(180)
+    assert statuses, "no request was sent"
+    assert 401 not in statuses, statuses
+    assert chat(adv, "alpha").status_code == 200
+    r = redis_sync.Redis.from_url(adv.redis.url)
+    wait_for(
+        lambda: r.hexists(f"{adv.stack_prefix}:keys", hash_key(key("alpha"))), 15, "the keys to be re-seeded"
+    )
