@@ -529,7 +529,7 @@ class TenantDirectory:
                 "skipping a %s record in Redis that does not parse (%s %r): %s",
                 record.kind,
                 "tenant" if record.kind == "tenant" else "key hash",
-                record.name if record.kind == "tenant" else record.name[:12] + "…",
+                record.name[:64] if record.kind == "tenant" else record.name[:12] + "…",
                 record.reason,
             )
             if self._metrics is not None:

@@ -272,7 +272,11 @@ class GatewayService:
         return {"id": name, "object": "model", "created": self._created, "owned_by": "oss-serving"}
 
     def health_report(self) -> dict[str, Any]:
-        return self.health.report()
+        """Engines, Redis, admission, and where the tenant directory comes from (Redis, or
+        the last good copy while Redis lost its data and is re-seeded)."""
+        report = self.health.report()
+        report["tenants"] = self._auth.health()
+        return report
 
     def is_ready(self, name: str) -> bool:
         return self.health.is_ready(name)

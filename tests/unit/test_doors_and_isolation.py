@@ -131,3 +131,10 @@ def test_prefix_hashes_and_affinity_keys_are_scoped() -> None:
     ctx_b = RequestContext("r", Endpoint.chat, MODEL, {"prompt_cache_key": "k1"}, tenant=Tenant(id="b"))
     ctx_a.cache_scope, ctx_b.cache_scope = "salt-a", "salt-b"
     assert affinity_key(ctx_a, cfg) != affinity_key(ctx_b, cfg)
+
+
+async def test_operators_see_where_the_tenant_directory_comes_from(gw: TestGateway) -> None:
+    detailed = (await gw.http.get("/health", headers=bearer("key-ops"))).json()
+    assert detailed["tenants"]["tenants"] == 4
+    assert detailed["tenants"]["source"] in ("configuration", "redis", "last good copy")
+    assert "tenants" not in (await gw.http.get("/health")).json()
