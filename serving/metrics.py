@@ -228,6 +228,13 @@ class GatewayMetrics:
             ["tenant", "model"],
             registry=self.registry,
         )
+        self.tenant_tokens_charged = Counter(
+            PREFIX + "tenant_tokens_charged",
+            "Tokens charged to tenants' tokens-per-minute limits once their requests ended (usage, or "
+            "prompt estimate plus the tokens a cut stream delivered), by tenant and model.",
+            ["tenant", "model"],
+            registry=self.registry,
+        )
         self.tenant_tokens = Counter(
             PREFIX + "tenant_tokens",
             "Tokens by tenant, model and kind (prompt or completion), from the engines' usage.",

@@ -197,6 +197,9 @@ class Flight:
         delta = owed - self._charged
         if delta:
             await self._owner.limiter.correct_tokens(self.tenant, delta)
+        m = self._owner.metrics
+        label = self._owner.tenant_label(self.tenant.id)
+        m.tenant_tokens_charged.labels(tenant=label, model=m.model_label(self.model)).inc(owed)
 
 
 class _NoLeases:

@@ -45,6 +45,7 @@ TENANTS = {
     "capped": {"handoff": "allowed", "requests_per_minute": 1, "max_output_tokens": 4},
     "narrow": {"models": [SMOLLM]},
     "doomed": {},
+    "metered": {"tokens_per_minute": 100_000},
 }
 
 
@@ -229,6 +230,46 @@ def test_fan_out_is_capped_before_it_costs_anything(adv: Adversarial) -> None:
     assert prompts.status_code == 400
     assert prompts.json()["error"]["code"] == "fan_out_over_limit"
     assert chat(adv, "alpha").status_code == 200  # and the tenant is served as before
+
+
+def _charged(adv: Adversarial, tenant: str) -> float:
+    text = adv.get("/metrics", OPS_KEY).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("oss_serving_tenant_tokens_charged_total{") and f'tenant="{tenant}"' in line
+    )
+
+
+def test_a_client_hanging_up_mid_stream_pays_what_it_received(adv: Adversarial) -> None:
+    """Through the whole stack: the stream is cut after 20 chunks; the tenant is charged at
+    least those tokens (never refunded below them) and not the unused output reservation."""
+    before = _charged(adv, "metered")
+    body = {
+        "model": SMOLLM,
+        "messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    chunks = 0
+    with httpx.stream(
+        "POST",
+        adv.stack.api + "/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key('metered')}"},
+        timeout=120,
+    ) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                chunks += 1
+            if chunks >= 20:
+                break  # hang up
+    wait_for(lambda: _charged(adv, "metered") > before, 30, "the cut stream to be accounted")
+    charged = _charged(adv, "metered") - before
+    assert charged >= 19, f"charged {charged} tokens for at least 19 delivered"
+    assert charged < 400, f"charged {charged}: the unused output reservation should come back"
 
 
 def test_a_corrupt_tenant_record_does_not_stop_key_refresh(adv: Adversarial) -> None:

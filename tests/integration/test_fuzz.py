@@ -232,6 +232,21 @@ def test_non_finite_numbers_are_400(live_stack: LiveStack) -> None:
         assert assert_openai_400(post(live_stack, "/v1/chat/completions", body))["code"] == "invalid_json"
 
 
+def test_beam_search_with_extreme_length_penalty_is_400(live_stack: LiveStack) -> None:
+    """vLLM divided by ``len ** -1e78`` (ZeroDivisionError): 502, or after 200 in a stream."""
+    for stream in (False, True):
+        body = {
+            "model": SMOLLM,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "use_beam_search": True,
+            "length_penalty": -1e78,
+            "stream": stream,
+        }
+        resp = post(live_stack, "/v1/chat/completions", json.dumps(body).encode())
+        assert_openai_400(resp, param="length_penalty")
+
+
 def test_unpaired_surrogate_is_400(live_stack: LiveStack) -> None:
     body = b'{"model": "%s", "max_tokens": 4, "prompt": "hi \\ud800"}' % SMOLLM.encode()
     assert assert_openai_400(post(live_stack, "/v1/completions", body))["code"] == "invalid_json"

@@ -467,3 +467,40 @@ def test_vllm_error_answers_are_cleaned() -> None:
         assert (answer.status, answer.body["error"]["message"]) == (400, expected)
     server_error = SimpleNamespace(error=SimpleNamespace(message="boom", type="x", code=500, param=None))
     assert _error_json(server_error).body["error"]["message"] == "boom"  # the gateway replaces 5xx text
+
+
+@pytest.mark.parametrize("penalty", [-1e78, 1e78, -51, 51])
+def test_beam_search_length_penalty_out_of_range_is_400(penalty: float) -> None:
+    """vLLM divides by ``len ** length_penalty``: -1e78 was a ZeroDivisionError (502), and
+    in a stream an in-band server error after 200."""
+    body = {
+        "model": MODEL,
+        "prompt": "hi",
+        "max_tokens": 4,
+        "use_beam_search": True,
+        "length_penalty": penalty,
+    }
+    assert invalid(Endpoint.completions, body).param == "length_penalty"
+    chat = {**CHAT, "use_beam_search": True, "length_penalty": penalty, "stream": True}
+    assert invalid(Endpoint.chat, chat).param == "length_penalty"
+    assert validate_request(Endpoint.completions, {**body, "use_beam_search": False}, 2000) == MODEL
+    assert validate_request(Endpoint.completions, {**body, "length_penalty": 2.0}, 2000) == MODEL
+
+
+async def test_engine_answers_400_when_parameters_break_vllms_arithmetic() -> None:
+    from vllm.entrypoints.generate.beam_search.utils import create_sort_beams_key_function
+
+    class BeamSearch(_Server):
+        async def chat(self, request: Any, raw_request_info: Any = None) -> Any:
+            async def answer() -> Any:
+                key = create_sort_beams_key_function(eos_token_id=0, length_penalty=-1e78)
+                key(SimpleNamespace(tokens=[5, 6, 7], cum_logprob=-1.0))
+                yield
+
+            return answer()
+
+    items = [item async for item in BeamSearch(None).generate("chat", CHAT, {})]
+    assert len(items) == 1
+    assert isinstance(items[0], EngineJSON)
+    assert items[0].status == 400
+    assert "too extreme" in items[0].body["error"]["message"]
