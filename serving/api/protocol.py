@@ -120,33 +120,50 @@ def _lone_surrogate_error() -> InvalidRequestError:
     )
 
 
-def _check_values(data: Any, max_items: int, strings: bool) -> None:
-    """Array lengths, finite numbers and (when ``strings``) strings that are valid Unicode,
-    over the parsed body, without recursion."""
-    stack = [data]
-    while stack:
-        node = stack.pop()
-        if type(node) is list:
-            if len(node) > max_items:
-                raise InvalidRequestError(
-                    f"The request body has an array of {len(node)} items; at most {max_items} are allowed.",
-                    code="array_too_long",
-                )
-            children: Any = node
-        else:
-            children = node.values()
-            if strings and any(_lone_surrogate(key) for key in node):
-                raise _lone_surrogate_error()
-        for value in children:
-            kind = type(value)
-            if kind is dict or kind is list:
-                stack.append(value)
-            elif kind is float and not math.isfinite(value):
-                raise InvalidRequestError(
-                    "The request body has a number too large to represent; numbers must be finite.",
-                    code="invalid_json",
-                )
-            elif strings and kind is str and _lone_surrogate(value):
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+"""Integers vLLM can carry: its engine core receives requests as msgpack, whose integers
+are 64-bit; a larger one fails the request inside the engine (an unhelpful 502)."""
+
+
+def _check_values(data: dict[str, Any], max_items: int, strings: bool) -> None:
+    """Array lengths, finite numbers, 64-bit integers and (when ``strings``) strings that
+    are valid Unicode, over the parsed body, without recursion."""
+    for param, top in data.items():
+        if strings and _lone_surrogate(param):
+            raise _lone_surrogate_error()
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            kind = type(node)
+            if kind is list:
+                if len(node) > max_items:
+                    raise InvalidRequestError(
+                        f"The request body has an array of {len(node)} items; "
+                        f"at most {max_items} are allowed.",
+                        param=param,
+                        code="array_too_long",
+                    )
+                stack.extend(node)
+            elif kind is dict:
+                if strings and any(_lone_surrogate(key) for key in node):
+                    raise _lone_surrogate_error()
+                stack.extend(node.values())
+            elif kind is float:
+                if not math.isfinite(node):
+                    raise InvalidRequestError(
+                        "The request body has a number too large to represent; numbers must be finite.",
+                        param=param,
+                        code="invalid_json",
+                    )
+            elif kind is int:
+                if not _INT_MIN <= node <= _INT_MAX:
+                    raise InvalidRequestError(
+                        f"Invalid value for '{param}': integers must be within the 64-bit range "
+                        f"(-2**63 to 2**64 - 1).",
+                        param=param,
+                        code="invalid_value",
+                    )
+            elif strings and kind is str and _lone_surrogate(node):
                 raise _lone_surrogate_error()
 
 
@@ -155,10 +172,12 @@ def parse_json_body(raw: bytes, config: GatewayConfig | None = None) -> dict[str
 
     Limits: ``config.max_json_depth`` (nesting of arrays and objects, the body being level
     1) and ``config.max_array_items`` (items of any one array). ``None``: the defaults of
-    :class:`GatewayConfig`. Errors, all :class:`InvalidRequestError` with ``param`` null:
+    :class:`GatewayConfig`. Errors, all :class:`InvalidRequestError`:
     ``invalid_json`` (not UTF-8, not JSON, ``NaN`` or ``Infinity``, a non-finite or
-    over-long number, an unpaired surrogate escape, not an object), ``nesting_too_deep``
-    and ``array_too_long``.
+    over-long number, an unpaired surrogate escape, not an object), ``nesting_too_deep``,
+    ``array_too_long`` and ``invalid_value`` (an integer beyond 64 bits, which vLLM's
+    engine core cannot receive). ``param`` is the top-level key the offending value is in,
+    if any.
     """
     limits = config or _DEFAULTS
     try:

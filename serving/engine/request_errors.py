@@ -173,6 +173,7 @@ def describe(exc: BaseException, max_chars: int = 2000) -> RequestError:
     generic message. ``param`` is the parameter when pydantic's location or vLLM's error
     names it. The message is cut to ``max_chars``.
     """
+    exc = _generate_error_cause(exc) or exc
     param: str | None = None
     code = "invalid_value"
     status = 400
@@ -199,6 +200,15 @@ def describe(exc: BaseException, max_chars: int = 2000) -> RequestError:
     return RequestError(message[:max_chars], param, code, status)
 
 
+def _generate_error_cause(exc: BaseException) -> BaseException | None:
+    """What vLLM's ``AsyncLLM.generate`` wrapped in its ``EngineGenerateError`` (e.g. the
+    ``OverflowError`` of sending a request with an integer beyond 64 bits to the engine
+    core), if ``exc`` is one."""
+    if type(exc).__name__ == "EngineGenerateError" and exc.__cause__ is not None:
+        return exc.__cause__
+    return None
+
+
 def is_client_error(exc: BaseException, *, before_output: bool = False) -> bool:
     """Whether ``exc``, raised while preparing or running a request, is the request's fault.
 
@@ -208,7 +218,8 @@ def is_client_error(exc: BaseException, *, before_output: bool = False) -> bool:
     ``RecursionError`` (a value nested too deeply for a validator).
 
     ``before_output``: raised while vLLM turned a validated request into a prompt and
-    started on it, before any output. There ``AttributeError``, ``KeyError`` and
+    started on it, before any output. A client error that vLLM's engine wrapped in its
+    ``EngineGenerateError`` counts as what it wraps. There ``AttributeError``, ``KeyError`` and
     ``IndexError`` count too: vLLM's prompt rendering meets message shapes its request
     model accepts but it does not handle (gpt-oss's Harmony rendering calls ``.get`` on a
     message that validated as a Harmony ``Message``, iterates ``"tool_calls": null``, ...);
@@ -217,8 +228,12 @@ def is_client_error(exc: BaseException, *, before_output: bool = False) -> bool:
     ``length_penalty`` of ``-1e78``).
     """
     vllm = _vllm_errors()
-    if before_output and isinstance(exc, AttributeError | KeyError | IndexError | ArithmeticError):
-        return True
+    if before_output:
+        if isinstance(exc, AttributeError | KeyError | IndexError | ArithmeticError):
+            return True
+        cause = _generate_error_cause(exc)
+        if cause is not None:
+            return is_client_error(cause)
     return (
         (vllm is not None and isinstance(exc, vllm[0]))
         or isinstance(exc, ValueError | TypeError | OverflowError | RecursionError)

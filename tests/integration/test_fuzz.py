@@ -32,8 +32,8 @@ OPERATIONS = {
 MAX_OUTPUT_TOKENS = 16
 MAX_N = 2
 MAX_LOGPROBS = 5
-EXAMPLES_PER_RUN = 60
-"""Examples per operation and generation mode (positive, negative): 360 in all at most."""
+EXAMPLES_PER_RUN = 80
+"""Examples per operation and generation mode (positive, negative): 480 in all at most."""
 FUZZ_SECONDS = 100.0
 """Wall-clock budget of the fuzz, shared out evenly between the six runs."""
 REQUEST_TIMEOUT_S = 60.0
@@ -245,6 +245,14 @@ def test_beam_search_with_extreme_length_penalty_is_400(live_stack: LiveStack) -
         }
         resp = post(live_stack, "/v1/chat/completions", json.dumps(body).encode())
         assert_openai_400(resp, param="length_penalty")
+
+
+def test_integer_beyond_64_bits_is_400(live_stack: LiveStack) -> None:
+    """vLLM's engine core cannot receive it (msgpack): EngineGenerateError, 502."""
+    body = {"model": GPT_OSS, "input": "hi", "max_output_tokens": 2, "kv_transfer_params": {"x": 2**70}}
+    assert_openai_400(
+        post(live_stack, "/v1/responses", json.dumps(body).encode()), param="kv_transfer_params"
+    )
 
 
 def test_unpaired_surrogate_is_400(live_stack: LiveStack) -> None:

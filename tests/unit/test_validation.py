@@ -33,7 +33,6 @@ def rejected(raw: bytes, config: GatewayConfig | None = None) -> InvalidRequestE
     with pytest.raises(InvalidRequestError) as err:
         parse_json_body(raw, config)
     assert err.value.status == 400
-    assert err.value.param is None
     return err.value
 
 
@@ -113,7 +112,7 @@ def test_non_finite_numbers_are_400(value: str) -> None:
 )
 def test_not_a_json_object_is_invalid_json(raw: bytes) -> None:
     error = rejected(raw)
-    assert error.code == "invalid_json"
+    assert (error.code, error.param) == ("invalid_json", None)
     assert "sys." not in error.message
 
 
@@ -135,6 +134,15 @@ def test_unpaired_surrogates_are_invalid_json(raw: bytes) -> None:
 
 def test_paired_surrogates_are_text() -> None:
     assert parse_json_body(rb'{"prompt": "\ud83d\ude00 \\ud800"}')["prompt"] == "\U0001f600 \\ud800"
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**30])
+def test_integers_beyond_64_bits_are_400(value: int) -> None:
+    """vLLM's engine core receives requests as msgpack: such an integer anywhere it
+    forwards (``kv_transfer_params``, ``vllm_xargs``, ...) failed the request with a 502."""
+    error = rejected(json.dumps({"model": MODEL, "kv_transfer_params": {"x": [{"y": value}]}}).encode())
+    assert (error.param, error.code) == ("kv_transfer_params", "invalid_value")
+    assert parse_json_body(json.dumps({"seed": 2**64 - 1, "x": -(2**63)}).encode())
 
 
 def test_ordinary_body_parses() -> None:
@@ -504,3 +512,31 @@ async def test_engine_answers_400_when_parameters_break_vllms_arithmetic() -> No
     assert isinstance(items[0], EngineJSON)
     assert items[0].status == 400
     assert "too extreme" in items[0].body["error"]["message"]
+
+
+async def test_engine_answers_400_for_a_client_error_vllm_wrapped() -> None:
+    """AsyncLLM.generate wraps what failed a request in EngineGenerateError (a server error);
+    before any output, what it wraps decides."""
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    def failing(cause: BaseException) -> type[_Server]:
+        class Wrapped(_Server):
+            async def completions(self, request: Any, raw_request_info: Any = None) -> Any:
+                async def answer() -> Any:
+                    raise EngineGenerateError() from cause
+                    yield
+
+                return answer()
+
+        return Wrapped
+
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    overflow = OverflowError("can't serialize ints < -2**63 or > 2**64 - 1")
+    items = [item async for item in failing(overflow)(None).generate("completions", body, {})]
+    assert isinstance(items[0], EngineJSON)
+    assert items[0].status == 400
+    with pytest.raises(EngineGenerateError):
+        [
+            item
+            async for item in failing(RuntimeError("scheduler bug"))(None).generate("completions", body, {})
+        ]
