@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import httpx
 import openai
 import pytest
 
@@ -52,7 +53,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         },
     }
     with running_stack(tmp_path_factory.mktemp("routed"), config) as live:
+        _both_gateways_ready(live)
         yield live
+
+
+def _both_gateways_ready(live: LiveStack, timeout_s: float = 180) -> None:
+    """``up`` returns once the stack serves; each of the two gateway replicas decides
+    readiness from its own probes, so wait until readiness answers 200 many times in a row
+    (the proxy spreads the checks over both replicas)."""
+    deadline = time.monotonic() + timeout_s
+    in_a_row = 0
+    while in_a_row < 12:
+        assert time.monotonic() < deadline, "the gateway replicas did not all become ready"
+        try:
+            ok = httpx.get(live.base_url + "/health/ready", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        in_a_row = in_a_row + 1 if ok else 0
+        time.sleep(0.25)
 
 
 @pytest.fixture(scope="module")
