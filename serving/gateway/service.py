@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from serving.config import GatewayConfig, QueueConfig
 from serving.engine.protocol import EngineClient, EngineJSON, EngineSSE
+from serving.engine.request_errors import clean_message
 from serving.gateway.admission import Lease, QueueSnapshot
 from serving.gateway.auth import TenantDirectory
 from serving.gateway.context import RequestContext
@@ -509,8 +510,10 @@ class GatewayService:
             if "upstream" in extra:
                 message = f"The upstream {extra['upstream']!r} failed: {message}"
             kind, code, param = "server_error", code or "engine_error", None
-        elif kind in ("server_error", "error", "BadRequestError", "NotFoundError"):
-            kind = "invalid_request_error"
+        else:
+            message = clean_message(message)  # vLLM's own 4xx text, without exception detail
+            if kind in ("server_error", "error", "BadRequestError", "NotFoundError"):
+                kind = "invalid_request_error"
         limit = self._config.max_error_message_chars
         return EngineJSON(
             status,
