@@ -746,20 +746,7 @@ class Admission:
                 if state == -3:  # Redis lost our ticket (restart): queue again locally
                     raise RedisError("ticket lost")
             # No await from here on: the lease is in ``_leases`` before the waiter leaves.
-            now = time.monotonic()
-            lease = Lease(
-                ticket,
-                model,
-                tenant.id,
-                tenant.priority,
-                now,
-                now - arrived,
-                "redis",
-                request_id=request_id,
-                weight=weight,
-            )
-            self._leases[ticket] = lease
-            return lease
+            return self._hold(ticket, model, tenant, arrived, "redis", request_id, weight)
         finally:
             self._waiting.pop(ticket, None)
 
@@ -810,6 +797,19 @@ class Admission:
             slots = await self.local_queue.acquire(ticket, model, tenant, budget, weight)
         except TimeoutError:
             raise _waited_too_long(budget, False) from None
+        return self._hold(ticket, model, tenant, arrived, "local", request_id, slots)
+
+    def _hold(
+        self,
+        ticket: str,
+        model: str,
+        tenant: Tenant,
+        arrived: float,
+        backend: str,
+        request_id: str,
+        weight: int,
+    ) -> Lease:
+        """The granted lease, kept (renewed, reclaimed, released) from now on."""
         now = time.monotonic()
         lease = Lease(
             ticket,
@@ -818,9 +818,9 @@ class Admission:
             tenant.priority,
             now,
             now - arrived,
-            "local",
+            backend,
             request_id=request_id,
-            weight=slots,
+            weight=weight,
         )
         self._leases[ticket] = lease
         return lease
