@@ -273,7 +273,7 @@ class RedisQueue:
         keys = self.keys(model)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zcount(keys.wait, "-inf", f"({(priority.rank + 1) * lua.LANE}")
-            pipe.zcard(keys.leases)
+            pipe.zcount(keys.leases, _now_ms(), "+inf")
             pipe.hvals(keys.lease_weight)
             pipe.hget(keys.stats, "ewma_ms")
             ahead, leases, heavy, ewma = await pipe.execute()
@@ -401,7 +401,7 @@ class RedisQueue:
         async with self._redis.pipeline(transaction=False) as pipe:
             for p in PriorityClass:
                 pipe.zcount(keys.wait, p.rank * lua.LANE, f"({(p.rank + 1) * lua.LANE}")
-            pipe.zcard(keys.leases)
+            pipe.zcount(keys.leases, _now_ms(), "+inf")  # expired ones are reaped by the next script
             pipe.hvals(keys.lease_weight)
             pipe.hmget(keys.stats, ["expired", "ewma_ms", "abandoned"])
             *depths, leases, heavy, (expired, ewma, abandoned) = await pipe.execute()
@@ -537,6 +537,10 @@ class Admission:
         self.redis_queue = RedisQueue(redis, config, self.capacity) if redis is not None else None
         self.local_queue = LocalQueue(self.local_capacity)
         self._leases: dict[str, Lease] = {}
+        self._unreleased: dict[str, tuple[Lease, int]] = {}
+        """Leases given back here whose Redis release failed (Redis away or slow): released
+        in Redis again at every renewal until it answers (``RELEASE`` is idempotent), so a
+        blip never leaves a slot held until the lease expires and a script reaps it."""
         self._waiting: dict[str, Waiter] = {}
         self._degraded = redis is None
         self._task: asyncio.Task[None] | None = None
@@ -596,6 +600,7 @@ class Admission:
         cleanup: list[Awaitable[Any]] = [self._cancel_ticket(w) for w in waiters]
         if release_leases:
             cleanup += [self.release(lease) for lease in self.running()]
+            cleanup.append(self._release_again())
         if cleanup:
             log.info("admission stops: cancelling %d queued requests", len(waiters))
             await self._shielded(asyncio.gather(*cleanup, return_exceptions=True))
@@ -613,6 +618,7 @@ class Admission:
             if self.redis_queue is None:
                 continue
             try:
+                await self._release_again()
                 await self.redis_queue.renew(self.running(), self.waiting())
                 if self._degraded:
                     log.warning("Redis answers again: admission is shared again")
@@ -622,6 +628,22 @@ class Admission:
                     log.warning("Redis unreachable (%s): admitting locally", exc)
                 self._degraded = True
             raise_if_cancelling()  # renewal keeps going on Redis errors, a hidden cancel among them
+
+    async def _release_again(self) -> None:
+        """Release in Redis the leases whose release failed earlier (see ``_unreleased``)."""
+        queue = self.redis_queue
+        if queue is None or not self._unreleased:
+            return
+        pending = list(self._unreleased.values())
+        await asyncio.gather(*(queue.release(lease, service_ms) for lease, service_ms in pending))
+        for lease, _ in pending:
+            self._unreleased.pop(lease.ticket, None)
+        log.info("released %d leases in Redis that an earlier Redis error had left held", len(pending))
+
+    @property
+    def unreleased(self) -> int:
+        """Leases released here whose Redis release has not gone through yet."""
+        return len(self._unreleased)
 
     async def _reclaim_old_leases(self) -> None:
         if self._max_lease_age_s is None:
@@ -836,11 +858,15 @@ class Admission:
             self.local_queue.release(lease.ticket, lease.model)
         if self.redis_queue is None:
             return
+        service_ms = service_ms if lease.backend == "redis" else -1
         try:
             # A locally granted lease may have been written to Redis by the renewal task.
-            await self.redis_queue.release(lease, service_ms if lease.backend == "redis" else -1)
+            await self.redis_queue.release(lease, service_ms)
         except REDIS_DOWN:
-            self._degraded = True  # its Redis lease, if any, expires by itself
+            self._degraded = True
+            # Released again at the next renewal that reaches Redis (or, if this gateway
+            # dies first, its Redis lease expires by itself: nothing renews it any more).
+            self._unreleased[lease.ticket] = (lease, service_ms)
 
     async def snapshot(self, model: str) -> QueueSnapshot:
         snap: QueueSnapshot | None = None

@@ -206,6 +206,50 @@ async def test_renew_still_restores_a_lease_redis_lost(redis_client: aioredis.Re
     assert await gw.leases() == []
 
 
+async def test_a_release_that_redis_missed_goes_through_at_the_next_renewal(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    gw = Gateway(redis_client, prefix, capacity=1, ticket_heartbeat_s=0.3, lease_ttl_s=30.0)
+    await gw.admission.start()
+    try:
+        lease = await gw.admission.acquire("m", Tenant(id="a"), None)
+        release = gw.queue.release
+        failures = 1
+
+        async def flaky(*args: Any) -> None:  # the release runs past its budget once
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise TimeoutError
+            await release(*args)
+
+        gw.queue.release = flaky
+        await gw.admission.release(lease)
+        assert lease.released
+        assert gw.admission.running() == []
+        assert await gw.leases() == [lease.ticket]  # Redis still holds it ...
+        assert gw.admission.unreleased == 1
+        await _until(lambda: _len_is(gw.leases(), 0), 3.0)  # ... until the next renewal
+        assert gw.admission.unreleased == 0
+        assert await gw.tenant_active("a") == []
+        # The slot is free again without waiting for the lease to expire (30 s).
+        other = await asyncio.wait_for(gw.admission.acquire("m", Tenant(id="b"), None), 2.0)
+        await gw.admission.release(other)
+    finally:
+        await gw.admission.stop()
+
+
+async def test_an_expired_lease_is_not_counted_in_use(redis_client: aioredis.Redis, prefix: str) -> None:
+    gw = Gateway(redis_client, prefix, capacity=2, lease_ttl_s=0.2)
+    await gw.admission.acquire("m", Tenant(id="a"), None)  # never renewed nor released
+    assert (await gw.admission.snapshot("m")).in_use == 1
+    await asyncio.sleep(0.3)
+    # Still in the lease set until the next script reaps it, but no longer a slot in use.
+    assert len(await gw.leases()) == 1
+    assert (await gw.admission.snapshot("m")).in_use == 0
+    assert await gw.queue.predicted_wait_s("m", Tenant(id="b").priority) == 0.0
+
+
 # ------------------------------------------------------------------ cancelled enqueue
 @pytest.mark.parametrize("full", [False, True], ids=["granted-at-once", "queued"])
 async def test_a_cancel_during_enqueue_leaves_no_ticket(
