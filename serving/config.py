@@ -144,6 +144,40 @@ class StreamingConfig(_Strict):
     sends every ``n / items_per_s`` seconds (within the two bounds above)."""
 
 
+class FailoverConfig(_Strict):
+    """What the gateway does when one of the model's engine replicas fails or stalls
+    (``serving.gateway.failover``)."""
+
+    retry_attempts: int = Field(default=2, ge=0, le=8)
+    """Other local replicas tried when a request fails before its first byte (the engine
+    produced nothing, so a retry is safe). Then cloud failover (``handoff.failover``), then
+    an error."""
+
+    retry_budget_s: float = Field(default=30.0, gt=0)
+    """Longest all the retries of one request before its first byte may take together."""
+
+    migrate_streams: bool = True
+    """Continue a chat or completions stream on another replica when its replica dies or
+    stalls mid-stream: the rendered prompt and the tokens already streamed are sent as a raw
+    continuation and the new tokens are spliced into the same response."""
+
+    max_migrations: int = Field(default=2, ge=0, le=8)
+    """Migrations one stream may make."""
+
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest an engine may go without sending anything, before its first item or between
+    two: then it is taken for stalled, like a dead one (retry or migration), and its replica
+    is kept out of routing until it answers a probe again."""
+
+    quarantine_s: float = Field(default=60.0, gt=0)
+    """Longest a failed or stalled replica is kept out of routing when it answers no probe
+    (Ray Serve replaces a dead replica meanwhile)."""
+
+    announce_migration: bool = False
+    """Add ``"oss_serving": {"migrations": n}`` to the last chunk of a migrated stream (off by
+    default: strict clients may reject an unknown field)."""
+
+
 class ModelConfig(_Strict):
     """One served model."""
 
@@ -168,6 +202,9 @@ class ModelConfig(_Strict):
 
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     """How streamed chunks are batched on their way out of the engine replica."""
+
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    """Retries, stream migration and stall detection when an engine replica fails."""
 
     default_max_tokens: int = Field(default=4096, ge=1)
     """Output tokens a request gets when it names no limit (``max_tokens``,

@@ -210,6 +210,26 @@ class GatewayMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.engine_retries = Counter(
+            PREFIX + "engine_retries",
+            "Requests sent again to another engine replica after a failure before their first byte, "
+            "by model and cause (engine_error, stalled).",
+            ["model", "cause"],
+            registry=self.registry,
+        )
+        self.stream_migrations = Counter(
+            PREFIX + "stream_migrations",
+            "Streams continued on another engine replica after theirs died or stalled mid-stream, by "
+            "model, cause (engine_error, stalled) and outcome (continued, not_possible, exhausted).",
+            ["model", "cause", "outcome"],
+            registry=self.registry,
+        )
+        self.replicas_quarantined = Gauge(
+            PREFIX + "replicas_quarantined",
+            "Engine replicas this gateway keeps out of routing after they failed or stalled, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.leases_reclaimed = Counter(
             PREFIX + "leases_reclaimed",
             "Admission leases held past every time limit that the queue's safety net released, by model.",

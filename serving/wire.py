@@ -25,6 +25,7 @@ from typing import Any
 __all__ = [
     "DEADLINE_HEADER",
     "REQUEST_ID_HEADER",
+    "RETRIES_HEADER",
     "SSE_DONE",
     "Endpoint",
     "EngineJSON",
@@ -43,6 +44,9 @@ __all__ = [
 
 REQUEST_ID_HEADER = "x-request-id"
 DEADLINE_HEADER = "x-oss-deadline-ms"
+RETRIES_HEADER = "x-oss-engine-retries"
+"""Response header: how many times the request was sent to another engine replica before
+its first byte (absent: never)."""
 """Client header: the request must start within this many milliseconds, or get 503."""
 
 SSE_DONE = "data: [DONE]\n\n"

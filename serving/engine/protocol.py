@@ -19,7 +19,7 @@ Streaming contract of :meth:`EngineClient.generate`:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,3 +65,11 @@ class EngineClient(ABC):
     @abstractmethod
     async def stats(self, timeout_s: float) -> EngineStats:
         """Current load as the engines see it."""
+
+    async def probe(
+        self, timeout_s: float, *, only: str | None = None, avoid: Sequence[str] = ()
+    ) -> EngineStats:
+        """Stats of the one replica ``only`` (raise if it does not answer within
+        ``timeout_s``, or is gone), or of any replica but those in ``avoid``. Clients
+        without replicas ask any engine."""
+        return await self.stats(timeout_s)

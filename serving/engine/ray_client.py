@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE, EngineStats
+from serving.engine.routing_hints import HINT_AVOID, HINT_ONLY
 
 __all__ = ["RayEngineClient"]
 
@@ -20,6 +21,7 @@ class RayEngineClient(EngineClient):
         self._stream = handle.options(stream=True, method_name="generate")
         self._health = handle.options(method_name="check_health")
         self._stats = handle.options(method_name="stats")
+        self._probe = handle.options(method_name="probe")
 
     async def generate(
         self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
@@ -38,8 +40,26 @@ class RayEngineClient(EngineClient):
 
     async def stats(self, timeout_s: float) -> EngineStats:
         raw: dict[str, Any] = await asyncio.wait_for(self._stats.remote(), timeout=timeout_s)
-        return EngineStats(
-            unfinished_requests=int(raw.get("unfinished_requests", 0)),
-            replica_id=str(raw["replica_id"]) if raw.get("replica_id") else None,
-            max_num_seqs=int(raw["max_num_seqs"]) if raw.get("max_num_seqs") else None,
-        )
+        return _stats(raw)
+
+    async def probe(
+        self, timeout_s: float, *, only: str | None = None, avoid: Sequence[str] = ()
+    ) -> EngineStats:
+        hints = {HINT_ONLY: only} if only else {HINT_AVOID: ",".join(avoid)} if avoid else {}
+        if not hints:
+            return await self.stats(timeout_s)
+        response = self._probe.remote(hints)
+        try:
+            raw: dict[str, Any] = await asyncio.wait_for(response, timeout=timeout_s)
+        except BaseException:
+            response.cancel()  # a replica that is gone is never chosen: drop the pending call
+            raise
+        return _stats(raw)
+
+
+def _stats(raw: dict[str, Any]) -> EngineStats:
+    return EngineStats(
+        unfinished_requests=int(raw.get("unfinished_requests", 0)),
+        replica_id=str(raw["replica_id"]) if raw.get("replica_id") else None,
+        max_num_seqs=int(raw["max_num_seqs"]) if raw.get("max_num_seqs") else None,
+    )

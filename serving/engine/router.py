@@ -22,10 +22,13 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 
 from serving.engine.routing_hints import (
     HINT_AFFINITY,
+    HINT_AVOID,
     HINT_KEY_REPLICA,
+    HINT_ONLY,
     HINT_STRATEGY,
     ROUTED_REASON,
     ROUTED_REPLICA,
+    avoiding,
     decide,
     parse_affinity,
 )
@@ -35,11 +38,16 @@ __all__ = ["ROUTER_CLASS", "PrefixAffinityRouter", "hints_of"]
 ROUTER_CLASS = "serving.engine.router:PrefixAffinityRouter"
 
 
+_HINTS = (HINT_STRATEGY, HINT_AVOID, HINT_ONLY)
+
+
 def hints_of(pending_request: Any) -> dict[str, str] | None:
-    """The headers dict of a ``generate(endpoint, body, headers)`` call, if it carries hints."""
+    """The hints dict of a call, if it carries hints: the ``headers`` of
+    ``generate(endpoint, body, headers)`` or of ``probe(headers)``."""
     args = getattr(pending_request, "args", None) or []
-    if len(args) >= 3 and isinstance(args[2], dict) and HINT_STRATEGY in args[2]:
-        return args[2]
+    for arg in (args[2] if len(args) >= 3 else None, args[0] if len(args) == 1 else None):
+        if isinstance(arg, dict) and any(key in arg for key in _HINTS):
+            return arg
     return None
 
 
@@ -52,11 +60,16 @@ class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc
         self._rr = itertools.count()
 
     async def choose_replicas(self, candidate_replicas: list[Any], pending_request: Any = None) -> Any:
+        hints = hints_of(pending_request)
+        if hints is not None and (HINT_AVOID in hints or HINT_ONLY in hints):
+            allowed = set(avoiding([r.replica_id.unique_id for r in candidate_replicas], hints))
+            candidate_replicas = [r for r in candidate_replicas if r.replica_id.unique_id in allowed]
+            if not candidate_replicas:
+                return []  # a probe of a replica that is gone: it times out
         # Ray's default first: it also sets the routing context (locality, backoff).
         fallback = await super().choose_replicas(
             candidate_replicas=candidate_replicas, pending_request=pending_request
         )
-        hints = hints_of(pending_request)
         if hints is None or not fallback or len(candidate_replicas) < 2:
             if hints is not None:
                 hints[ROUTED_REASON] = "fallback"

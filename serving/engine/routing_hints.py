@@ -19,12 +19,15 @@ from dataclasses import dataclass
 
 __all__ = [
     "HINT_AFFINITY",
+    "HINT_AVOID",
     "HINT_KEY_REPLICA",
+    "HINT_ONLY",
     "HINT_STRATEGY",
     "REASONS",
     "ROUTED_REASON",
     "ROUTED_REPLICA",
     "Decision",
+    "avoiding",
     "decide",
     "format_affinity",
     "parse_affinity",
@@ -36,6 +39,11 @@ HINT_AFFINITY = "x-oss-route-affinity"
 """``replica=blocks,replica=blocks``: leading prompt blocks each replica was last sent."""
 HINT_KEY_REPLICA = "x-oss-route-key-replica"
 """Replica that last served this request's affinity key."""
+HINT_AVOID = "x-oss-route-avoid"
+"""Comma-separated replicas not to choose (failed or stalled ones); ignored when it would
+leave no replica at all."""
+HINT_ONLY = "x-oss-route-only"
+"""The one replica to send this call to (a probe of a quarantined replica)."""
 ROUTED_REPLICA = "x-oss-routed-replica"
 """Written by the router: the replica it chose."""
 ROUTED_REASON = "x-oss-routed-reason"
@@ -66,6 +74,17 @@ def parse_affinity(text: str | None) -> dict[str, int]:
         if rid and n.isdigit():
             out[rid] = int(n)
     return out
+
+
+def avoiding(candidates: list[str], hints: Mapping[str, str]) -> list[str]:
+    """The candidates the hints allow: only ``HINT_ONLY`` if it is given (possibly none),
+    else all but ``HINT_AVOID`` unless that leaves none (then all of them)."""
+    only = hints.get(HINT_ONLY)
+    if only:
+        return [rid for rid in candidates if rid == only]
+    avoid = {rid for rid in (hints.get(HINT_AVOID) or "").split(",") if rid}
+    kept = [rid for rid in candidates if rid not in avoid]
+    return kept or list(candidates)
 
 
 def decide(

@@ -309,6 +309,11 @@ class _OssServerMixin:
         async for batch in paced_batches(events(), self._pacer()):
             yield EngineSSE("".join(batch))
 
+    async def probe(self, headers: dict[str, str]) -> dict[str, Any]:
+        """``stats()`` of the replica the router chose by ``headers`` (``HINT_ONLY``): how the
+        gateway asks one quarantined replica whether it answers again."""
+        return await self.stats()
+
     async def stats(self) -> dict[str, Any]:
         """This replica: its id, requests its engine is generating, and its ``max_num_seqs``."""
         from ray import serve

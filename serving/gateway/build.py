@@ -20,6 +20,7 @@ from serving.engine.protocol import EngineClient
 from serving.engine.upstream import UpstreamClient
 from serving.gateway.admission import Admission
 from serving.gateway.auth import TenantDirectory, TenantStore
+from serving.gateway.failover import Failover
 from serving.gateway.flight import Flights
 from serving.gateway.handoff import (
     Counters,
@@ -133,6 +134,12 @@ def build_gateway(
         max_age_s=cfg.queue.max_wait_s + request_limit_s + LEAK_MARGIN_S,
     )
 
+    failover = Failover(cfg.models, metrics)
+
+    async def maintain() -> None:
+        await flights.reap()
+        await failover.probe(engines, cfg.gateway.health_check_timeout_s)
+
     async def ping() -> bool:
         assert redis is not None
         return bool(await redis.ping())
@@ -145,8 +152,9 @@ def build_gateway(
         queue,
         redis_ping=ping if redis is not None else None,
         scale_from_zero=frozenset(m.name for m in cfg.models if m.topology.min_replicas == 0),
-        on_tick=flights.reap,
+        on_tick=maintain,
         breaker=guard,
+        avoided=failover.quarantine.avoided,
     )
     handoff = _handoff(cfg, shared, metrics, health, admission, tenant_label, env, upstream_clients or {})
     caching = PromptCaching(cfg.routing, cfg.response_cache, metrics, shared)
@@ -166,6 +174,7 @@ def build_gateway(
         isolation=CacheIsolation(cfg.auth.cache_groups, env.get(cfg.auth.cache_salt_secret_env)),
         admin_keys=frozenset(cfg.auth.admin_key_sha256),
         limits=RequestLimits(cfg.models, chars_per_token=cfg.handoff.chars_per_token),
+        failover=failover,
         created_unix=created_unix,
     )
 

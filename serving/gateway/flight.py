@@ -97,6 +97,11 @@ class Flight:
         if lease is not None:
             await asyncio.shield(self._owner.admission.release(lease))
 
+    async def drop_stream(self) -> None:
+        """Cancel the engine request, keeping the lease (a retry or migration follows)."""
+        stream, self._stream = self._stream, None
+        await aclose_quietly(stream)
+
     async def leave_engine(self) -> None:
         """Cancel the engine request and give the lease back now (before a failover)."""
         stream, self._stream = self._stream, None

@@ -86,7 +86,9 @@ class EngineHealth:
         scale_from_zero: frozenset[str] = frozenset(),
         on_tick: Callable[[], Awaitable[Any]] | None = None,
         breaker: BreakerView | None = None,
+        avoided: Callable[[str], list[str]] = lambda model: [],
     ) -> None:
+        self._avoided = avoided
         self._breaker = breaker
         self._config = config
         self._queue_config = queue_config
@@ -178,9 +180,13 @@ class EngineHealth:
             health.last_probe = now
             self._metrics.model_ready.labels(model=name).set(1)
             return
+        avoided = self._avoided(name)
         try:
-            await engine.check_health(self._config.health_check_timeout_s)
-            stats = await engine.stats(self._config.health_check_timeout_s)
+            if avoided:  # a replica kept out of routing must not make the model look down
+                stats = await engine.probe(self._config.health_check_timeout_s, avoid=avoided)
+            else:
+                await engine.check_health(self._config.health_check_timeout_s)
+                stats = await engine.stats(self._config.health_check_timeout_s)
         except Exception as exc:  # any failure means "not ready"; the reason is kept (for the log)
             if health.ready:
                 log.warning("model %s became unready: %s", name, exc)

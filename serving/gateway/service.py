@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from serving.config import GatewayConfig, QueueConfig
 from serving.engine.protocol import EngineClient, EngineJSON, EngineSSE
 from serving.engine.request_errors import clean_message
+from serving.engine.routing_hints import ROUTED_REPLICA
 from serving.gateway.admission import Lease, QueueSnapshot
 from serving.gateway.auth import TenantDirectory
 from serving.gateway.context import RequestContext
@@ -45,6 +46,7 @@ from serving.gateway.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
 )
+from serving.gateway.failover import Failover, StreamSplice
 from serving.gateway.flight import Flight, Flights
 from serving.gateway.health import EngineHealth
 from serving.gateway.isolation import CacheIsolation
@@ -55,6 +57,7 @@ from serving.gateway.tenants import PriorityClass, Tenant, hash_key
 from serving.metrics import GatewayMetrics
 from serving.wire import (
     REQUEST_ID_HEADER,
+    RETRIES_HEADER,
     Endpoint,
     dumps,
     error_body,
@@ -222,8 +225,10 @@ class GatewayService:
         isolation: CacheIsolation,
         admin_keys: frozenset[str] = frozenset(),
         limits: RequestLimits | None = None,
+        failover: Failover | None = None,
         created_unix: int | None = None,
     ) -> None:
+        self._failover = failover or Failover([], metrics)
         self._config = config
         self._queue_config = queue_config
         self._engines = dict(engines)
@@ -373,36 +378,18 @@ class GatewayService:
         self.metrics.admissions.labels(model=ctx.model, priority=priority).inc()
         self.metrics.queue_wait.labels(model=ctx.model, priority=priority).observe(lease.waited_s)
         granted = time.perf_counter()
-        # 8: routing hints (the engine's router writes its choice back into ``headers``)
-        headers = {REQUEST_ID_HEADER: ctx.request_id}
-        await caching.route(headers)
-        # 9: the engine's first item; vLLM needs ids unique among running requests
-        # (and the tenant's cache salt: a client's own salt never crosses tenants)
-        engine_body = {
-            **ctx.body,
-            "request_id": f"{ctx.request_id}-{uuid.uuid4().hex[:8]}",
-            "cache_salt": ctx.cache_scope,
-        }
-        stream = engine.generate(ctx.endpoint, engine_body, headers)
-        flight.hold_stream(stream)
-        try:
-            first = await self._first(stream, granted)
-        except EngineFailedError as exc:
-            flight.detail = exc.message
-            await flight.leave_engine()
-            failed_over = await self._handoff.failover(ctx)
+        # 8-9: routing hints, and the engine's first item, retried on another replica
+        # when the engine failed or stalled before producing anything
+        run = await self._start_engine(engine, ctx, flight, caching, granted)
+        if run.first is None or (isinstance(run.first, EngineJSON) and run.first.status >= 500):
+            failed_over = await self._handoff.failover(ctx)  # every local attempt failed
             if failed_over is not None:
                 return await self._upstream_answer(failed_over, ctx, flight)
-            raise
-        caching.routed(headers)
+            if run.first is None:
+                raise EngineFailedError()
+        first = run.first
         if isinstance(first, EngineJSON):
             flight.usage = usage_pair(first.body.get("usage"))
-            if first.status >= 500:
-                flight.detail = _engine_message(first)
-                await flight.leave_engine()
-                failed_over = await self._handoff.failover(ctx)
-                if failed_over is not None:
-                    return await self._upstream_answer(failed_over, ctx, flight)
             answer = caching.answer(first) if first.status < 400 else self._error_answer(first, ctx)
             await flight.close(answer.status)
             return Answer(json=answer)
@@ -410,20 +397,79 @@ class GatewayService:
         self.metrics.ttft.labels(model=ctx.model, endpoint=ctx.endpoint.value).observe(
             time.perf_counter() - flight.started
         )
-        relay = self._relay(first, stream, flight, ctx, granted)
+        relay = self._relay(first, run, flight, ctx, granted, engine)
         return Answer(stream=ResponseStream(caching.stream(relay), flight))
 
     # ----------------------------------------------------------------- stages' helpers
+    async def _start_engine(
+        self,
+        engine: EngineClient,
+        ctx: RequestContext,
+        flight: Flight,
+        caching: Any,
+        granted: float,
+    ) -> _EngineRun:
+        """The engine's first item, its stream, its splice and routing headers.
+
+        A failure before the first byte (an exception, a 5xx answer, or nothing within the
+        idle timeout) is safe to retry: the replica is quarantined and the request goes to
+        another one, up to ``failover.retry_attempts`` times within ``retry_budget_s``.
+        When every attempt failed the run's ``first`` is None (or the last 5xx answer) and
+        the lease is given back."""
+        policy = self._failover.config(ctx.model)
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            headers = {REQUEST_ID_HEADER: ctx.request_id}
+            await caching.route(headers)
+            self._failover.quarantine.route(ctx.model, headers)
+            # vLLM needs ids unique among running requests (and the tenant's cache salt: a
+            # client's own salt never crosses tenants)
+            engine_body = {
+                **ctx.body,
+                "request_id": f"{ctx.request_id}-{uuid.uuid4().hex[:8]}",
+                "cache_salt": ctx.cache_scope,
+            }
+            splice = self._failover.splice(ctx.model, ctx.endpoint, ctx.body, engine_body)
+            stream = engine.generate(ctx.endpoint, engine_body, headers)
+            flight.hold_stream(stream)
+            cause: str | None = None
+            first: EngineJSON | EngineSSE | None = None
+            try:
+                first = await self._first(stream, granted, policy.idle_timeout_s)
+            except _Stalled:
+                cause, flight.detail = "stalled", "no answer within the idle timeout"
+            except EngineFailedError as exc:
+                cause, flight.detail = "engine_error", exc.message
+            if isinstance(first, EngineJSON) and first.status >= 500:
+                cause, flight.detail = "engine_error", _engine_message(first)
+            if cause is None:
+                caching.routed(headers)
+                return _EngineRun(first, stream, splice, headers)
+            self._failover.failed(ctx.model, headers.get(ROUTED_REPLICA), cause)
+            out_of_time = time.monotonic() - started > policy.retry_budget_s
+            if attempt >= policy.retry_attempts or out_of_time:
+                await flight.leave_engine()  # the lease goes back before any failover
+                return _EngineRun(first, stream, None, headers)
+            await flight.drop_stream()
+            attempt += 1
+            self._failover.retried(ctx.model, cause, ctx.request_id, attempt)
+            ctx.response_headers[RETRIES_HEADER] = str(attempt)
+
     async def _first(
-        self, stream: AsyncIterator[EngineJSON | EngineSSE], granted: float
+        self, stream: AsyncIterator[EngineJSON | EngineSSE], granted: float, idle_s: float
     ) -> EngineJSON | EngineSSE:
-        limit = self._config.request_timeout_s
+        loop = asyncio.get_running_loop()
+        left = self._config.request_timeout_s - (time.perf_counter() - granted)
+        stall = idle_s < left
         try:
-            async with asyncio.timeout_at(asyncio.get_running_loop().time() + limit):
+            async with asyncio.timeout_at(loop.time() + max(min(idle_s, left), 0.0)):
                 return await anext(stream)
         except TimeoutError:
+            if stall:
+                raise _Stalled() from None
             raise GatewayTimeoutError(
-                f"The request did not start within {limit:g} s.", code="timeout"
+                f"The request did not start within {self._config.request_timeout_s:g} s.", code="timeout"
             ) from None
         except StopAsyncIteration:
             raise EngineFailedError() from None
@@ -436,44 +482,108 @@ class GatewayService:
     async def _relay(
         self,
         first: EngineSSE,
-        stream: AsyncIterator[EngineJSON | EngineSSE],
+        run: _EngineRun,
         flight: Flight,
         ctx: RequestContext,
         granted: float,
+        engine: EngineClient,
     ) -> AsyncIterator[str]:
-        """The engine's events to the client, verbatim; errors become our in-band error."""
+        """The engine's events to the client, verbatim; a replica that dies or stalls
+        mid-stream is replaced by a continuation on another one (``run.splice``); other
+        errors become our in-band error."""
         deadline = granted + self._config.request_timeout_s
-        text, ended = self._in_band(first.text, flight, ctx)
-        yield text
-        if ended:
-            return
+        idle_s = self._failover.config(ctx.model).idle_timeout_s
+        splice, stream = run.splice, run.stream
+        item: EngineJSON | EngineSSE = first
+        noted = True  # the first item was noted when it came (its time is the TTFT)
         while True:
-            try:
-                async with asyncio.timeout(max(deadline - time.perf_counter(), 0.0)):
-                    item = await anext(stream)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                flight.status = 504
-                yield self._error_event(
-                    GatewayTimeoutError("The request ran past its time limit.", code="timeout"), ctx
-                )
-                return
-            except Exception as exc:
-                flight.status, flight.detail = 502, f"{type(exc).__name__}: {_first_line(exc)}"
-                log.warning("request_id=%s: engine failed mid-stream: %s", ctx.request_id, flight.detail)
-                yield self._error_event(EngineFailedError(), ctx)
-                return
-            if isinstance(item, EngineJSON):  # an error after the first byte: send it in-band
-                answer = self._error_answer(item, ctx)
+            cause: str | None = None
+            failure: EngineJSON | None = None
+            if isinstance(item, EngineJSON):  # an error after the first byte
+                failure = item
+                cause = "engine_error" if item.status >= 500 else None
+            else:
+                raw = item.text if splice is None else splice.relay(item.text)
+                if splice is not None:
+                    raw, failure = _split_server_error(raw)
+                    cause = "engine_error" if failure is not None else None
+                text, ended = self._in_band(raw, flight, ctx)
+                if text and not noted:
+                    flight.note_chunk(text)
+                noted = False
+                if text:
+                    yield text
+                if ended:
+                    return
+            if cause is not None and splice is not None:
+                moved = await self._migrate(engine, ctx, flight, splice, cause, run)
+                if moved:
+                    failure = cause = None
+            if failure is not None:
+                answer = self._error_answer(failure, ctx)
                 flight.status = answer.status
                 yield error_event(answer.body, endpoint=ctx.endpoint)
                 return
-            text, ended = self._in_band(item.text, flight, ctx)
-            flight.note_chunk(text)
-            yield text
-            if ended:
+            if cause is not None:
+                flight.status = 502
+                yield self._error_event(EngineFailedError(), ctx)
                 return
+            stream = run.stream
+            while True:  # the next item (a stalled or failed engine may be migrated meanwhile)
+                left = deadline - time.perf_counter()
+                try:
+                    async with asyncio.timeout(max(min(idle_s, left), 0.0)):
+                        item = await anext(stream)
+                    break
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if left <= idle_s:
+                        flight.status = 504
+                        yield self._error_event(
+                            GatewayTimeoutError("The request ran past its time limit.", code="timeout"), ctx
+                        )
+                        return
+                    cause, flight.detail = "stalled", "no token within the idle timeout"
+                except Exception as exc:
+                    cause, flight.detail = "engine_error", f"{type(exc).__name__}: {_first_line(exc)}"
+                    log.warning("request_id=%s: engine failed mid-stream: %s", ctx.request_id, flight.detail)
+                if splice is None or not await self._migrate(engine, ctx, flight, splice, cause, run):
+                    flight.status = 502
+                    yield self._error_event(EngineFailedError(), ctx)
+                    return
+                stream = run.stream
+
+    async def _migrate(
+        self,
+        engine: EngineClient,
+        ctx: RequestContext,
+        flight: Flight,
+        splice: StreamSplice,
+        cause: str,
+        run: _EngineRun,
+    ) -> bool:
+        """Continue ``splice``'s stream on another replica (``run`` gets its stream and
+        routing headers); False when it cannot be."""
+        self._failover.failed(ctx.model, run.headers.get(ROUTED_REPLICA), cause)
+        streamed = len(splice.generated)
+        body = None
+        outcome = "not_possible"
+        if splice.migrations >= self._failover.config(ctx.model).max_migrations:
+            outcome = "exhausted"
+        elif splice.can_migrate:
+            body = splice.continuation()
+        if body is None:
+            self._failover.migrated(ctx.model, cause, outcome, ctx.request_id, streamed)
+            return False
+        await flight.drop_stream()
+        body["request_id"] = f"{ctx.request_id}-{uuid.uuid4().hex[:8]}"
+        run.headers = {REQUEST_ID_HEADER: ctx.request_id}
+        self._failover.quarantine.route(ctx.model, run.headers)
+        run.stream = engine.generate(Endpoint.completions, body, run.headers)
+        flight.hold_stream(run.stream)
+        self._failover.migrated(ctx.model, cause, "continued", ctx.request_id, streamed)
+        return True
 
     def _in_band(self, text: str, flight: Flight, ctx: RequestContext) -> tuple[str, bool]:
         """``text`` with any engine error event rewritten to our error body; True if it had one."""
@@ -580,6 +690,37 @@ def _status_of(event: Mapping[str, Any]) -> int:
         if isinstance(value, int) and 400 <= value < 600:
             return value
     return 502
+
+
+def _split_server_error(text: str) -> tuple[str, EngineJSON | None]:
+    """``text`` up to its first in-band engine error of status 5xx, and that error."""
+    if '"error"' not in text:
+        return text, None
+    kept: list[str] = []
+    for event in text.split("\n\n"):
+        if not event.strip():
+            continue
+        data = sse_data_events(event)
+        is_error = bool(data) and ("error" in data[0] or data[0].get("type") == "error")
+        if is_error and error_fields(data[0]) is not None and _status_of(data[0]) >= 500:
+            return "".join(kept), EngineJSON(_status_of(data[0]), data[0])
+        kept.append(event + "\n\n")
+    return text, None
+
+
+class _Stalled(Exception):
+    """The engine sent nothing within the model's idle timeout."""
+
+
+@dataclass
+class _EngineRun:
+    """The engine request that serves a stream now (replaced when the stream migrates)."""
+
+    first: EngineJSON | EngineSSE | None
+    stream: AsyncIterator[EngineJSON | EngineSSE]
+    splice: StreamSplice | None
+    headers: dict[str, str]
+    """Its routing headers: the router wrote the replica it chose into them."""
 
 
 def _engine_message(answer: EngineJSON) -> str:
