@@ -41,6 +41,9 @@ class EngineStats:
     max_num_seqs: int | None = None
     """The most sequences its engine runs at once (vLLM's ``max_num_seqs``), if known."""
 
+    pid: int | None = None
+    """The replica's process id (for operators: which process to look at)."""
+
 
 class EngineClient(ABC):
     """One model's engines as the gateway sees them."""

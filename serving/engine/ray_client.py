@@ -62,4 +62,5 @@ def _stats(raw: dict[str, Any]) -> EngineStats:
         unfinished_requests=int(raw.get("unfinished_requests", 0)),
         replica_id=str(raw["replica_id"]) if raw.get("replica_id") else None,
         max_num_seqs=int(raw["max_num_seqs"]) if raw.get("max_num_seqs") else None,
+        pid=int(raw["pid"]) if raw.get("pid") else None,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -326,7 +327,12 @@ class _OssServerMixin:
             replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a Serve replica (tests)
             replica_id = "local"
-        return {"unfinished_requests": unfinished, "max_num_seqs": max_num_seqs, "replica_id": replica_id}
+        return {
+            "unfinished_requests": unfinished,
+            "max_num_seqs": max_num_seqs,
+            "replica_id": replica_id,
+            "pid": os.getpid(),
+        }
 
 
 class OssLLMServer(_OssServerMixin, LLMServer):  # type: ignore[misc]

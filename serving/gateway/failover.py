@@ -229,6 +229,9 @@ class StreamSplice:
     _harmony: HarmonyText | None = None
     _continuing: bool = False
     _sent_usage: bool = False
+    _resent: int = 0
+    """Token ids of the continuation the client already got (a header regenerated after a
+    cut-back): not sent to it twice."""
 
     @classmethod
     def start(
@@ -302,6 +305,7 @@ class StreamSplice:
             else:  # between messages or in a header: from the end of the last whole message
                 last_end = max((i for i, t in enumerate(prior) if t == HARMONY_END), default=-1)
                 prior = prior[: last_end + 1]
+        self._resent = len(self.generated) - len(prior)  # header tokens the client has had
         self.generated = prior
         limit = next((self.body[k] for k in _OUTPUT_KEYS if isinstance(self.body.get(k), int)), None)
         remaining = None if limit is None else int(limit) - len(prior)
@@ -371,7 +375,9 @@ class StreamSplice:
                 return None
             out["delta"] = delta
         if self.client_wants_ids and isinstance(tokens, list):
-            out["token_ids"] = tokens
+            skip = min(self._resent, len(tokens))
+            self._resent -= skip
+            out["token_ids"] = tokens[skip:]
         frame = self._frame([out], None)
         if finish and self.announce:
             frame["oss_serving"] = {"migrations": self.migrations}

@@ -98,6 +98,8 @@ class EngineHealth:
         self._redis_ping = redis_ping
         self._on_tick = on_tick
         self._replicas: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in self._engines}
+        self._seen: dict[str, dict[str, tuple[int | None, float]]] = {name: {} for name in self._engines}
+        """Replicas the probes reached lately: their process id and when."""
         self._expired_seen: dict[str, int] = {}
         self._reclaimed_seen: dict[str, int] = {}
         self._abandoned_seen: dict[str, int] = {}
@@ -200,6 +202,8 @@ class EngineHealth:
             health.ready = True
             health.last_error = None
             health.unfinished_requests = stats.unfinished_requests
+            if stats.replica_id:
+                self._seen[name][stats.replica_id] = (stats.pid, time.monotonic())
             if self._queue is not None:
                 self._update_capacity(name, stats)
         health.last_probe = now
@@ -214,12 +218,26 @@ class EngineHealth:
             self._redis_ok = False
         self._metrics.redis_up.set(1 if self._redis_ok else 0)
 
+    def _replicas_seen(self, name: str) -> dict[str, dict[str, Any]]:
+        """Replicas the probes reached in the last 30 s (probes go to any replica)."""
+        now = time.monotonic()
+        return {
+            rid: {"pid": pid, "seen_s_ago": round(now - at, 1)}
+            for rid, (pid, at) in sorted(self._seen.get(name, {}).items())
+            if now - at <= 30
+        }
+
     def report(self) -> dict[str, Any]:
         """Liveness, readiness per model, Redis reachability, the Redis circuit breaker
         (``redis_breaker``: closed or open, and ``redis_breaker_since_unix``) and the
         admission mode. An open breaker makes the status ``degraded``."""
         models = {
-            name: {**h.as_dict(), "scales_from_zero": name in self._scale_from_zero}
+            name: {
+                **h.as_dict(),
+                "scales_from_zero": name in self._scale_from_zero,
+                "replicas": self._replicas_seen(name),
+                "replicas_avoided": self._avoided(name),
+            }
             for name, h in self._health.items()
         }
         ready = all(h.ready for h in self._health.values())

@@ -26,6 +26,8 @@ from tests.redis_server import RedisServer
 SMOLLM = "smollm2-135m-instruct"
 GPT_OSS = "gpt-oss-tiny"
 MAX_BODY = 64 * 1024
+GPT_OSS_IDLE_S = 5.0
+"""gpt-oss-tiny's idle timeout on the shared stack: silent this long, its engine has stalled."""
 CAPACITY = 4
 """Admission capacity per engine replica of the shared stack: small, so that a leaked
 lease shows (the chaos test fills it)."""
@@ -99,6 +101,8 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
                 "source": "builtin:gpt-oss-tiny",
                 "engine_kwargs": {"max_model_len": 4096, "dtype": "bfloat16"},
                 "engine_env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                # test_migration_gpt_oss.py pauses its replica mid-stream
+                "failover": {"idle_timeout_s": GPT_OSS_IDLE_S, "announce_migration": True},
             },
         ],
         "gateway": {"port": port, "max_body_bytes": MAX_BODY, "health_check_interval_s": 1.0},

@@ -1,0 +1,366 @@
+"""Two vLLM CPU engine replicas of SmolLM2 behind two gateway replicas (two Ray Serve ingress
+processes): prefix-affinity routing over the prefix index they share in Redis, then
+failover, with real replicas paused (``SIGSTOP``) and killed (``SIGKILL``) mid-stream.
+
+The stack answers with its routing decision (``routing.decision_headers``): the gateway
+replica that took the request, the engine replica that served it and why. The Ray Serve
+proxy spreads requests over both gateways, so each test keeps sending until it has seen
+what it needs from both, within a bound.
+
+The failover tests come last (they kill replicas). Each finds the process of the replica
+that serves its stream from the routing headers and the detailed ``/health`` (which lists
+the replicas the probes reached, with their process ids).
+
+This module runs before the session's main stack starts (``OWN_STACK``) and stops its own
+stack when it ends, so the two never compete for the machine's cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.integration.conftest import SMOLLM, LiveStack, _free_port, running_stack, smollm_config
+
+pytestmark = pytest.mark.integration
+OWN_STACK = True  # runs before the session's shared stack (conftest.py)
+
+IMBALANCE = 1  # load wins once the affine replica runs more than one request more than the other
+IDLE_S = 6.0  # the engines' idle timeout: a replica silent for this long has stalled
+
+
+@dataclass(frozen=True)
+class Routed:
+    gateway: str
+    replica: str
+    route: str
+    cached_tokens: int
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    port = _free_port()
+    config = {
+        "models": [
+            {
+                **smollm_config(min_replicas=2, max_replicas=2),
+                "failover": {"idle_timeout_s": IDLE_S, "announce_migration": True, "quarantine_s": 60},
+            }
+        ],
+        "gateway": {"port": port, "num_replicas": 2, "health_check_interval_s": 1.0},
+        "auth": {"required": False},
+        "queue": {"key_prefix": f"osstest{port}"},
+        "routing": {
+            "key_prefix": f"osstest{port}:prefix",
+            "imbalance_threshold": IMBALANCE,
+            "decision_headers": True,
+        },
+    }
+    with running_stack(tmp_path_factory.mktemp("routed"), config) as live:
+        _both_gateways_ready(live)
+        yield live
+
+
+def _both_gateways_ready(live: LiveStack, timeout_s: float = 180) -> None:
+    """``up`` returns once the stack serves; each of the two gateway replicas decides
+    readiness from its own probes, so wait until readiness answers 200 many times in a row
+    (the proxy spreads the checks over both replicas)."""
+    deadline = time.monotonic() + timeout_s
+    in_a_row = 0
+    while in_a_row < 12:
+        assert time.monotonic() < deadline, "the gateway replicas did not all become ready"
+        try:
+            ok = httpx.get(live.base_url + "/health/ready", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        in_a_row = in_a_row + 1 if ok else 0
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def client(stack: LiveStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.api, api_key="local", max_retries=0, timeout=300)
+
+
+def long_system() -> str:
+    """A system prompt of several hundred tokens that no earlier request used."""
+    return f"[{uuid.uuid4().hex}] You answer for the payroll office. " + "Every rule is binding. " * 90
+
+
+def ask(client: openai.OpenAI, system: str, question: str) -> Routed:
+    raw = client.chat.completions.with_raw_response.create(
+        model=SMOLLM,
+        temperature=0,
+        max_tokens=2,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+    )
+    reply = raw.parse()
+    details = reply.usage.prompt_tokens_details if reply.usage else None
+    return Routed(
+        gateway=raw.headers["x-oss-serving-gateway"],
+        replica=raw.headers["x-oss-serving-replica"],
+        route=raw.headers["x-oss-serving-route"],
+        cached_tokens=(details.cached_tokens or 0) if details else 0,
+    )
+
+
+def settle() -> None:
+    """The index is updated in the background after the first byte; let it land."""
+    time.sleep(0.5)
+
+
+def test_a_shared_prefix_lands_on_one_replica_from_either_gateway(client: openai.OpenAI) -> None:
+    system = long_system()
+    first = ask(client, system, "question 0")
+    assert first.route == "fallback"  # nothing indexed yet: Ray's default chose
+    settle()
+    later: list[Routed] = []
+    while len({r.gateway for r in [first, *later]}) < 2 and len(later) < 40:
+        later.append(ask(client, system, f"question {len(later) + 1}"))
+    assert len({r.gateway for r in [first, *later]}) == 2, "the proxy never used the second gateway"
+    assert {r.replica for r in later} == {first.replica}
+    assert {r.route for r in later} == {"affinity"}
+    # And it paid: vLLM served the shared system prompt from the replica's prefix cache.
+    assert all(r.cached_tokens > 300 for r in later)
+
+
+def test_a_different_prefix_can_land_on_the_other_replica(client: openai.OpenAI) -> None:
+    anchor = ask(client, long_system(), "where are you?")
+    settle()
+    elsewhere = None
+    for attempt in range(30):
+        system = long_system()
+        routed = ask(client, system, f"attempt {attempt}")
+        if routed.replica != anchor.replica:
+            elsewhere = (system, routed)
+            break
+    assert elsewhere is not None, "every new prefix went to one replica"
+    system, routed = elsewhere
+    settle()
+    again = ask(client, system, "and again")
+    assert (again.replica, again.route) == (routed.replica, "affinity")
+    assert again.cached_tokens > 300
+
+
+def test_load_wins_over_affinity_when_the_affine_replica_is_busy(client: openai.OpenAI) -> None:
+    system = long_system()
+    home = ask(client, system, "warm up").replica
+    settle()
+    seen: list[tuple[str, str]] = []
+    with ExitStack() as streams:
+        # Long generations with the same prefix pile up on the affine replica until it runs
+        # more than IMBALANCE requests more than the idle one: then load must win.
+        for i in range(IMBALANCE + 4):
+            response = streams.enter_context(
+                client.chat.completions.with_streaming_response.create(
+                    model=SMOLLM,
+                    max_tokens=1000,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                    messages=[
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": f"Count slowly to a thousand, run {i}."},
+                    ],
+                )
+            )
+            seen.append((response.headers["x-oss-serving-route"], response.headers["x-oss-serving-replica"]))
+            if seen[-1][0] == "load":
+                break
+    assert seen[-1][0] == "load", seen
+    assert seen[-1][1] != home, seen
+    assert all(route == "affinity" and replica == home for route, replica in seen[:-1]), seen
+    assert len(seen) >= IMBALANCE + 1, seen
+
+
+# ------------------------------------------------------------------ failover (kills replicas: last)
+@dataclass
+class Streamed:
+    replica: str | None = None
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    finishes: list[str] = field(default_factory=list)
+    completion_tokens: int | None = None
+    migrations: int = 0
+    chunks: int = 0
+
+
+def stream_chat(
+    client: openai.OpenAI, content: str, on_chunk: Callable[[Streamed], None] | None = None
+) -> Streamed:
+    """One streamed chat request at temperature 0, with token ids and usage, read to its end
+    (the SDK raises on an in-band error event)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=SMOLLM,
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"return_token_ids": True},
+        messages=[{"role": "user", "content": content}],
+    )
+    out = Streamed(replica=raw.headers.get("x-oss-serving-replica"))
+    for chunk in raw.parse():
+        out.chunks += 1
+        extra = chunk.model_extra or {}
+        out.migrations = int((extra.get("oss_serving") or {}).get("migrations", out.migrations))
+        if chunk.usage is not None:
+            out.completion_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            out.text += choice.delta.content or ""
+            out.ids += list((choice.model_extra or {}).get("token_ids") or [])
+            if choice.finish_reason:
+                out.finishes.append(choice.finish_reason)
+        if on_chunk is not None:
+            on_chunk(out)
+    return out
+
+
+def replica_pid(live: LiveStack, replica: str, timeout_s: float = 60) -> int:
+    """The process of ``replica``, from the detailed ``/health`` of either gateway."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen = httpx.get(live.base_url + "/health", timeout=10).json()["models"][SMOLLM]["replicas"]
+        if seen.get(replica, {}).get("pid"):
+            return int(seen[replica]["pid"])
+        time.sleep(0.5)
+    raise AssertionError(f"no gateway reported the process of replica {replica}")
+
+
+def signal_tree(pid: int, sig: signal.Signals) -> None:
+    """``sig`` to the replica's process and its vLLM engine processes."""
+    proc = psutil.Process(pid)
+    for p in [*proc.children(recursive=True), proc]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def two_live_replicas(live: LiveStack, timeout_s: float = 420) -> dict[str, int]:
+    """Wait until the gateways report two replicas whose processes are alive (after a kill,
+    Ray Serve starts a replacement) and the model serves."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        report = httpx.get(live.base_url + "/health", timeout=10).json()["models"][SMOLLM]
+        alive = {
+            r: int(v["pid"])
+            for r, v in report["replicas"].items()
+            if v.get("pid") and psutil.pid_exists(v["pid"])
+        }
+        if len(alive) == 2 and report["ready"]:
+            return alive
+        time.sleep(1)
+    raise AssertionError("the killed replica was not replaced in time")
+
+
+COUNTING = "List the numbers from 1 to 30, separated by commas."
+
+
+def test_a_stream_whose_replica_pauses_continues_on_the_other_one(
+    stack: LiveStack, client: openai.OpenAI
+) -> None:
+    reference = stream_chat(client, COUNTING)
+    assert reference.finishes, reference
+    assert len(reference.ids) >= 12, reference
+    paused: list[int] = []
+    stopped_at: list[float] = []
+
+    def pause(out: Streamed) -> None:
+        if out.chunks == 6 and not paused:
+            assert out.replica is not None
+            paused.append(replica_pid(stack, out.replica))
+            signal_tree(paused[0], signal.SIGSTOP)
+            stopped_at.append(time.monotonic())
+
+    try:
+        moved = stream_chat(client, COUNTING, on_chunk=pause)
+        took = time.monotonic() - stopped_at[0]
+    finally:
+        if paused:
+            signal_tree(paused[0], signal.SIGCONT)
+    assert paused, "the stream ended before the pause"
+    assert moved.migrations == 1
+    assert moved.ids == reference.ids  # every token once: the continuation got exactly the prefix
+    assert moved.text == reference.text
+    assert moved.finishes == reference.finishes
+    assert moved.completion_tokens == len(moved.ids)
+    assert took < IDLE_S + 30, f"the stream took {took:.1f} s after the pause"
+    # The paused replica answers again: no gateway keeps it out of routing any more.
+    deadline = time.monotonic() + 90
+    clear = 0
+    while clear < 8:
+        assert time.monotonic() < deadline, "the resumed replica stayed out of routing"
+        report = httpx.get(stack.base_url + "/health", timeout=10).json()["models"][SMOLLM]
+        clear = clear + 1 if not report["replicas_avoided"] else 0
+        time.sleep(0.25)
+
+
+def test_a_stream_whose_replica_is_killed_continues_and_new_requests_never_see_it(
+    stack: LiveStack, client: openai.OpenAI
+) -> None:
+    reference = stream_chat(client, COUNTING)
+    killed: list[int] = []
+
+    def kill(out: Streamed) -> None:
+        if out.chunks == 6 and not killed:
+            assert out.replica is not None
+            killed.append(replica_pid(stack, out.replica))
+            signal_tree(killed[0], signal.SIGKILL)
+
+    moved = stream_chat(client, COUNTING, on_chunk=kill)
+    assert killed, "the stream ended before the kill"
+    assert moved.migrations == 1
+    assert moved.ids == reference.ids
+    assert moved.text == reference.text
+    assert moved.finishes == reference.finishes
+    assert moved.completion_tokens == len(moved.ids)
+    # Requests sent right after the kill (before Ray Serve notices it) are answered: a
+    # gateway that routes one to the dead replica retries it on the live one.
+    for i in range(6):
+        reply = client.chat.completions.create(
+            model=SMOLLM, max_tokens=4, messages=[{"role": "user", "content": f"Say hi ({i})."}]
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    log = stack.log_file.read_text(errors="replace")
+    assert "migration continued" in log
+
+
+def test_sixteen_streams_survive_a_replica_killed_under_them(stack: LiveStack, client: openai.OpenAI) -> None:
+    alive = two_live_replicas(stack)
+    started = threading.Barrier(17)
+    replicas: list[str | None] = []
+
+    def one(k: int) -> Streamed:
+        seen = [False]
+
+        def note(out: Streamed) -> None:
+            if out.chunks == 3 and not seen[0]:
+                seen[0] = True
+                replicas.append(out.replica)
+                started.wait(timeout=120)
+
+        return stream_chat(client, f"List the numbers from {k} to {k + 30}, separated by commas.", note)
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, k) for k in range(16)]
+        started.wait(timeout=120)  # every stream has its first chunks
+        victim = next(r for r in replicas if r in alive)
+        signal_tree(alive[victim], signal.SIGKILL)
+        results = [f.result(timeout=300) for f in futures]
+    on_victim = sum(r == victim for r in replicas)
+    assert on_victim > 0
+    for out in results:
+        assert len(out.finishes) == 1, out  # one finish_reason, no error (the SDK raises on one)
+        assert out.completion_tokens == len(out.ids), out  # every token counted once
+        assert out.text
+    assert sum(out.migrations for out in results) >= on_victim
