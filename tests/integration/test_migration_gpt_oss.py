@@ -15,7 +15,6 @@ harmony streams in ``tests/unit/test_failover.py``).
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 import time
@@ -23,10 +22,10 @@ from dataclasses import dataclass, field
 
 import httpx
 import openai
-import psutil
 import pytest
 
 from tests.integration.conftest import GPT_OSS, GPT_OSS_IDLE_S, LiveStack
+from tests.integration.replica_processes import signal_tree
 
 pytestmark = pytest.mark.integration
 
@@ -80,13 +79,6 @@ def engine_pid(live: LiveStack) -> int:
             return pids[0]
         time.sleep(0.5)
     raise AssertionError("no gateway reported the gpt-oss replica's process")
-
-
-def signal_tree(pid: int, sig: signal.Signals) -> None:
-    proc = psutil.Process(pid)
-    for p in [*proc.children(recursive=True), proc]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(sig)
 
 
 def test_a_paused_gpt_oss_stream_continues_with_its_channels_intact(live_stack: LiveStack) -> None:

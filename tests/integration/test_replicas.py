@@ -17,7 +17,6 @@ stack when it ends, so the two never compete for the machine's cores.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ import psutil
 import pytest
 
 from tests.integration.conftest import SMOLLM, LiveStack, _free_port, running_stack, smollm_config
+from tests.integration.replica_processes import signal_tree
 
 pytestmark = pytest.mark.integration
 OWN_STACK = True  # runs before the session's shared stack (conftest.py)
@@ -236,14 +236,6 @@ def replica_pid(live: LiveStack, replica: str, timeout_s: float = 60) -> int:
             return int(seen[replica]["pid"])
         time.sleep(0.5)
     raise AssertionError(f"no gateway reported the process of replica {replica}")
-
-
-def signal_tree(pid: int, sig: signal.Signals) -> None:
-    """``sig`` to the replica's process and its vLLM engine processes."""
-    proc = psutil.Process(pid)
-    for p in [*proc.children(recursive=True), proc]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(sig)
 
 
 def two_live_replicas(live: LiveStack, timeout_s: float = 420) -> dict[str, int]:
