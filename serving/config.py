@@ -165,9 +165,11 @@ class FailoverConfig(_Strict):
     """Migrations one stream may make."""
 
     idle_timeout_s: float = Field(default=60.0, gt=0)
-    """Longest an engine may go without sending anything, before its first item or between
-    two: then it is taken for stalled, like a dead one (retry or migration), and its replica
-    is kept out of routing until it answers a probe again."""
+    """Longest an engine may go without sending anything in a stream, before its first item
+    or between two: then it is taken for stalled, like a dead one (retry or migration), and
+    its replica is kept out of routing until it answers a probe again. (A non-streamed
+    answer comes whole after its generation: it is bounded by
+    ``gateway.request_timeout_s`` only.)"""
 
     quarantine_s: float = Field(default=60.0, gt=0)
     """Longest a failed or stalled replica is kept out of routing when it answers no probe

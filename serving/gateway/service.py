@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -417,6 +418,9 @@ class GatewayService:
         When every attempt failed the run's ``first`` is None (or the last 5xx answer) and
         the lease is given back."""
         policy = self._failover.config(ctx.model)
+        # A non-streamed answer comes whole, after the entire generation: only a stream's
+        # first item is expected within the idle timeout.
+        idle_s = policy.idle_timeout_s if ctx.body.get("stream") else math.inf
         started = time.monotonic()
         attempt = 0
         while True:
@@ -436,7 +440,7 @@ class GatewayService:
             cause: str | None = None
             first: EngineJSON | EngineSSE | None = None
             try:
-                first = await self._first(stream, granted, policy.idle_timeout_s)
+                first = await self._first(stream, granted, idle_s)
             except _Stalled:
                 cause, flight.detail = "stalled", "no answer within the idle timeout"
             except EngineFailedError as exc:

@@ -70,6 +70,8 @@ class Replicas(EngineClient):
             raise RuntimeError("replica died before its first token")
         if kind == "hang":
             await asyncio.sleep(3600)
+        if kind == "slow":
+            await asyncio.sleep(after)
         if not body.get("stream"):
             message = {"role": "assistant", "content": "".join(word(t) for t in self.tokens)}
             choice = {"index": 0, "message": message, "finish_reason": "length"}
@@ -314,6 +316,17 @@ async def test_a_stall_before_the_first_byte_is_retried_too() -> None:
         assert status == 200
         assert _content(_events(text)) == EXPECTED
         assert g.metric("oss_serving_engine_retries_total", model=MODEL, cause="stalled") == 1
+    finally:
+        await g.close()
+
+
+async def test_a_long_non_streamed_generation_is_not_taken_for_a_stall() -> None:
+    engine = Replicas({"a": ("slow", 1)})  # a whole answer after 1 s; idle timeout 0.3 s
+    g = await _gateway(engine)
+    try:
+        response = await g.http.post("/v1/chat/completions", json=JSON_BODY)
+        assert response.status_code == 200
+        assert len(engine.calls) == 1
     finally:
         await g.close()
 
