@@ -288,6 +288,10 @@ class GatewayConfig(_Strict):
     health_check_timeout_s: float = Field(default=10.0, gt=0)
     """How long one engine health probe may take before it counts as failed."""
 
+    unready_after_failures: int = Field(default=3, ge=1)
+    """Consecutive failed probes before a ready model is taken for unready (one slow probe
+    under load, or one stalled replica, does not turn traffic away)."""
+
     max_error_message_chars: int = Field(default=2000, ge=100)
     """Error messages returned to clients are cut to this length."""
 

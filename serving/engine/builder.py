@@ -20,6 +20,10 @@ __all__ = ["ENGINE_DEPLOYMENT_PREFIX", "build_engine_deployment", "deployment_na
 ENGINE_DEPLOYMENT_PREFIX = "engine-"
 
 
+PROBE_HEADROOM = 4
+"""Calls an engine replica takes beyond ``topology.max_ongoing_requests``: room for probes."""
+
+
 def deployment_name(model: ModelConfig) -> str:
     """Ray Serve deployment name of a model's engines."""
     return ENGINE_DEPLOYMENT_PREFIX + model.name.replace("/", "--").replace(".", "_")
@@ -47,7 +51,9 @@ def llm_config_kwargs(
     # weight cache must be allowed to download.
     env = {**({"HF_HUB_OFFLINE": "1"} if local else {}), **extra_env, **model.engine_env}
     deployment: dict[str, Any] = {
-        "max_ongoing_requests": topo.max_ongoing_requests,
+        # Headroom above the requests' limit: the gateway's health probes (and its probes
+        # of a quarantined replica) never wait behind a full replica.
+        "max_ongoing_requests": topo.max_ongoing_requests + PROBE_HEADROOM,
         "autoscaling_config": {
             "min_replicas": topo.min_replicas,
             "max_replicas": topo.max_replicas,
@@ -57,15 +63,18 @@ def llm_config_kwargs(
             "downscale_delay_s": topo.downscale_delay_s,
         },
     }
-    if routing is not None and routing.enabled and topo.kind == "replicas" and topo.max_replicas > 1:
-        # Prefix affinity balanced with load (serving.engine.router); one replica needs no router.
+    if topo.kind == "replicas" and topo.max_replicas > 1:
+        # Our router (serving.engine.router): prefix affinity balanced with load when routing
+        # is on, and always the failover hints (a quarantined replica is avoided). Without
+        # hints it is Ray's default. One replica needs no router.
         from serving.engine.router import ROUTER_CLASS
 
+        rules = routing or RoutingConfig()
         deployment["request_router_config"] = {
             "request_router_class": ROUTER_CLASS,
             "request_router_kwargs": {
-                "imbalance_threshold": routing.imbalance_threshold,
-                "min_match_blocks": routing.min_match_blocks,
+                "imbalance_threshold": rules.imbalance_threshold,
+                "min_match_blocks": rules.min_match_blocks,
             },
         }
     if device == "CPU":

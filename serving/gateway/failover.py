@@ -116,10 +116,9 @@ class Quarantine:
         return sorted(held)
 
     def route(self, model: str, headers: dict[str, str]) -> None:
-        """Add the avoid hint to a request's routing headers."""
-        avoided = self.avoided(model)
-        if avoided:
-            headers[HINT_AVOID] = ",".join(avoided)
+        """Add the avoid hint to a request's routing headers: always (empty when no replica
+        is held), so the router also reports the replica it chose when routing is off."""
+        headers[HINT_AVOID] = ",".join(self.avoided(model))
 
     def release(self, model: str, replica: str) -> None:
         if (self._held.get(model) or {}).pop(replica, None) is not None:

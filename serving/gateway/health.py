@@ -60,6 +60,8 @@ class ModelHealth:
     last_probe: float | None = None
     ready_since: float | None = None
     unfinished_requests: int | None = None
+    failures: int = 0
+    """Consecutive failed probes."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -189,13 +191,15 @@ class EngineHealth:
             else:
                 await engine.check_health(self._config.health_check_timeout_s)
                 stats = await engine.stats(self._config.health_check_timeout_s)
-        except Exception as exc:  # any failure means "not ready"; the reason is kept (for the log)
-            if health.ready:
-                log.warning("model %s became unready: %s", name, exc)
-            health.ready = False
-            health.ready_since = None
+        except Exception as exc:  # failures make it "not ready"; the reason is kept (for the log)
+            health.failures += 1
             health.last_error = type(exc).__name__
+            if health.ready and health.failures >= self._config.unready_after_failures:
+                log.warning("model %s became unready: %s", name, exc)
+                health.ready = False
+                health.ready_since = None
         else:
+            health.failures = 0
             if not health.ready:
                 log.info("model %s is ready", name)
                 health.ready_since = now

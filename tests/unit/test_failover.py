@@ -446,3 +446,26 @@ async def test_a_harmony_stream_keeps_reasoning_and_content_apart_across_the_spl
         assert status == 200, text
         whole[cut or 0] = (_content(events, "reasoning"), _content(events, "content"))
     assert set(whole.values()) == {("I think so.", "It is four.")}, whole
+
+
+async def test_one_failed_probe_does_not_turn_traffic_away() -> None:
+    engine = Replicas()
+    g = await _gateway(engine)
+    try:
+        assert g.service.health.is_ready(MODEL)
+        healthy = engine.check_health
+
+        async def slow(timeout_s: float) -> None:
+            raise TimeoutError  # a probe stuck behind a stalled replica
+
+        engine.check_health = slow  # type: ignore[method-assign]
+        for _ in range(g.config.gateway.unready_after_failures - 1):
+            await g.service.health.probe_once()
+        assert g.service.health.is_ready(MODEL)
+        await g.service.health.probe_once()
+        assert not g.service.health.is_ready(MODEL)
+        engine.check_health = healthy  # type: ignore[method-assign]
+        await g.service.health.probe_once()
+        assert g.service.health.is_ready(MODEL)
+    finally:
+        await g.close()
