@@ -65,11 +65,23 @@ class PrefixAffinityRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc
             allowed = set(avoiding([r.replica_id.unique_id for r in candidate_replicas], hints))
             candidate_replicas = [r for r in candidate_replicas if r.replica_id.unique_id in allowed]
             if not candidate_replicas:
-                return []  # a probe of a replica that is gone: it times out
+                # A probe of a replica that is gone: Ray retries, and it times out. Ray's
+                # retry loop only sleeps (backs off) when told to; without this it would
+                # spin without ever yielding the event loop.
+                context = getattr(pending_request, "routing_context", None)
+                if context is not None:
+                    context.should_backoff = True
+                return []
         # Ray's default first: it also sets the routing context (locality, backoff).
         fallback = await super().choose_replicas(
             candidate_replicas=candidate_replicas, pending_request=pending_request
         )
+        if hints is not None and len(candidate_replicas) < len(self._replicas_list):
+            # Ray's default picks from its own replica sets (locality), not the candidates.
+            kept = {r.replica_id.unique_id for r in candidate_replicas}
+            ranks = ([r for r in rank if r.replica_id.unique_id in kept] for rank in fallback)
+            fallback = [rank for rank in ranks if rank]
+            fallback = fallback or [candidate_replicas]
         if hints is None or not fallback or len(candidate_replicas) < 2:
             if hints is not None:
                 hints[ROUTED_REASON] = "fallback"

@@ -4,6 +4,8 @@ gateway's half over a shared Redis index (two gateways, fake engines with two re
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +20,9 @@ from serving.engine.protocol import Endpoint, EngineJSON, EngineSSE
 from serving.engine.router import PrefixAffinityRouter
 from serving.engine.routing_hints import (
     HINT_AFFINITY,
+    HINT_AVOID,
     HINT_KEY_REPLICA,
+    HINT_ONLY,
     HINT_STRATEGY,
     ROUTED_REASON,
     ROUTED_REPLICA,
@@ -183,6 +187,43 @@ async def test_router_writes_chosen_replica_back_into_the_hints() -> None:
     hints = {HINT_STRATEGY: "prefix"}
     router.on_request_routed(pending(hints), b.replica_id, None)
     assert hints[ROUTED_REPLICA] == "b"
+
+
+async def test_router_avoids_quarantined_replicas_unless_none_would_be_left() -> None:
+    a, b = FakeReplica("a"), FakeReplica("b")
+    router = make_router(a, b)
+    for _ in range(8):  # power of two would pick "a" about half the time
+        assert ids(await router.choose_replicas([a, b], pending({HINT_AVOID: "a"})))[0] == ["b"]
+    both = ids(await router.choose_replicas([a, b], pending({HINT_AVOID: "a,b"})))
+    assert sorted(both[0]) == ["a", "b"]
+
+
+def test_a_probe_of_a_gone_replica_backs_off_instead_of_spinning() -> None:
+    """Ray's routing loop retries an empty choice at once unless told to back off; a spin
+    there never yields the event loop (it once stalled a whole gateway replica). Run in a
+    thread of its own, so a regression fails here instead of hanging the suite."""
+    outcome: list[str] = []
+
+    def probe() -> None:
+        async def main() -> None:
+            a = FakeReplica("a")
+            router = make_router(a)
+            request = PendingRequest(
+                args=[{HINT_ONLY: "gone"}],
+                kwargs={},
+                metadata=RequestMetadata(request_id="p", internal_request_id="p"),
+            )
+            try:
+                await asyncio.wait_for(router._choose_replica_for_request(request), 0.5)
+            except TimeoutError:
+                outcome.append("timed out")
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert outcome == ["timed out"]
 
 
 # ------------------------------------------------------------------ gateway half, two gateways
