@@ -9,8 +9,11 @@ probes, probing the replicas that have no fresh entry), applies
 reason back into the same dict, where the gateway reads them to update the shared prefix
 index. The hints' names and format are defined in :mod:`serving.engine.routing_hints`.
 
-Requests without hints (the feature off, other callers, health checks) and deployments
-with one replica get exactly Ray Serve's default power-of-two-choices routing.
+Every gateway request also carries ``HINT_AVOID`` (the replicas its gateway keeps out of
+routing after a failure: they are skipped while another replica is left), and a probe of
+one quarantined replica carries ``HINT_ONLY``. Requests without strategy hints (routing
+off, other callers, health checks) get Ray Serve's default power-of-two-choices routing
+among the allowed replicas; deployments with one replica have no router.
 """
 
 from __future__ import annotations
