@@ -420,7 +420,7 @@ class StreamSplice:
                 continue
             kept = each(data)
             if kept is not None:
-                out.append("data: " + json.dumps(kept, separators=(",", ":")) + "\n\n")
+                out.append("data: " + json.dumps(kept, separators=(",", ":"), ensure_ascii=False) + "\n\n")
         return "".join(out)
 
 
