@@ -262,6 +262,9 @@ class StreamSplice:
         if isinstance(ids, list) and self.prompt_ids is None:
             self.prompt_ids = [int(t) for t in ids]
         for choice in data.get("choices") or ():
+            ids = choice.get("prompt_token_ids")  # where completions streams carry them
+            if isinstance(ids, list) and self.prompt_ids is None:
+                self.prompt_ids = [int(t) for t in ids]
             tokens = choice.get("token_ids")
             if isinstance(tokens, list):
                 self.generated.extend(int(t) for t in tokens)
@@ -277,6 +280,7 @@ class StreamSplice:
                 self.finished = True
             if not self.client_wants_ids:
                 choice.pop("token_ids", None)
+                choice.pop("prompt_token_ids", None)
         if not self.client_wants_ids:
             data.pop("prompt_token_ids", None)
             data.pop("prompt_text", None)

@@ -107,8 +107,10 @@ class Replicas(EngineClient):
             "model": MODEL,
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
         }
-        if body.get("return_token_ids"):
+        if body.get("return_token_ids") and endpoint is Endpoint.chat:
             head["prompt_token_ids"] = PROMPT_IDS
+        elif body.get("return_token_ids"):  # completions streams carry them in the choice
+            head["choices"] = [{"index": 0, "text": "", "prompt_token_ids": PROMPT_IDS}]
         yield EngineSSE(f"data: {json.dumps(head)}\n\n")
         limit = int(body.get("max_tokens") or len(self.tokens))
         for i, t in enumerate(self.tokens[:limit]):
@@ -243,6 +245,8 @@ async def test_completions_streams_migrate_too() -> None:
         assert status == 200
         # (the fake answers a completions request in the chat shape before the failure)
         assert _content(_events(text)) == EXPECTED
+        assert "prompt_token_ids" not in text
+        assert engine.calls[1][2]["prompt"] == PROMPT_IDS + list(range(5))
     finally:
         await g.close()
 
