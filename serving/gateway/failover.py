@@ -161,10 +161,13 @@ class HarmonyText:
     header: str | None = None
     """The header being read (after ``<|start|>`` or ``<|channel|>``), until ``<|message|>``."""
     pending: str = ""
+    raw: str = ""
+    """Everything since the last message ended, markers included (see :meth:`finish`)."""
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         """(channel, text) pieces of message text in ``text``."""
         out: list[tuple[str, str]] = []
+        self.raw += text
         data, self.pending = self.pending + text, ""
         while data:
             at = data.find("<|")
@@ -200,6 +203,13 @@ class HarmonyText:
             self.header = None
         else:  # <|end|>, <|return|>, <|call|>
             self.channel = self.header = None
+            self.raw = ""
+
+    def finish(self) -> str:
+        """What vLLM sends as ``content`` when a generation ends outside any message (no
+        header closed, e.g. a model that never wrote one): the raw text since the last
+        message ended. Nothing when it ended inside a message or between two."""
+        return self.raw if self.channel is None and self.raw else ""
 
 
 @dataclass
@@ -372,6 +382,8 @@ class StreamSplice:
                 for channel, part in self._harmony.feed(piece):
                     key = self.reasoning_field if channel == "analysis" else "content"
                     delta[key] = delta.get(key, "") + part
+                if finish and (recovered := self._harmony.finish()):
+                    delta["content"] = delta.get("content", "") + recovered
             elif piece:
                 delta["content"] = piece
             if not delta and not finish and not (self.client_wants_ids and tokens):

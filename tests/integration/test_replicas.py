@@ -253,81 +253,9 @@ MAX_TOKENS = 200
 (the gateway and the HTTP path buffer ahead of the client)."""
 
 
-def test_a_stream_whose_replica_pauses_continues_on_the_other_one(
-    stack: LiveStack, client: openai.OpenAI
-) -> None:
-    pids = two_live_replicas(stack)
-    reference = stream_chat(client, COUNTING)
-    assert reference.finishes, reference
-    assert len(reference.ids) == MAX_TOKENS, reference
-    paused: list[int] = []
-    stopped_at: list[float] = []
-
-    def pause(out: Streamed) -> None:
-        if out.chunks == 3 and not paused:
-            assert out.replica is not None
-            paused.append(pids[out.replica])
-            signal_tree(paused[0], signal.SIGSTOP)
-            stopped_at.append(time.monotonic())
-
-    try:
-        moved = stream_chat(client, COUNTING, on_chunk=pause)
-        took = time.monotonic() - stopped_at[0]
-    finally:
-        if paused:
-            signal_tree(paused[0], signal.SIGCONT)
-    assert paused, "the stream ended before the pause"
-    assert moved.migrations == 1
-    assert moved.ids == reference.ids  # every token once: the continuation got exactly the prefix
-    assert moved.text == reference.text
-    assert moved.finishes == reference.finishes
-    assert moved.completion_tokens == len(moved.ids)
-    assert took < IDLE_S + 30, f"the stream took {took:.1f} s after the pause"
-    # The paused replica answers again: no gateway keeps it out of routing any more.
-    deadline = time.monotonic() + 90
-    clear = 0
-    while clear < 8:
-        assert time.monotonic() < deadline, "the resumed replica stayed out of routing"
-        report = httpx.get(stack.base_url + "/health", timeout=10).json()["models"][SMOLLM]
-        clear = clear + 1 if not report["replicas_avoided"] else 0
-        time.sleep(0.25)
-
-
-def test_a_stream_whose_replica_is_killed_continues_and_new_requests_never_see_it(
-    stack: LiveStack, client: openai.OpenAI
-) -> None:
-    pids = two_live_replicas(stack)
-    reference = stream_chat(client, COUNTING)
-    killed: list[int] = []
-
-    def kill(out: Streamed) -> None:
-        if out.chunks == 3 and not killed:
-            assert out.replica is not None
-            killed.append(pids[out.replica])
-            signal_tree(killed[0], signal.SIGKILL)
-
-    moved = stream_chat(client, COUNTING, on_chunk=kill)
-    assert killed, "the stream ended before the kill"
-    assert moved.migrations == 1
-    assert moved.ids == reference.ids
-    assert moved.text == reference.text
-    assert moved.finishes == reference.finishes
-    assert moved.completion_tokens == len(moved.ids)
-    # Requests sent right after the kill (before Ray Serve notices it) are answered: a
-    # gateway that routes one to the dead replica retries it on the live one.
-    for i in range(6):
-        reply = client.chat.completions.create(
-            model=SMOLLM, max_tokens=4, messages=[{"role": "user", "content": f"Say hi ({i})."}]
-        )
-        assert reply.choices[0].finish_reason in ("stop", "length")
-    log = stack.log_file.read_text(errors="replace")
-    assert "migration continued" in log
-
-
-@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["paused", "killed"])
-def test_sixteen_streams_survive_a_replica_lost_under_them(
-    stack: LiveStack, client: openai.OpenAI, sig: signal.Signals
-) -> None:
+def sixteen_streams_survive(stack: LiveStack, client: openai.OpenAI, sig: signal.Signals) -> None:
+    """16 streams at temperature 0; once each has its first chunks, one replica is paused
+    or killed under them: every stream ends whole, its tokens each counted once."""
     alive = two_live_replicas(stack)
     started = threading.Barrier(17)
     replicas: list[str | None] = []
@@ -364,3 +292,50 @@ def test_sixteen_streams_survive_a_replica_lost_under_them(
     assert sum(out.migrations for out in results) >= 1
     if sig is signal.SIGSTOP:
         assert took < IDLE_S + 60
+        # The paused replica answers again: no gateway keeps it out of routing any more.
+        deadline = time.monotonic() + 90
+        clear = 0
+        while clear < 8:
+            assert time.monotonic() < deadline, "the resumed replica stayed out of routing"
+            report = httpx.get(stack.base_url + "/health", timeout=10).json()["models"][SMOLLM]
+            clear = clear + 1 if not report["replicas_avoided"] else 0
+            time.sleep(0.25)
+
+
+def test_sixteen_streams_survive_a_replica_paused_under_them(stack: LiveStack, client: openai.OpenAI) -> None:
+    sixteen_streams_survive(stack, client, signal.SIGSTOP)
+
+
+def test_a_stream_whose_replica_is_killed_continues_and_new_requests_never_see_it(
+    stack: LiveStack, client: openai.OpenAI
+) -> None:
+    pids = two_live_replicas(stack)
+    reference = stream_chat(client, COUNTING)
+    killed: list[int] = []
+
+    def kill(out: Streamed) -> None:
+        if out.chunks == 3 and not killed:
+            assert out.replica is not None
+            killed.append(pids[out.replica])
+            signal_tree(killed[0], signal.SIGKILL)
+
+    moved = stream_chat(client, COUNTING, on_chunk=kill)
+    assert killed, "the stream ended before the kill"
+    assert moved.migrations == 1
+    assert moved.ids == reference.ids
+    assert moved.text == reference.text
+    assert moved.finishes == reference.finishes
+    assert moved.completion_tokens == len(moved.ids)
+    # Requests sent right after the kill (before Ray Serve notices it) are answered: a
+    # gateway that routes one to the dead replica retries it on the live one.
+    for i in range(6):
+        reply = client.chat.completions.create(
+            model=SMOLLM, max_tokens=4, messages=[{"role": "user", "content": f"Say hi ({i})."}]
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    log = stack.log_file.read_text(errors="replace")
+    assert "migration continued" in log
+
+
+def test_sixteen_streams_survive_a_replica_killed_under_them(stack: LiveStack, client: openai.OpenAI) -> None:
+    sixteen_streams_survive(stack, client, signal.SIGKILL)

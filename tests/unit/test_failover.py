@@ -473,3 +473,49 @@ async def test_one_failed_probe_does_not_turn_traffic_away() -> None:
         assert g.service.health.is_ready(MODEL)
     finally:
         await g.close()
+
+
+async def test_a_harmony_stream_without_any_message_header_ends_with_its_raw_text() -> None:
+    """A model that never writes a harmony header (gpt-oss-tiny's random weights): vLLM
+    sends nothing while it streams and the raw text as ``content`` at the end."""
+    texts = {1: "noise ", 2: "more ", 3: "noise"}
+
+    class Headerless(Replicas):
+        async def _run(self, replica: str, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[Any]:
+            if isinstance(body.get("prompt"), list):
+                done = len(body["prompt"]) - len(PROMPT_IDS)
+                for t in [1, 2, 3][done:]:
+                    chunk = {
+                        "choices": [{"index": 0, "text": texts[t], "token_ids": [t], "finish_reason": None}]
+                    }
+                    yield EngineSSE(f"data: {json.dumps(chunk)}\n\n")
+                yield EngineSSE('data: {"choices":[{"index":0,"text":"","finish_reason":"length"}]}\n\n')
+                yield EngineSSE("data: [DONE]\n\n")
+                return
+            head = {"id": "chatcmpl-n", "created": 5, "model": MODEL, "object": "chat.completion.chunk"}
+            opening = {**head, "prompt_token_ids": PROMPT_IDS, "choices": [{"index": 0, "delta": {}}]}
+            yield EngineSSE(f"data: {json.dumps(opening)}\n\n")
+            kind, after = self.faults.get(replica, ("ok", 0))
+            for i, t in enumerate([1, 2, 3]):
+                if kind == "die" and i == after:
+                    raise RuntimeError("killed")
+                chunk = {**head, "choices": [{"index": 0, "delta": {}, "token_ids": [t]}]}
+                yield EngineSSE(f"data: {json.dumps(chunk)}\n\n")
+            flush = {"index": 0, "delta": {"content": "noise more noise"}, "finish_reason": "length"}
+            yield EngineSSE(f"data: {json.dumps({**head, 'choices': [flush]})}\n\n")
+            yield EngineSSE("data: [DONE]\n\n")
+
+    cfg = config_for([MODEL], queue={"enabled": False})
+    cfg.models[0].family = ModelFamily.gpt_oss
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "?"}], "stream": True}
+    seen = []
+    for cut in (None, 2):
+        g = TestGateway(cfg, {MODEL: Headerless({"a": ("die", cut)} if cut is not None else {})})
+        await g.service.probe_once()
+        try:
+            _, status, text = await ask(g.service, dict(body))
+        finally:
+            await g.close()
+        assert status == 200, text
+        seen.append((_content(_events(text), "reasoning"), _content(_events(text))))
+    assert seen == [("", "noise more noise")] * 2
