@@ -509,7 +509,7 @@ class GatewayService:
             else:
                 raw = item.text if splice is None else splice.relay(item.text)
                 if splice is not None:
-                    raw, failure = _split_server_error(raw)
+                    raw, failure = _split_engine_error(raw, min_status=500)
                     cause = "engine_error" if failure is not None else None
                 text, ended = self._in_band(raw, flight, ctx)
                 if text and not noted:
@@ -591,23 +591,12 @@ class GatewayService:
 
     def _in_band(self, text: str, flight: Flight, ctx: RequestContext) -> tuple[str, bool]:
         """``text`` with any engine error event rewritten to our error body; True if it had one."""
-        if '"error"' not in text:
+        before, failure = _split_engine_error(text)
+        if failure is None:
             return text, False
-        out: list[str] = []
-        for event in text.split("\n\n"):
-            if not event.strip():
-                continue
-            data = sse_data_events(event)
-            fields = error_fields(data[0]) if data else None
-            if fields is None or not ("error" in data[0] or data[0].get("type") == "error"):
-                out.append(event + "\n\n")
-                continue
-            status = _status_of(data[0])
-            answer = self._error_answer(EngineJSON(status, data[0]), ctx)
-            flight.status = answer.status
-            out.append(error_event(answer.body, endpoint=ctx.endpoint))
-            return "".join(out), True
-        return "".join(out), False
+        answer = self._error_answer(failure, ctx)
+        flight.status = answer.status
+        return before + error_event(answer.body, endpoint=ctx.endpoint), True
 
     def _error_answer(self, answer: EngineJSON, ctx: RequestContext) -> EngineJSON:
         """An engine's or upstream's error as our error body: client errors keep their message,
@@ -696,8 +685,9 @@ def _status_of(event: Mapping[str, Any]) -> int:
     return 502
 
 
-def _split_server_error(text: str) -> tuple[str, EngineJSON | None]:
-    """``text`` up to its first in-band engine error of status 5xx, and that error."""
+def _split_engine_error(text: str, min_status: int = 400) -> tuple[str, EngineJSON | None]:
+    """``text`` up to its first in-band engine error of at least ``min_status``, and that
+    error (None, with ``text`` whole, when it has none)."""
     if '"error"' not in text:
         return text, None
     kept: list[str] = []
@@ -706,7 +696,7 @@ def _split_server_error(text: str) -> tuple[str, EngineJSON | None]:
             continue
         data = sse_data_events(event)
         is_error = bool(data) and ("error" in data[0] or data[0].get("type") == "error")
-        if is_error and error_fields(data[0]) is not None and _status_of(data[0]) >= 500:
+        if is_error and error_fields(data[0]) is not None and _status_of(data[0]) >= min_status:
             return "".join(kept), EngineJSON(_status_of(data[0]), data[0])
         kept.append(event + "\n\n")
     return text, None
