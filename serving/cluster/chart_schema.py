@@ -82,6 +82,14 @@ _CONTAINER_SECURITY = _obj(
             description="Capabilities added after dropping ALL (e.g. IPC_LOCK for RDMA memory registration).",
         ),
         "readOnlyRootFilesystem": {"type": "boolean"},
+        # Kubernetes grants no ambient capabilities to non-root processes
+        # (kubernetes/kubernetes#56374): an added capability takes effect only for root.
+        # The render fails on capabilities without root, and on root without capabilities.
+        "runAsUser": {
+            "const": 0,
+            "description": "0 (root), only with capabilities.add (a non-root process gets none of them).",
+        },
+        "runAsNonRoot": {"const": False, "description": "false, with runAsUser 0."},
     },
     description="Merged over the chart's container securityContext.",
 )

@@ -16,7 +16,7 @@ import yaml
 from serving.cluster import weights
 from serving.metrics import GatewayMetrics, export_through_ray
 
-from .conftest import CHART_DIR, NAMESPACE, RELEASE, Rendered
+from .conftest import CHART_DIR, NAMESPACE, RELEASE, Rendered, helm
 
 REPO = CHART_DIR.parents[1]
 Render = Callable[[dict[str, Any]], Rendered]
@@ -394,6 +394,15 @@ def test_blocker9_expert_parallel_pods_get_rdma_ipc_lock_env_annotations_and_vol
     assert container["resources"]["limits"]["rdma/ib"] == "1"
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    # A non-root process gets no ambient capabilities (kubernetes/kubernetes#56374): the
+    # container that holds IPC_LOCK must run as root for it to take effect.
+    assert container["securityContext"]["runAsUser"] == 0
+    assert container["securityContext"]["runAsNonRoot"] is False
+    # Only that container: the init container and the head stay non-root.
+    head = _rc(rendered)["headGroupSpec"]["template"]["spec"]
+    for other in pod.get("initContainers", []) + head["containers"]:
+        assert other["securityContext"]["runAsNonRoot"] is True
+        assert "add" not in other["securityContext"]["capabilities"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["NVSHMEM_REMOTE_TRANSPORT"] == "ibgda"
     assert env["NCCL_IB_DISABLE"] == "0"
@@ -402,6 +411,32 @@ def test_blocker9_expert_parallel_pods_get_rdma_ipc_lock_env_annotations_and_vol
     )
     assert {"name": "jit-cache", "emptyDir": {"sizeLimit": "20Gi"}} in pod["volumes"]
     assert {"name": "jit-cache", "mountPath": "/home/ray/.cache"} in container["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    ("security_context", "message"),
+    [
+        pytest.param(
+            {"capabilities": {"add": ["IPC_LOCK"]}},
+            "adds capabilities [IPC_LOCK] to a container running as uid 1000: Kubernetes grants no "
+            "ambient capabilities to non-root processes",
+            id="capability-without-root",
+        ),
+        pytest.param(
+            {"runAsUser": 0, "runAsNonRoot": False},
+            "runs as root (runAsUser 0) without adding a capability",
+            id="root-without-capability",
+        ),
+    ],
+)
+def test_blocker9_a_capability_on_a_non_root_container_fails_the_render(
+    chart: Any, security_context: dict[str, Any], message: str
+) -> None:
+    values = _profile("gpt-oss-120b-expert-parallel.yaml")
+    values["ray"]["workerGroups"][0]["securityContext"] = security_context
+    with pytest.raises(helm.HelmError) as failure:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert f"ray.workerGroups[h100-ep].securityContext {message}" in str(failure.value)
 
 
 def test_blocker9_head_state_survives_in_the_releases_redis(rendered_scenarios: dict[str, Rendered]) -> None:

@@ -187,6 +187,35 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
+{{/*
+Container security context of a worker group: the chart's, with the group's
+securityContext merged over it (capabilities stay dropped first). Kubernetes gives a
+non-root process no ambient capabilities (kubernetes/kubernetes#56374): a capability
+added to a container of a non-root user is in its bounding set only and never takes
+effect. So adding one needs the group to run as root (runAsUser 0, runAsNonRoot false);
+the render fails otherwise, and root without an added capability is refused too.
+*/}}
+{{- define "oss-serving.workerSecurityContext" -}}
+{{- $group := .group }}
+{{- $sc := include "oss-serving.containerSecurityContext" (dict "root" .root "readOnly" .root.Values.ray.readOnlyRootFilesystem) | fromYaml }}
+{{- $merged := mergeOverwrite $sc (deepCopy (default dict $group.securityContext)) }}
+{{- $added := default list $merged.capabilities.add }}
+{{- $root := eq (int $merged.runAsUser) 0 }}
+{{- if and $added (not $root) }}
+{{- fail (printf "ray.workerGroups[%s].securityContext adds capabilities %v to a container running as uid %v: Kubernetes grants no ambient capabilities to non-root processes (kubernetes/kubernetes#56374), so they would never take effect; set runAsUser: 0 and runAsNonRoot: false in the same securityContext, or remove capabilities.add" $group.name $added $merged.runAsUser) }}
+{{- end }}
+{{- if and $root $merged.runAsNonRoot }}
+{{- fail (printf "ray.workerGroups[%s].securityContext sets runAsUser 0 but not runAsNonRoot: false: the kubelet would refuse to start the container" $group.name) }}
+{{- end }}
+{{- if and $root (not $added) }}
+{{- fail (printf "ray.workerGroups[%s].securityContext runs as root (runAsUser 0) without adding a capability: root is only for a capability the workload needs (capabilities.add, e.g. IPC_LOCK)" $group.name) }}
+{{- end }}
+{{- if and (not $root) (not $merged.runAsNonRoot) }}
+{{- fail (printf "ray.workerGroups[%s].securityContext sets runAsNonRoot: false for a non-root user: leave it out" $group.name) }}
+{{- end }}
+{{- toYaml $merged }}
+{{- end }}
+
 {{- define "oss-serving.podSecurityContext" -}}
 runAsNonRoot: true
 runAsUser: {{ .Values.securityContext.runAsUser }}
