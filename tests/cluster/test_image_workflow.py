@@ -79,37 +79,68 @@ def test_workflow_pushes_the_charts_default_image_with_the_app_version_on_tags()
     build = next(s for s in steps if str(s.get("uses", "")).startswith("docker/build-push-action@"))
     assert build["with"]["file"] == "deploy/Dockerfile"
     assert build["with"]["push"] is True
-    assert build["with"]["tags"] == "${{ env.IMAGE }}:${{ steps.versions.outputs.app_version }}"
+    # One tag, chosen by the versions step: the release tag only from the release's git tag.
+    assert build["with"]["tags"] == "${{ env.IMAGE }}:${{ steps.versions.outputs.image_tag }}"
+    assert "app_version" not in build["with"]["tags"]
     for key in ("RAY_VERSION", "BASE_VARIANT", "VLLM_VERSION"):
         assert f"{key}=${{{{ steps.versions.outputs.{key.lower()} }}}}" in build["with"]["build-args"]
     login = next(s for s in steps if str(s.get("uses", "")).startswith("docker/login-action@"))
     assert values["image"]["repository"].startswith(login["with"]["registry"] + "/")
 
 
-def test_workflow_reads_the_app_version_the_chart_states(tmp_path: Path) -> None:
-    """Run the workflow's version step as the runner would (bash), on this checkout."""
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _run_versions_step(tmp_path: Path, ref_type: str, ref_name: str) -> tuple[int, dict[str, str], str]:
+    """Run the workflow's version step as the runner would (bash), on this checkout:
+    (exit status, its outputs, its stderr)."""
     bash = shutil.which("bash")
     assert bash is not None
     (step,) = [s for s in _workflow()["jobs"]["build-and-push"]["steps"] if s.get("id") == "versions"]
-    out = tmp_path / "github_output"
-    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    out = tmp_path / f"github_output_{ref_type}"
+    out.write_text("", encoding="utf-8")
     env = {
         "PATH": "/usr/bin:/bin",
         "GITHUB_OUTPUT": str(out),
-        "GITHUB_REF_TYPE": "tag",
-        "GITHUB_REF_NAME": f"v{chart['version']}",
+        "GITHUB_REF_TYPE": ref_type,
+        "GITHUB_REF_NAME": ref_name,
+        "GITHUB_SHA": SHA,
     }
     proc = subprocess.run([bash, "-c", step["run"]], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
     outputs = dict(line.split("=", 1) for line in out.read_text(encoding="utf-8").splitlines())
+    return proc.returncode, outputs, proc.stderr
+
+
+def test_a_manual_run_on_a_branch_never_pushes_the_release_tag(tmp_path: Path) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    triggers = _workflow().get("on", _workflow().get(True))
+    assert "workflow_dispatch" in triggers
+    code, outputs, stderr = _run_versions_step(tmp_path, "branch", "main")
+    assert code == 0, stderr
+    assert outputs["image_tag"] == f"{chart['appVersion']}-sha-{SHA[:7]}"
+    assert outputs["image_tag"] != chart["appVersion"]
+    # Dispatched on a tag: it must be the release's own tag.
+    code, outputs, stderr = _run_versions_step(tmp_path, "tag", f"v{chart['version']}")
+    assert code == 0, stderr
+    assert outputs["image_tag"] == chart["appVersion"]
+    code, outputs, stderr = _run_versions_step(tmp_path, "tag", "v0.0.0-other")
+    assert code == 1
+    assert "image_tag" not in outputs
+    assert "is not v" in stderr
+
+
+def test_workflow_reads_the_app_version_the_chart_states(tmp_path: Path) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    code, outputs, stderr = _run_versions_step(tmp_path, "tag", f"v{chart['version']}")
+    assert code == 0, stderr
     v = versions()
     assert outputs == {
         "app_version": chart["appVersion"],
+        "image_tag": chart["appVersion"],
         "ray_version": v["RAY_VERSION"],
         "vllm_version": v["VLLM_VERSION"],
         "base_variant": v["BASE_VARIANT"],
     }
-    env["GITHUB_REF_NAME"] = "v9.9.9"
-    wrong = subprocess.run([bash, "-c", step["run"]], cwd=REPO, env=env, capture_output=True, text=True)
-    assert wrong.returncode == 1
-    assert "is not v" in wrong.stderr
+    code, _, stderr = _run_versions_step(tmp_path, "tag", "v9.9.9")
+    assert code == 1
+    assert "is not v" in stderr
