@@ -14,7 +14,8 @@ then each ``-f`` file, merged as Helm merges them), and checks:
 * the Secrets the values reference exist and hold the expected keys;
 * the weight cache can be provisioned: a per-pod volume needs a (default) storage class,
   a shared cache a ReadWriteMany class (or a bound existing claim), node disk enough
-  ephemeral storage;
+  ephemeral storage; the bundled Redis's volume a (default) storage class (EKS clusters
+  created at 1.30 or later have no default one: an error naming clouds/eks.yaml's gp3);
 * the Prometheus operator's (and KEDA's) CRDs when monitoring (or KEDA) is on.
 
 Each check gives a :class:`Finding` (ok, warning or error); the command exits 1 when
@@ -68,6 +69,11 @@ DEFAULT_SC_ANNOTATIONS = (
     "storageclass.kubernetes.io/is-default-class",
     "storageclass.beta.kubernetes.io/is-default-class",
 )
+#: Block-storage provisioners of EKS (EBS): clusters created at 1.30 or later have no
+#: default class (gp2 is no longer marked default), so clouds/eks.yaml names gp3.
+EBS_PROVISIONERS = ("ebs.csi.aws.com", "kubernetes.io/aws-ebs")
+#: The StorageClass clouds/eks.yaml names, as the chart ships it.
+EKS_GP3_CLASS = "helm/oss-serving/clouds/storageclass/eks-gp3.yaml"
 
 
 @dataclass(frozen=True)
@@ -447,18 +453,10 @@ def _check_storage(reader: ClusterReader, values: JSON, namespace: str) -> list[
         return [Finding("weights-cache", level, f"PVC {cache['existingClaim']} is {phase}")]
     classes = reader.list_storage_classes()
     by_name = {sc["metadata"]["name"]: sc for sc in classes}
-    known = ", ".join(sorted(by_name)) or "none"
     rwx = _rwx_classes(classes)
     wanted = cache.get("storageClassName") or ""
     if wanted and wanted not in by_name:
-        return [
-            Finding(
-                "weights-cache",
-                "error",
-                f"StorageClass {wanted!r} does not exist (classes: {known}): set "
-                "weights.cache.storageClassName to one of them",
-            )
-        ]
+        return [_missing_class("weights-cache", wanted, "weights.cache", classes)]
     if kind == "shared":
         fix = (
             f"set weights.cache.storageClassName to a ReadWriteMany class ({', '.join(rwx)})"
@@ -488,14 +486,7 @@ def _check_storage(reader: ClusterReader, values: JSON, namespace: str) -> list[
     # volume: one ReadWriteOnce volume per worker pod; any class binds it.
     chosen = by_name[wanted] if wanted else _default_class(classes)
     if chosen is None:
-        return [
-            Finding(
-                "weights-cache",
-                "error",
-                f"no default StorageClass for the per-pod weight volumes: set weights.cache.storageClassName "
-                f"(classes: {known}), or weights.cache.type node",
-            )
-        ]
+        return [_no_default_class("weights-cache", "the per-pod weight volumes", "weights.cache", classes)]
     return [
         Finding(
             "weights-cache",
@@ -504,6 +495,62 @@ def _check_storage(reader: ClusterReader, values: JSON, namespace: str) -> list[
             f"volume of {size} per worker pod",
         )
     ]
+
+
+def _on_eks(classes: list[JSON]) -> bool:
+    return any(str(sc.get("provisioner", "")) in EBS_PROVISIONERS for sc in classes)
+
+
+def _no_default_class(check: str, what: str, key: str, classes: list[JSON]) -> Finding:
+    """The error for a claim of the default class on a cluster that has none, with the fix."""
+    names = ", ".join(sorted(sc["metadata"]["name"] for sc in classes)) or "none"
+    eks = (
+        " (EKS clusters created at 1.30 or later have none: gp2 is no longer marked default; "
+        f"-f helm/oss-serving/clouds/eks.yaml names gp3: create it with kubectl apply -f {EKS_GP3_CLASS})"
+        if _on_eks(classes)
+        else ""
+    )
+    return Finding(
+        check,
+        "error",
+        f"no default StorageClass for {what}{eks}: set {key}.storageClassName to a block-storage class "
+        f"(classes: {names}), or mark one default (kubectl annotate storageclass <name> "
+        "storageclass.kubernetes.io/is-default-class=true)",
+    )
+
+
+def _missing_class(check: str, wanted: str, key: str, classes: list[JSON]) -> Finding:
+    names = ", ".join(sorted(sc["metadata"]["name"] for sc in classes)) or "none"
+    create = (
+        f"create it (kubectl apply -f {EKS_GP3_CLASS}: provisioner ebs.csi.aws.com, type gp3, needs the "
+        "EBS CSI driver add-on)"
+        if wanted == "gp3" and _on_eks(classes)
+        else "create it"
+    )
+    return Finding(
+        check,
+        "error",
+        f"StorageClass {wanted!r} does not exist (classes: {names}): {create}, or set {key}.storageClassName "
+        "to one of them",
+    )
+
+
+def _check_redis_storage(reader: ClusterReader, values: JSON) -> list[Finding]:
+    """The bundled Redis's data volume: a named class must exist, else a default one."""
+    redis = values.get("redis", {})
+    if redis.get("mode", "bundled") != "bundled":
+        return []
+    classes = reader.list_storage_classes()
+    wanted = str(redis.get("bundled", {}).get("persistence", {}).get("storageClassName") or "")
+    key = "redis.bundled.persistence"
+    if wanted:
+        if wanted not in {sc["metadata"]["name"] for sc in classes}:
+            return [_missing_class("redis-storage", wanted, key, classes)]
+        return [Finding("redis-storage", "ok", f"StorageClass {wanted} for the bundled Redis")]
+    chosen = _default_class(classes)
+    if chosen is None:
+        return [_no_default_class("redis-storage", "the bundled Redis's volume", key, classes)]
+    return [Finding("redis-storage", "ok", f"default StorageClass {chosen['metadata']['name']} for Redis")]
 
 
 def _check_operator(reader: ClusterReader, values: JSON) -> list[Finding]:
@@ -577,6 +624,7 @@ def run_preflight(reader: ClusterReader, values: JSON, namespace: str) -> list[F
     findings += _check_budget(values)
     findings += _check_secrets(reader, values, namespace)
     findings += _check_storage(reader, values, namespace)
+    findings += _check_redis_storage(reader, values)
 
     monitoring = values.get("monitoring", {})
     wanted = [crd for key, crd in MONITORING_CRDS.items() if monitoring.get(key, {}).get("enabled")]

@@ -93,14 +93,20 @@ def test_blocker2_the_tests_run_the_vllm_release_the_image_carries() -> None:
 def test_blocker3_default_weights_bind_on_block_storage_default_classes(
     rendered_scenarios: dict[str, Rendered],
 ) -> None:
+    # EKS clusters created at 1.30 or later have no default class: the EKS file names gp3
+    # (clouds/storageclass/eks-gp3.yaml), for the weights and for Redis.
+    expected_class = {"cloud:eks": "gp3"}
     for name in ("default", "profile:gpt-oss-120b-h100", "cloud:eks", "cloud:gke", "cloud:aks"):
         rendered = rendered_scenarios[name]
-        # No ReadWriteMany claim anywhere (gp2/gp3, standard-rwo and managed-csi are RWO only).
+        # No ReadWriteMany claim anywhere (gp3, standard-rwo and managed-csi are RWO only).
         assert not [c for c in rendered.of_kind("PersistentVolumeClaim") if "ReadWriteMany" in str(c)], name
         volume = next(v for v in _worker(rendered)["volumes"] if v["name"] == "weights")
         claim = volume["ephemeral"]["volumeClaimTemplate"]["spec"]
         assert claim["accessModes"] == ["ReadWriteOnce"], name
-        assert "storageClassName" not in claim, name  # the cluster's default class
+        # None: the cluster's default class.
+        assert claim.get("storageClassName") == expected_class.get(name), name
+        (redis_claim,) = rendered.one("StatefulSet", "-redis")["spec"]["volumeClaimTemplates"]
+        assert redis_claim["spec"].get("storageClassName") == expected_class.get(name), name
 
 
 def test_blocker3_a_shared_cache_needs_a_named_class(chart: Any) -> None:

@@ -33,6 +33,8 @@ class RecordedReader:
     serve_details: str | None = "serve-applications.json"
     gateway_metrics: str | None = "gateway-metrics.txt"
     pvcs: dict[str, JSON] = field(default_factory=dict)
+    #: storageclasses-eks-1.30.json: an EKS cluster created at 1.30 (gp2, not default).
+    storage_classes: str = "storageclasses.json"
     operator_pods: str = "kuberay-operator-pods.json"
     calls: list[str] = field(default_factory=list)
 
@@ -53,7 +55,7 @@ class RecordedReader:
         return secret
 
     def list_storage_classes(self) -> list[JSON]:
-        return list(load("storageclasses.json")["items"])
+        return list(load(self.storage_classes)["items"])
 
     def get_pvc(self, namespace: str, name: str) -> JSON | None:
         return self.pvcs.get(name)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from serving.cluster.cli import preflight
@@ -178,6 +179,49 @@ def test_weight_cache_storage_class_checks() -> None:
         )
     )
     assert bound["weights-cache"].level == "ok"
+
+
+def test_eks_1_30_has_no_default_class_an_error_whose_fix_is_the_eks_files_gp3() -> None:
+    """EKS clusters created at 1.30 or later keep gp2 but no longer mark it default."""
+    reader = RecordedReader(storage_classes="storageclasses-eks-1.30.json")
+    findings = _by_check(run_preflight(reader, _values("gpt-oss-120b-h100.yaml"), "serving"))
+    for check, key in (("weights-cache", "weights.cache"), ("redis-storage", "redis.bundled.persistence")):
+        assert findings[check].level == "error", check
+        message = findings[check].message
+        assert message.startswith("no default StorageClass for "), message
+        assert "EKS clusters created at 1.30 or later have none" in message
+        assert "-f helm/oss-serving/clouds/eks.yaml names gp3" in message
+        assert "kubectl apply -f helm/oss-serving/clouds/storageclass/eks-gp3.yaml" in message
+        assert f"set {key}.storageClassName to a block-storage class (classes: gp2)" in message
+    # The EKS file names gp3; until it exists that is the error, with how to create it.
+    eks = _by_check(run_preflight(reader, _values("gpt-oss-120b-h100.yaml", "clouds/eks.yaml"), "serving"))
+    for check in ("weights-cache", "redis-storage"):
+        assert eks[check].level == "error"
+        assert eks[check].message.startswith("StorageClass 'gp3' does not exist (classes: gp2): create it ")
+        assert "kubectl apply -f helm/oss-serving/clouds/storageclass/eks-gp3.yaml" in eks[check].message
+    # With gp3 created (the main recording), the EKS file binds without any default class.
+    ok = _by_check(
+        run_preflight(RecordedReader(), _values("gpt-oss-120b-h100.yaml", "clouds/eks.yaml"), "serving")
+    )
+    assert ok["weights-cache"].level == ok["redis-storage"].level == "ok"
+    assert "StorageClass gp3 for the bundled Redis" in ok["redis-storage"].message
+
+
+def test_the_eks_files_class_is_the_storage_class_it_ships() -> None:
+    values = _values("clouds/eks.yaml")
+    shipped = yaml.safe_load((CLOUDS / "storageclass" / "eks-gp3.yaml").read_text(encoding="utf-8"))
+    assert shipped["kind"] == "StorageClass"
+    assert shipped["provisioner"] == "ebs.csi.aws.com"
+    assert shipped["parameters"]["type"] == "gp3"
+    assert shipped["volumeBindingMode"] == "WaitForFirstConsumer"  # EBS volumes are zonal
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(shipped, "1.30", strict=True)
+    name = shipped["metadata"]["name"]
+    assert values["weights"]["cache"]["storageClassName"] == name
+    assert values["redis"]["bundled"]["persistence"]["storageClassName"] == name
+    text = (CLOUDS / "eks.yaml").read_text(encoding="utf-8")
+    assert "comes from the default class" not in text
+    assert "no default StorageClass" in text
 
 
 @pytest.mark.parametrize(
