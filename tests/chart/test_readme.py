@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,9 @@ def test_the_section_has_the_commands_a_platform_engineer_runs() -> None:
     assert heads.count("helm install") == 2  # connected and air-gapped
     assert heads.count("oss-serve preflight") == 2
     assert "docker build" in heads
+    assert heads.count("kubectl apply") == 1  # EKS: the gp3 StorageClass
+    assert heads.count("oss-serve status") >= 1
+    assert heads.count("helm test") == 1
     assert "docker push" in heads
     assert "python -m" in heads
 
@@ -128,6 +132,137 @@ def test_preflight_commands_pass_on_the_recorded_cluster(index: int) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "ready to install" in result.output
+
+
+def _install_after(index: int) -> list[str]:
+    """The first `helm install` command after command ``index``."""
+    commands = install_commands()
+    return next(c for c in commands[index + 1 :] if c[:2] == ["helm", "install"])
+
+
+def _install_before(index: int) -> list[str]:
+    """The last `helm install` command before command ``index``."""
+    return [c for c in install_commands()[:index] if c[:2] == ["helm", "install"]][-1]
+
+
+def _flag(argv: list[str], *names: str) -> str:
+    (value,) = [argv[i + 1] for i, a in enumerate(argv) if a in names]
+    return value
+
+
+@pytest.mark.parametrize(
+    "index", [i for i, c in enumerate(install_commands()) if c[:2] == ["oss-serve", "preflight"]]
+)
+def test_each_preflight_checks_the_values_of_the_install_it_precedes(index: int) -> None:
+    check = install_commands()[index]
+    install = _install_after(index)
+    _, check_files, check_sets = _options(check[2:])
+    _, install_files, install_sets = _options(install[2:])
+    assert check_files == install_files
+    assert check_sets == install_sets
+    assert _flag(check, "-n", "--namespace") == _flag(install, "-n", "--namespace")
+
+
+def test_kubectl_apply_creates_the_class_the_install_names() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    commands = install_commands()
+    applies = [i for i, c in enumerate(commands) if c[:2] == ["kubectl", "apply"]]
+    assert applies
+    for index in applies:
+        path = REPO / _flag(commands[index], "-f")
+        manifest = yaml.safe_load(path.read_text(encoding="utf-8"))
+        kubernetes_validate.validate(manifest, "1.30", strict=True)
+        assert manifest["kind"] == "StorageClass"
+        _, files, sets = _options(_install_after(index)[2:])
+        values = _values(files, sets)
+        assert values["weights"]["cache"]["storageClassName"] == manifest["metadata"]["name"]
+        assert values["redis"]["bundled"]["persistence"]["storageClassName"] == manifest["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    "index", [i for i, c in enumerate(install_commands()) if c[:2] == ["oss-serve", "status"]]
+)
+def test_status_command_reports_the_installed_release(
+    chart: Any, index: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run the README's `oss-serve status --cluster` (the real CLI entry point) against the
+    recorded API responses of a running release."""
+    from serving import cli
+    from serving.cluster import cli as cluster_cli
+
+    argv = install_commands()[index]
+    install = _install_before(index)
+    assert "--cluster" in argv
+    assert _flag(argv, "--release") == _options(install[2:])[0][0]
+    assert _flag(argv, "-n", "--namespace") == _flag(install, "-n", "--namespace")
+    reader = RecordedReader()
+    monkeypatch.setattr(cluster_cli, "_kube_reader", lambda context: reader)
+    result = CliRunner().invoke(cli.main, argv[1:], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    _, files, sets = _options(install[2:])
+    name = _render(chart, _values(files, sets)).one("RayService")["metadata"]["name"]
+    assert f"RayService serving/{name}: Running, ready" in result.output
+    assert f"rayservice serving/{name}" in reader.calls
+    assert "queue depth: gpt-oss-120b 14" in result.output
+
+
+def _run_test_pod(pod: dict[str, Any], models: list[str], tmp_path: Path) -> tuple[int, str, list[str]]:
+    """Run the test pod's script with sh, a stub curl that answers /v1/models with
+    ``models``, and its Secret mounted from tmp_path: (exit status, output, curl's argv)."""
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["sh", "-c"]
+    (mount,) = container["volumeMounts"]
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(exist_ok=True)
+    (secrets / "admin-api-key").write_text("sk-admin", encoding="utf-8")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    body = '{"object": "list", "data": [' + ", ".join(f'{{"id": "{m}"}}' for m in models) + "]}"
+    stub = bin_dir / "curl"
+    stub.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/curl-args"\necho \'{body}\'\n', encoding="utf-8"
+    )
+    stub.chmod(0o755)
+    script = container["args"][0].replace(mount["mountPath"], str(secrets))
+    proc = subprocess.run(
+        ["sh", "-c", script],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    args = (tmp_path / "curl-args").read_text(encoding="utf-8").splitlines()
+    return proc.returncode, proc.stdout + proc.stderr, args
+
+
+def test_helm_test_command_runs_a_sane_test_pod(chart: Any, tmp_path: Path) -> None:
+    commands = install_commands()
+    (index,) = [i for i, c in enumerate(commands) if c[:2] == ["helm", "test"]]
+    argv = commands[index]
+    install = _install_before(index)
+    positional, files, sets = _options(install[2:])
+    assert argv[2] == positional[0]  # the release
+    assert _flag(argv, "-n", "--namespace") == _flag(install, "-n", "--namespace")
+    rendered = _render(chart, _values(files, sets))
+    (pod,) = [
+        p for p in rendered.of_kind("Pod") if p["metadata"]["annotations"].get("helm.sh/hook") == "test"
+    ]
+    # It reaches the gateway Service KubeRay creates, with a key of the release's Secret.
+    service = rendered.one("RayService")["spec"]["serveService"]
+    port = service["spec"]["ports"][0]["port"]
+    (volume,) = pod["spec"]["volumes"]
+    secret = rendered.one("Secret", volume["secret"]["secretName"])
+    assert volume["secret"]["items"] == [{"key": "admin-api-key", "path": "admin-api-key"}]
+    assert "admin-api-key" in secret.get("stringData", secret.get("data", {}))
+    models = [m["name"] for m in _values(files, sets)["config"]["models"]]
+    code, output, curl = _run_test_pod(pod, models, tmp_path)
+    assert code == 0, output
+    assert f"http://{service['metadata']['name']}:{port}/v1/models" in curl
+    assert "Authorization: Bearer sk-admin" in curl
+    code, output, _ = _run_test_pod(pod, ["another-model"], tmp_path)
+    assert code == 1
+    assert f"model {models[0]} missing" in output
 
 
 def test_image_commands_build_the_dockerfile_and_mirror_the_charts_images() -> None:
