@@ -260,11 +260,17 @@ def _chart_properties() -> JSON:
                     {
                         "enabled": {"type": "boolean"},
                         "type": {
-                            "enum": ["volume", "node", "shared"],
+                            "enum": ["volume", "node", "shared", "host"],
                             "description": "volume: a ReadWriteOnce volume per worker pod; node: the node's "
-                            "disk (emptyDir); shared: one ReadWriteMany claim.",
+                            "disk (emptyDir); shared: one ReadWriteMany claim; host: staged on every GPU "
+                            "node at hostPath (download off).",
                         },
                         "existingClaim": _K8S_NAME,
+                        "hostPath": {
+                            "type": "string",
+                            "pattern": r"^$|^/[A-Za-z0-9._/-]+$",
+                            "description": "host only: each GPU node's folder of model folders.",
+                        },
                         "size": _str(pattern=r"^[0-9]+(Gi|Ti)$"),
                         "storageClassName": _str(),
                         "accessMode": {"enum": ["ReadWriteMany", "ReadOnlyMany", "ReadWriteOnce"]},

@@ -425,6 +425,17 @@ def _check_storage(reader: ClusterReader, values: JSON, namespace: str) -> list[
                 "requests)",
             )
         ]
+    if kind == "host":
+        return [
+            Finding(
+                "weights-cache",
+                "warning",
+                f"weights staged by hand at {cache.get('hostPath', '')} on every GPU node (a hostPath "
+                "volume): preflight cannot see the nodes' disks; a pod on a node without the folder does "
+                "not start, and check-weights names a missing model folder. The namespace's Pod Security "
+                "level must admit hostPath volumes (privileged)",
+            )
+        ]
     access = cache.get("accessMode", "ReadWriteMany")
     if kind == "shared" and cache.get("existingClaim"):
         claim = reader.get_pvc(namespace, cache["existingClaim"])

@@ -248,6 +248,46 @@ def test_blocker6_prestaged_weights_start_without_a_download(
     assert weights.main(["check", str(tmp_path / "missing")]) == 1
 
 
+def test_blocker6_weights_prestaged_on_each_nodes_nvme_start_without_a_download(
+    rendered_scenarios: dict[str, Rendered], chart: Any
+) -> None:
+    rendered = rendered_scenarios["ci:host-staged-values"]
+    assert not rendered.of_kind("Job")
+    assert not rendered.of_kind("PersistentVolumeClaim")
+    pod = _worker(rendered)
+    for container in _containers(pod):
+        assert weights.MARKER not in str(container), "nothing waits for the download Job's marker"
+    # The only init container checks the staged folder and lets the worker start.
+    (check,) = pod["initContainers"]
+    assert check["name"] == "check-weights"
+    assert check["command"] == [
+        "python",
+        "-m",
+        "serving.cluster.weights",
+        "check",
+        "/models/openai--gpt-oss-20b",
+    ]
+    volume = next(v for v in pod["volumes"] if v["name"] == "weights")
+    assert volume == {"name": "weights", "hostPath": {"path": "/mnt/nvme/models", "type": "Directory"}}
+    assert not [v for v in pod["volumes"] if v["name"] == "hf-token"]
+    (worker,) = pod["containers"]
+    assert {"name": "weights", "mountPath": "/models", "readOnly": True} in worker["volumeMounts"]
+    assert "ephemeral-storage" not in worker["resources"]["requests"]  # nothing lands on the node's disk
+    # vLLM gets the staged folder (offline), in the Serve config and the ConfigMap.
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1"
+    serve = yaml.safe_load(rendered.one("RayService")["spec"]["serveConfigV2"])
+    (model,) = serve["applications"][0]["args"]["config"]["models"]
+    assert model["source"] == "/models/openai--gpt-oss-20b"
+    # Staged by hand only: a download onto the host, or no path, fails the render.
+    with pytest.raises(helm.HelmError, match=re.escape("weights.cache.type host holds weights you staged")):
+        chart.render({"weights": {"cache": {"type": "host", "hostPath": "/mnt/nvme/models"}}}, name=RELEASE)
+    with pytest.raises(
+        helm.HelmError, match=re.escape("weights.cache.type host needs weights.cache.hostPath")
+    ):
+        chart.render({"weights": {"cache": {"type": "host"}, "download": {"enabled": False}}}, name=RELEASE)
+
+
 # 7. Gateway metrics are wrong --------------------------------------------------------------
 
 

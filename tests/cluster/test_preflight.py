@@ -224,6 +224,19 @@ def test_the_eks_files_class_is_the_storage_class_it_ships() -> None:
     assert "no default StorageClass" in text
 
 
+def test_weights_staged_on_the_nodes_are_a_warning_preflight_cannot_check() -> None:
+    values = _values(
+        "gpt-oss-120b-h100.yaml",
+        "clouds/eks.yaml",
+        weights={"cache": {"type": "host", "hostPath": "/mnt/nvme/models"}, "download": {"enabled": False}},
+    )
+    findings = _by_check(run_preflight(RecordedReader(), values, "serving"))
+    assert findings["weights-cache"].level == "warning"
+    assert "staged by hand at /mnt/nvme/models on every GPU node" in findings["weights-cache"].message
+    assert findings["gpu-nodes:h100"].level == "ok"  # no ephemeral storage asked for
+    assert not [f for f in findings.values() if f.level == "error"]
+
+
 @pytest.mark.parametrize(
     "cache",
     [

@@ -5,7 +5,9 @@ The weight cache. weights.cache.type chooses where each model's folder
           class binds it), filled by the pod's fetch-weights init container;
   node:   an emptyDir on the node's disk, requested as ephemeral-storage, filled the same way;
   shared: one PVC (ReadWriteMany, or existingClaim) filled once by the download Job
-          (weights.yaml), or staged by hand when weights.download.enabled is false.
+          (weights.yaml), or staged by hand when weights.download.enabled is false;
+  host:   a folder staged by hand on every GPU node's own disk (weights.cache.hostPath,
+          e.g. local NVMe), mounted read-only; never downloaded (download.enabled false).
 Every download fetches only the files vLLM loads (serving/cluster/weights.py:
 ALLOW_PATTERNS minus original/ and metal/).
 */}}
@@ -35,11 +37,19 @@ ALLOW_PATTERNS minus original/ and metal/).
 {{- end }}
 {{- $needGi := add (div (mul $needMiB 105) (mul 100 1024)) 1 }}
 {{- $haveGi := include "oss-serving.sizeGi" .Values.weights.cache.size | int }}
-{{- if and .Values.weights.cache.enabled (gt $needGi $haveGi) }}
+{{- if and .Values.weights.cache.enabled (ne .Values.weights.cache.type "host") (gt $needGi $haveGi) }}
 {{- fail (printf "weights.cache.size %s is too small: the weights of %s need about %dGi (the files vLLM loads, plus 5%%); set weights.cache.size to %dGi or more" .Values.weights.cache.size (join ", " $names) $needGi $needGi) }}
 {{- end }}
-{{- if and (not .Values.weights.download.enabled) (ne .Values.weights.cache.type "shared") }}
-{{- fail (printf "weights.download.enabled false needs weights.cache.type shared (an existingClaim with the weights staged): a %s cache starts empty in every pod" .Values.weights.cache.type) }}
+{{- if and (not .Values.weights.download.enabled) (ne .Values.weights.cache.type "shared") (ne .Values.weights.cache.type "host") }}
+{{- fail (printf "weights.download.enabled false needs weights.cache.type shared (an existingClaim with the weights staged) or host (a folder staged on every GPU node, weights.cache.hostPath): a %s cache starts empty in every pod" .Values.weights.cache.type) }}
+{{- end }}
+{{- if and .Values.weights.cache.enabled (eq .Values.weights.cache.type "host") }}
+{{- if not .Values.weights.cache.hostPath }}
+{{- fail "weights.cache.type host needs weights.cache.hostPath: the folder on every GPU node (e.g. /mnt/nvme/models) that holds one folder per model" }}
+{{- end }}
+{{- if .Values.weights.download.enabled }}
+{{- fail "weights.cache.type host holds weights you staged on every GPU node, read-only: set weights.download.enabled false (or use weights.cache.type node to download onto the node's disk)" }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -71,15 +81,20 @@ ALLOW_PATTERNS minus original/ and metal/).
 {{- end }}
 {{- end }}
 
-{{/* The init container of a worker pod: fetch (volume, node), wait for the Job, or check staged weights (shared). */}}
+{{/* True (non-empty) when each worker pod downloads into its own cache (volume, node). */}}
+{{- define "oss-serving.podFetchesWeights" -}}
+{{- if and (ne .Values.weights.cache.type "shared") (ne .Values.weights.cache.type "host") }}true{{ end }}
+{{- end }}
+
+{{/* The init container of a worker pod: fetch (volume, node), wait for the Job (shared), or check staged weights (shared, host). */}}
 {{- define "oss-serving.weightsInitContainer" -}}
 {{- $root := .root }}
 {{- $w := $root.Values.weights }}
-{{- $fetch := ne $w.cache.type "shared" }}
+{{- $fetch := include "oss-serving.podFetchesWeights" $root }}
 {{- if $fetch }}
 # Fills this pod's own weight volume with the files vLLM loads (skipped when complete).
 - name: fetch-weights
-{{- else if $w.download.enabled }}
+{{- else if and $w.download.enabled (eq $w.cache.type "shared") }}
 # Waits until the download Job has filled the shared cache for every model.
 - name: wait-for-weights
 {{- else }}
@@ -100,7 +115,7 @@ ALLOW_PATTERNS minus original/ and metal/).
     - python
     - -m
     - serving.cluster.weights
-    - {{ if $w.download.enabled }}wait{{ else }}check{{ end }}
+    - {{ if and $w.download.enabled (eq $w.cache.type "shared") }}wait{{ else }}check{{ end }}
     {{- range .cached }}
     - {{ .dir | quote }}
     {{- end }}
@@ -148,12 +163,18 @@ ALLOW_PATTERNS minus original/ and metal/).
 {{- else if eq $w.cache.type "node" }}
   emptyDir:
     sizeLimit: {{ $w.cache.size }}
+{{- else if eq $w.cache.type "host" }}
+  # Staged by hand on every GPU node (one folder per model); Directory: the pod does not
+  # start on a node without it.
+  hostPath:
+    path: {{ $w.cache.hostPath }}
+    type: Directory
 {{- else }}
   persistentVolumeClaim:
     claimName: {{ include "oss-serving.weightsClaimName" . }}
     readOnly: true
 {{- end }}
-{{- if and (ne $w.cache.type "shared") (include "oss-serving.hfSecretName" .) }}
+{{- if and (include "oss-serving.podFetchesWeights" .) (include "oss-serving.hfSecretName" .) }}
 - name: hf-token
   secret:
     secretName: {{ include "oss-serving.hfSecretName" . }}
