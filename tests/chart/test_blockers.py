@@ -388,6 +388,43 @@ def test_blocker8_an_image_change_upgrades_without_patching_an_immutable_job(ren
     assert not render({"image": {"tag": "0.1.1"}}).of_kind("Job")
 
 
+def _ray_images(rayservice: dict[str, Any]) -> set[str]:
+    rc = rayservice["spec"]["rayClusterConfig"]
+    pods = [rc["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in rc["workerGroupSpecs"]]
+    return {c["image"] for p in pods for c in _containers(p)}
+
+
+@pytest.mark.parametrize("strategy", ["None", "NewCluster"])
+def test_blocker8_an_image_upgrade_under_each_strategy(render: Render, strategy: str) -> None:
+    """Two releases, old image and new, under each ray.upgradeStrategy: what changes is the
+    RayService's images (and nothing else of it) and the download Job's name."""
+    shared = yaml.safe_load((CHART_DIR / "ci" / "shared-cache-values.yaml").read_text(encoding="utf-8"))
+    old, new = (
+        render({**shared, "image": {"tag": tag}, "ray": {"upgradeStrategy": strategy}})
+        for tag in ("0.1.0", "0.1.1")
+    )
+    old_rs, new_rs = old.one("RayService"), new.one("RayService")
+    assert old_rs["spec"]["upgradeStrategy"] == {"type": strategy}
+    assert new_rs["spec"]["upgradeStrategy"] == {"type": strategy}
+    assert _ray_images(old_rs) == {"ghcr.io/oss-serving/oss-serving:0.1.0"}
+    assert _ray_images(new_rs) == {"ghcr.io/oss-serving/oss-serving:0.1.1"}
+    # The image is the only change: the Serve application's config is the same.
+    assert new_rs["spec"]["serveConfigV2"] == old_rs["spec"]["serveConfigV2"]
+    assert yaml.safe_dump(old_rs).replace(":0.1.0", ":0.1.1") == yaml.safe_dump(new_rs)
+    (old_job,) = old.of_kind("Job")
+    (new_job,) = new.of_kind("Job")
+    assert old_job["metadata"]["name"] != new_job["metadata"]["name"]
+    assert new_job["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.1")
+
+    # Every other object is the same, so nothing else restarts (Secrets left out: offline
+    # renders have no lookup, so their random keys differ; a cluster keeps them).
+    def rest(rendered: Rendered) -> dict[tuple[str, str], Any]:
+        skip = ("Job", "RayService", "Secret")
+        return {(o["kind"], o["metadata"]["name"]): o for o in rendered.objects if o["kind"] not in skip}
+
+    assert rest(old) == rest(new)
+
+
 # 9. Profiles, extension points, head HA, Redis, KubeRay minimum -------------------------
 
 #: The smallest node each profile names (vCPU, memory GiB), and what the kubelet, system

@@ -55,7 +55,7 @@ def _options(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
         elif arg == "--set":
             sets.append(argv[i + 1])
             i += 2
-        elif arg in ("-n", "--namespace", "--release", "--version", "-t"):
+        elif arg in ("-n", "--namespace", "--release", "--version", "-t", "-l"):
             i += 2
         elif arg.startswith("-"):
             i += 1
@@ -263,6 +263,44 @@ def test_helm_test_command_runs_a_sane_test_pod(chart: Any, tmp_path: Path) -> N
     code, output, _ = _run_test_pod(pod, ["another-model"], tmp_path)
     assert code == 1
     assert f"model {models[0]} missing" in output
+
+
+def _upgrade_commands() -> list[list[str]]:
+    return [c for c in install_commands() if c[:2] == ["helm", "upgrade"]]
+
+
+def test_image_upgrade_commands_render_the_new_image_under_each_strategy(chart: Any) -> None:
+    """The README's image upgrades, one per ray.upgradeStrategy, rendered over the values
+    of the connected install (--reuse-values) with their own --set flags."""
+    commands = install_commands()
+    install = next(c for c in commands if c[:2] == ["helm", "install"])
+    _, files, sets = _options(install[2:])
+    before = _render(chart, _values(files, sets)).one("RayService")
+    strategies = []
+    for argv in _upgrade_commands():
+        positional, upgrade_files, upgrade_sets = _options(argv[2:])
+        assert positional == ["oss", "helm/oss-serving"]
+        assert "--reuse-values" in argv
+        assert not upgrade_files
+        assert _flag(argv, "-n", "--namespace") == "serving"
+        after = _render(chart, _values(files, sets + upgrade_sets)).one("RayService")
+        strategy = after["spec"]["upgradeStrategy"]["type"]
+        strategies.append(strategy)
+        tag = dict(s.split("=", 1) for s in upgrade_sets)["image.tag"]
+        rc = after["spec"]["rayClusterConfig"]
+        pods = [rc["headGroupSpec"]["template"]["spec"]] + [
+            g["template"]["spec"] for g in rc["workerGroupSpecs"]
+        ]
+        assert {c["image"] for p in pods for c in p.get("initContainers", []) + p["containers"]} == {
+            f"ghcr.io/oss-serving/oss-serving:{tag}"
+        }
+        assert after["spec"]["serveConfigV2"] == before["spec"]["serveConfigV2"]
+    assert strategies == ["None", "NewCluster"]
+    # Under None the RayCluster is replaced by hand: the selector names this RayService.
+    (delete,) = [c for c in commands if c[:3] == ["kubectl", "delete", "raycluster"]]
+    assert _flag(delete, "-n", "--namespace") == "serving"
+    assert _flag(delete, "-l") == f"ray.io/originated-from-cr-name={before['metadata']['name']}"
+    assert commands.index(delete) == commands.index(_upgrade_commands()[0]) + 1
 
 
 def test_image_commands_build_the_dockerfile_and_mirror_the_charts_images() -> None:
