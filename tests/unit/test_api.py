@@ -48,7 +48,7 @@ async def test_chat_non_streaming_through_sdk(stack: Stack) -> None:
 async def test_chat_streaming_ends_with_done(stack: Stack, usage: bool) -> None:
     """The usage chunk comes when the client asks for it (as from OpenAI), not otherwise,
     although the gateway always asks the engine for it (for the tenant's charge)."""
-    body: dict[str, object] = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    body: dict[str, object] = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]}
     if usage:
         body["stream_options"] = {"include_usage": True}
     async with stack.http.stream("POST", "/v1/chat/completions", json=body) as resp:
