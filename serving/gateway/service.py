@@ -630,6 +630,11 @@ class GatewayService:
             if "upstream" in extra:
                 message = f"The upstream {extra['upstream']!r} failed: {message}"
             kind, code, param = "server_error", code or "engine_error", None
+        elif status == 429 and "upstream" in extra:
+            # The upstream's own text can name its organization, project or limits: ours only.
+            log.warning("request_id=%s: upstream 429: %s", ctx.request_id, message[:300])
+            message = f"The upstream {extra['upstream']!r} is rate limiting requests; retry later."
+            kind, code, param = "requests", "rate_limit_exceeded", None
         else:
             message = clean_message(message)  # vLLM's own 4xx text, without exception detail
             if kind in ("server_error", "error", "BadRequestError", "NotFoundError"):

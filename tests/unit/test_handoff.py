@@ -412,6 +412,21 @@ async def test_upstream_client_error_passes_through(stack: Stack, cloud: tuple[S
     assert resp.json()["error"]["upstream_status"] == 400
 
 
+async def test_an_upstream_429_keeps_its_own_text_from_the_client(
+    stack: Stack, cloud: tuple[SimEngine, str]
+) -> None:
+    """An upstream's rate-limit text can name its organization and limits: the client gets
+    our 429 (OpenAI's type and code, our request id), the upstream's text goes to the log."""
+    cloud[0].faults.status = 429
+    resp = await stack.post("open", chat("auto"), **{"x-oss-escalate": "1"})
+    assert resp.status_code == 429
+    err = resp.json()["error"]
+    assert (err["type"], err["code"], err["upstream_status"]) == ("requests", "rate_limit_exceeded", 429)
+    assert "simulated failure" not in err["message"]
+    assert "'cloud'" in err["message"]
+    assert err["request_id"] == resp.headers["x-request-id"]
+
+
 async def test_upstream_key_comes_from_the_environment(cloud: tuple[SimEngine, str]) -> None:
     cloud[0].faults.api_key = "sk-upstream-secret"
     good = Stack(cloud[1], environ={"OSS_SERVING_UPSTREAM_API_KEY": "sk-upstream-secret"})
