@@ -70,7 +70,11 @@ class FakeEngine(EngineClient):
                 "choices": [],
                 "usage": usage,
             }
-            yield EngineSSE(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n")
+            options = body.get("stream_options") or {}
+            if options.get("include_usage"):  # as vLLM: the usage chunk only when asked
+                yield EngineSSE(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n")
+            else:
+                yield EngineSSE("data: [DONE]\n\n")
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled += 1
             raise

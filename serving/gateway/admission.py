@@ -191,6 +191,7 @@ class RedisQueue:
                 "release": lua.RELEASE,
                 "cancel": lua.CANCEL,
                 "renew": lua.RENEW,
+                "hold": lua.HOLD,
             },
         )
 
@@ -335,6 +336,26 @@ class RedisQueue:
                 "cancel", self.keys(model).all(tenant), [ticket, _now_ms(), *self._common(model)]
             )
         )
+
+    async def hold(self, ticket: str, model: str, tenant: Tenant) -> bool:
+        """Count ``ticket`` in its tenant's active set (see ``HOLD``); False at the limit."""
+        limit = tenant.limits.max_concurrent_requests or 0
+        key = self.keys(model).tenant_active(tenant.id)
+        return int(await self._scripts.call("hold", [key], [ticket, _now_ms(), self.ttl_ms, limit])) == 1
+
+    async def unhold(self, lease: Lease) -> None:
+        await self._redis.zrem(self.keys(lease.model).tenant_active(lease.tenant), lease.ticket)
+
+    async def renew_holds(self, holds: list[Lease]) -> None:
+        """Push out the expiry of held entries that are still there (``XX``: a hold that
+        Redis lost is not re-added; its request ends soon enough)."""
+        if not holds:
+            return
+        expiry = _now_ms() + self.ttl_ms
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for h in holds:
+                pipe.zadd(self.keys(h.model).tenant_active(h.tenant), {h.ticket: expiry}, xx=True)
+            await pipe.execute()
 
     async def renew(self, leases: list[Lease], waiters: list[Waiter] | None = None) -> tuple[int, int]:
         """Renew ``leases`` (re-adding lost ones, never released ones) and the heartbeats of
@@ -542,6 +563,9 @@ class Admission:
         in Redis again at every renewal until it answers (``RELEASE`` is idempotent), so a
         blip never leaves a slot held until the lease expires and a script reaps it."""
         self._waiting: dict[str, Waiter] = {}
+        self._holds: dict[str, Lease] = {}
+        """Requests running elsewhere (handed off) counted against their tenant's
+        concurrency limit (:meth:`hold`): renewed with the leases, released like them."""
         self._degraded = redis is None
         self._task: asyncio.Task[None] | None = None
         self._redis = redis
@@ -569,6 +593,10 @@ class Admission:
 
     def running(self) -> list[Lease]:
         return list(self._leases.values())
+
+    def holding(self) -> list[Lease]:
+        """This gateway's handed-off requests counted against their tenant's concurrency."""
+        return list(self._holds.values())
 
     def waiting(self) -> list[Waiter]:
         """This gateway's requests waiting in the shared queue."""
@@ -599,7 +627,7 @@ class Admission:
         self.local_queue.abort_waiting(_shutting_down)
         cleanup: list[Awaitable[Any]] = [self._cancel_ticket(w) for w in waiters]
         if release_leases:
-            cleanup += [self.release(lease) for lease in self.running()]
+            cleanup += [self.release(lease) for lease in [*self.running(), *self.holding()]]
             cleanup.append(self._release_again())
         if cleanup:
             log.info("admission stops: cancelling %d queued requests", len(waiters))
@@ -620,6 +648,7 @@ class Admission:
             try:
                 await self._release_again()
                 await self.redis_queue.renew(self.running(), self.waiting())
+                await self.redis_queue.renew_holds(self.holding())
                 if self._degraded:
                     log.warning("Redis answers again: admission is shared again")
                 self._degraded = False
@@ -649,7 +678,8 @@ class Admission:
         if self._max_lease_age_s is None:
             return
         now = time.monotonic()
-        old = [lease for lease in self._leases.values() if now - lease.granted_at > self._max_lease_age_s]
+        held = [*self._leases.values(), *self._holds.values()]
+        old = [lease for lease in held if now - lease.granted_at > self._max_lease_age_s]
         for lease in old:
             self.reclaimed_total += 1
             self._reclaimed[lease.model] = self._reclaimed.get(lease.model, 0) + 1
@@ -709,6 +739,33 @@ class Admission:
                 self._degraded = True
         return await self._acquire_local(model, tenant, budget, arrived, request_id, weight)
 
+    async def hold(self, model: str, tenant: Tenant, request_id: str = "-") -> Lease:
+        """Count a request that runs elsewhere (handed off upstream) against its tenant's
+        concurrency limit, as queued and running local requests are, without taking any of
+        ``model``'s engine capacity: raise RateLimitError at the limit. Release it with
+        :meth:`release` like a lease. While Redis is away the hold is granted (each
+        replica's local admission does not count tenants either)."""
+        if self._closing:
+            raise _shutting_down()
+        queue = self.redis_queue
+        ticket = f"hold-{uuid.uuid4().hex}"
+        lease = Lease(ticket, model, tenant.id, tenant.priority, time.monotonic(), 0.0, "hold",
+                      request_id=request_id, weight=0)  # fmt: skip
+        if not tenant.limits.max_concurrent_requests or queue is None or self._degraded:
+            lease.released = True  # nothing to count, nothing to give back
+            return lease
+        try:
+            held = await queue.hold(ticket, model, tenant)
+        except REDIS_DOWN as exc:
+            log.warning("Redis unreachable (%s): handoff not counted for tenant concurrency", exc)
+            self._degraded = True
+            lease.released = True
+            return lease
+        if not held:
+            raise _concurrency_limit(tenant)
+        self._holds[ticket] = lease
+        return lease
+
     async def _acquire_redis(
         self,
         model: str,
@@ -744,11 +801,7 @@ class Admission:
                 await self._cancel_ticket(waiter)
                 raise _shutting_down()
             if status == -1:
-                raise RateLimitError(
-                    f"tenant concurrency limit of {tenant.limits.max_concurrent_requests} requests reached",
-                    code="concurrency_limit_exceeded",
-                    headers={"Retry-After": "1"},
-                )
+                raise _concurrency_limit(tenant)
             if status == 0:
                 try:
                     state = await queue.wait_granted(
@@ -852,6 +905,9 @@ class Admission:
         if lease.released:
             return
         lease.released = True
+        if lease.backend == "hold":
+            await self._unhold(lease)
+            return
         self._leases.pop(lease.ticket, None)
         service_ms = int((time.monotonic() - lease.granted_at) * 1000)
         if lease.backend == "local":
@@ -867,6 +923,15 @@ class Admission:
             # Released again at the next renewal that reaches Redis (or, if this gateway
             # dies first, its Redis lease expires by itself: nothing renews it any more).
             self._unreleased[lease.ticket] = (lease, service_ms)
+
+    async def _unhold(self, lease: Lease) -> None:
+        self._holds.pop(lease.ticket, None)
+        if self.redis_queue is None:
+            return
+        try:
+            await self.redis_queue.unhold(lease)
+        except REDIS_DOWN:
+            self._degraded = True  # the entry expires within the lease TTL: nothing renews it
 
     async def snapshot(self, model: str) -> QueueSnapshot:
         snap: QueueSnapshot | None = None
@@ -893,6 +958,14 @@ async def _bounded(work: Awaitable[Any], timeout_s: float) -> None:
         log.debug("admission clean-up did not reach Redis (%s)", exc)
     except Exception:
         log.exception("admission clean-up failed")
+
+
+def _concurrency_limit(tenant: Tenant) -> RateLimitError:
+    return RateLimitError(
+        f"tenant concurrency limit of {tenant.limits.max_concurrent_requests} requests reached",
+        code="concurrency_limit_exceeded",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _shutting_down() -> OverloadedError:

@@ -38,16 +38,22 @@ from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.redis_guard import RedisGuard
 from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
+from serving.gateway.tenants import hash_key
 from serving.metrics import GatewayMetrics, export_through_ray
 
 __all__ = [
     "LEAK_MARGIN_S",
+    "OPERATOR_KEY_ENV",
     "REDIS_PASSWORD_ENV",
     "TENANTS_FILE_ENV",
     "build_gateway",
+    "operator_keys",
     "redis_client",
 ]
 
+OPERATOR_KEY_ENV = "OSS_SERVING_OPERATOR_KEY"
+"""An operator key (from a Secret) that may read ``/metrics`` and the detailed ``/health``,
+besides the hashes in ``auth.admin_key_sha256``: the chart sets it to its admin key."""
 REDIS_PASSWORD_ENV = "OSS_SERVING_REDIS_PASSWORD"
 TENANTS_FILE_ENV = "OSS_SERVING_TENANTS_FILE"
 LEAK_MARGIN_S = 60.0
@@ -70,6 +76,14 @@ def redis_client(cfg: ServingConfig, environ: Mapping[str, str] | None = None) -
         socket_timeout=cfg.redis.connect_timeout_s,
         **extra,
     )
+
+
+def operator_keys(cfg: ServingConfig, environ: Mapping[str, str]) -> frozenset[str]:
+    """The hashes of the operator keys: the configuration's and ``OSS_SERVING_OPERATOR_KEY``'s."""
+    keys = set(cfg.auth.admin_key_sha256)
+    if key := environ.get(OPERATOR_KEY_ENV, "").strip():
+        keys.add(hash_key(key))
+    return frozenset(keys)
 
 
 def build_gateway(
@@ -172,7 +186,7 @@ def build_gateway(
         health=health,
         flights=flights,
         isolation=CacheIsolation(cfg.auth.cache_groups, env.get(cfg.auth.cache_salt_secret_env)),
-        admin_keys=frozenset(cfg.auth.admin_key_sha256),
+        admin_keys=operator_keys(cfg, env),
         limits=RequestLimits(cfg.models, chars_per_token=cfg.handoff.chars_per_token),
         failover=failover,
         created_unix=created_unix,

@@ -221,7 +221,6 @@ class StreamSplice:
     """The request as the engine got it (after the gateway's limits)."""
     harmony: bool = False
     client_wants_ids: bool = False
-    client_wants_usage: bool = False
     migrations: int = 0
     announce: bool = False
     id: str | None = None
@@ -247,13 +246,11 @@ class StreamSplice:
         cls, endpoint: Endpoint, client_body: Mapping[str, Any], engine_body: dict[str, Any], *, harmony: bool
     ) -> StreamSplice:
         """Ask the engine for token ids (in ``engine_body``) and follow the stream."""
-        options = client_body.get("stream_options")
         splice = cls(
             endpoint,
             dict(engine_body),
             harmony=harmony,
             client_wants_ids=bool(client_body.get("return_token_ids")),
-            client_wants_usage=isinstance(options, dict) and bool(options.get("include_usage")),
         )
         engine_body["return_token_ids"] = True
         return splice
@@ -361,7 +358,7 @@ class StreamSplice:
             if usage is None:
                 return None
             self.finished = True
-            if not self.client_wants_usage or self._sent_usage:
+            if self._sent_usage:  # the pipeline takes it out when the client did not ask
                 return None
             self._sent_usage = True
             return self._frame([], self._usage(usage))

@@ -23,6 +23,7 @@ ends without usage (see ``Flight``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any
 from serving.config import ModelConfig, QueueConfig
 from serving.gateway.context import RequestContext
 from serving.gateway.errors import InvalidRequestError
-from serving.wire import DEADLINE_HEADER, Endpoint, dumps, sse_data_events
+from serving.wire import DEADLINE_HEADER, Endpoint, dumps, sse_data_events, usage_pair
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -48,6 +49,8 @@ __all__ = [
     "output_limit",
     "prompt_tokens",
     "streamed_tokens",
+    "strip_usage",
+    "wants_usage",
 ]
 
 OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -220,6 +223,40 @@ class UsageText(str):
         out = super().__new__(cls, text)
         out.usage = usage
         return out
+
+
+def wants_usage(body: Mapping[str, Any]) -> bool:
+    """Whether a streamed chat/completions request asked for the final usage chunk."""
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and bool(options.get("include_usage"))
+
+
+def strip_usage(text: str) -> str:
+    """``text`` without the usage the gateway asked for on the client's behalf (the
+    usage-only chunk is dropped, a ``usage`` field elsewhere removed): a
+    :class:`UsageText` that still carries it for the tenant's charge. Cheap when the
+    text carries no usage."""
+    if '"usage"' not in text:
+        return text
+    out: list[str] = []
+    found: tuple[int, int] | None = None
+    for event in text.split("\n\n"):
+        if not event.strip():
+            continue
+        data = None
+        if event.startswith("data:") and '"usage"' in event:
+            try:
+                data = json.loads(event[5:])
+            except ValueError:
+                data = None
+        if not isinstance(data, dict) or data.get("usage") is None:
+            out.append(event + "\n\n")
+            continue
+        found = usage_pair(data.pop("usage")) or found
+        if data.get("choices") == []:
+            continue  # the usage-only chunk: the client did not ask for it
+        out.append("data: " + dumps(data) + "\n\n")
+    return UsageText("".join(out), found)
 
 
 _DELTA_KEYS = ("content", "reasoning_content", "reasoning", "refusal", "text")

@@ -49,7 +49,7 @@ Times are the calling gateway's clock (``now_ms`` in ARGV), as for lease expirie
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "CHECK", "ENQUEUE", "LANE", "RELEASE", "RENEW", "RENEW_BATCH"]
+__all__ = ["CANCEL", "CHECK", "ENQUEUE", "HOLD", "LANE", "RELEASE", "RENEW", "RENEW_BATCH"]
 
 LANE = 1e12
 
@@ -313,4 +313,20 @@ for i = 6 + 2 * nl, #ARGV do
 end
 if renewed + waiting > 0 then redis.call('PEXPIRE', TA, keyttl) end
 return {renewed, skipped, waiting, unknown}
+"""
+
+
+# A request that runs elsewhere (handed off to an upstream) counted against its tenant's
+# concurrency limit without taking engine capacity: an entry in the tenant's active set,
+# renewed by its gateway like a lease, removed when the request ends (ZREM).
+# KEYS: tenant_active
+# ARGV: ticket now_ms ttl_ms tenant_limit -> 1 held, -1 tenant concurrency limit
+HOLD = """
+local TA = KEYS[1]
+local t, now, ttl, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', TA, '-inf', now)
+if limit > 0 and redis.call('ZCARD', TA) >= limit then return -1 end
+redis.call('ZADD', TA, now + ttl, t)
+redis.call('PEXPIRE', TA, ttl * 4)
+return 1
 """

@@ -51,7 +51,7 @@ from serving.gateway.failover import Failover, StreamSplice
 from serving.gateway.flight import Flight, Flights
 from serving.gateway.health import EngineHealth
 from serving.gateway.isolation import CacheIsolation
-from serving.gateway.limits import RequestLimits, deadline_of
+from serving.gateway.limits import RequestLimits, UsageText, deadline_of, strip_usage, wants_usage
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.tenants import PriorityClass, Tenant, hash_key
@@ -94,6 +94,8 @@ class AdmissionPort(Protocol):
         weight: int = 1,
     ) -> Lease: ...
 
+    async def hold(self, model: str, tenant: Tenant, request_id: str = "-") -> Lease: ...
+
     async def release(self, lease: Lease) -> None: ...
 
     async def predicted_wait_s(
@@ -127,6 +129,10 @@ class Unlimited:
     ) -> Lease:
         now = time.monotonic()
         return Lease("unlimited", model, tenant.id, tenant.priority, now, 0.0, "local")
+
+    async def hold(self, model: str, tenant: Tenant, request_id: str = "-") -> Lease:
+        now = time.monotonic()
+        return Lease("unlimited", model, tenant.id, tenant.priority, now, 0.0, "hold", released=True)
 
     async def release(self, lease: Lease) -> None:
         return None
@@ -356,6 +362,9 @@ class GatewayService:
         ctx.response_headers.update(await self._limiter.check(ctx.tenant, cost.tokens))
         if ctx.tenant.limits.tokens_per_minute:
             flight.charged(cost.tokens, output=cost.output_tokens)
+        # The tenant's concurrency limit, for a request served anywhere: held in the
+        # tenant's active set until the queue counts it (stage 7) or the request ends.
+        flight.hold_lease(await self.admission.hold(ctx.model, ctx.tenant, ctx.request_id))
         # 4: escalation or overflow
         handed = await self._handoff.before_admission(ctx)
         if handed is not None:
@@ -369,8 +378,9 @@ class GatewayService:
         if hit is not None:
             flight.cache_hit = True
             return await self._cached_answer(hit, ctx, flight)
-        # 7: admission
+        # 7: admission (which counts the request for its tenant from now on)
         flight.enter()
+        await flight.release_lease()
         lease = await self.admission.acquire(
             ctx.model, ctx.tenant, deadline_s, ctx.request_id, weight=cost.sequences
         )
@@ -434,6 +444,10 @@ class GatewayService:
                 "request_id": f"{ctx.request_id}-{uuid.uuid4().hex[:8]}",
                 "cache_salt": ctx.cache_scope,
             }
+            if _strips_usage(ctx):  # the tenant is charged the engine's count, not an estimate
+                asked = ctx.body.get("stream_options")
+                options = {**(asked if isinstance(asked, dict) else {}), "include_usage": True}
+                engine_body["stream_options"] = options
             splice = self._failover.splice(ctx.model, ctx.endpoint, ctx.body, engine_body)
             stream = engine.generate(ctx.endpoint, engine_body, headers)
             flight.hold_stream(stream)
@@ -498,6 +512,7 @@ class GatewayService:
         deadline = granted + self._config.request_timeout_s
         idle_s = self._failover.config(ctx.model).idle_timeout_s
         splice, stream = run.splice, run.stream
+        strip = _strips_usage(ctx)
         item: EngineJSON | EngineSSE = first
         noted = True  # the first item was noted when it came (its time is the TTFT)
         while True:
@@ -512,7 +527,9 @@ class GatewayService:
                     raw, failure = _split_engine_error(raw, min_status=500)
                     cause = "engine_error" if failure is not None else None
                 text, ended = self._in_band(raw, flight, ctx)
-                if text and not noted:
+                if strip:
+                    text = strip_usage(text)
+                if (text or isinstance(text, UsageText)) and not noted:
                     flight.note_chunk(text)
                 noted = False
                 if text:
@@ -613,6 +630,11 @@ class GatewayService:
             if "upstream" in extra:
                 message = f"The upstream {extra['upstream']!r} failed: {message}"
             kind, code, param = "server_error", code or "engine_error", None
+        elif status == 429 and "upstream" in extra:
+            # The upstream's own text can name its organization, project or limits: ours only.
+            log.warning("request_id=%s: upstream 429: %s", ctx.request_id, message[:300])
+            message = f"The upstream {extra['upstream']!r} is rate limiting requests; retry later."
+            kind, code, param = "requests", "rate_limit_exceeded", None
         else:
             message = clean_message(message)  # vLLM's own 4xx text, without exception detail
             if kind in ("server_error", "error", "BadRequestError", "NotFoundError"):
@@ -663,6 +685,14 @@ class GatewayService:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def _strips_usage(ctx: RequestContext) -> bool:
+    """A chat/completions stream whose client did not ask for usage: the engine is asked
+    for it all the same, and it is taken out of what the client gets."""
+    return (
+        ctx.endpoint is not Endpoint.responses and bool(ctx.body.get("stream")) and not wants_usage(ctx.body)
+    )
 
 
 _SERVER_MESSAGES = {

@@ -444,6 +444,9 @@ def test_existing_secrets_are_referenced_not_created(rendered_scenarios: dict[st
         "OSS_SERVING_REDIS_PASSWORD": "shared-redis",
         "HF_TOKEN": "hf-token",
         "OSS_SERVING_UPSTREAM_API_KEY": "upstream-openai",
+        # optional entries of the existing tenants Secret
+        "OSS_SERVING_OPERATOR_KEY": "oss-tenants",
+        "OSS_SERVING_CACHE_SALT_SECRET": "oss-tenants",
     }
 
 
@@ -539,3 +542,33 @@ def test_rendered_files_are_all_covered() -> None:
         "networkpolicy.yaml",
     }
     assert Path(CHART_DIR / "templates" / "tests" / "test-models.yaml").is_file()
+
+
+def test_the_admin_key_reads_metrics_and_the_salt_secret_is_set(
+    render: Callable[[dict[str, Any]], Rendered],
+) -> None:
+    """The chart's admin key is the operator key the gateways accept for ``/metrics`` and
+    the detailed ``/health`` (it reaches them as OSS_SERVING_OPERATOR_KEY), and the
+    per-tenant cache salts derive from a generated secret, not the built-in constant."""
+    from serving.config import ServingConfig
+    from serving.gateway.build import OPERATOR_KEY_ENV, operator_keys
+    from serving.gateway.tenants import hash_key
+
+    rendered = render({})
+    secret = next(o for o in rendered.of_kind("Secret") if "admin-api-key" in o.get("stringData", {}))
+    data = secret["stringData"]
+    assert len(data["cache-salt-secret"]) >= 32
+    rc = rendered.one("RayService")["spec"]["rayClusterConfig"]
+    templates = [rc["headGroupSpec"]["template"]] + [g["template"] for g in rc["workerGroupSpecs"]]
+    for template in templates:
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        for name, key in (
+            (OPERATOR_KEY_ENV, "admin-api-key"),
+            ("OSS_SERVING_CACHE_SALT_SECRET", "cache-salt-secret"),
+        ):
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], key)
+    config = ServingConfig.model_validate({"models": [{"name": "m", "source": "org/m"}]})
+    assert config.auth.cache_salt_secret_env == "OSS_SERVING_CACHE_SALT_SECRET"
+    assert hash_key(data["admin-api-key"]) in operator_keys(config, {OPERATOR_KEY_ENV: data["admin-api-key"]})
+    assert operator_keys(config, {}) == frozenset()

@@ -44,6 +44,7 @@ TENANTS = {
     "bravo": {"handoff": "allowed"},
     "capped": {"handoff": "allowed", "requests_per_minute": 1, "max_output_tokens": 4},
     "narrow": {"models": [SMOLLM]},
+    "elsewhere": {"models": ["gpt-oss-120b"]},  # a model this stack does not serve
     "doomed": {},
     "metered": {"tokens_per_minute": 100_000},
 }
@@ -173,6 +174,18 @@ def test_doors_are_closed_without_credentials(adv: Adversarial) -> None:
     assert adv.get("/health/ready").status_code == 200
     assert adv.get("/v1/models").status_code == 401
     assert [m["id"] for m in adv.get("/v1/models", key("narrow")).json()["data"]] == [SMOLLM]
+    # the filter does take models out: a tenant allowed only a model this stack does not
+    # serve sees none, gets 404 for the served one's card and 403 for using it
+    assert adv.get("/v1/models", key("elsewhere")).json()["data"] == []
+    assert adv.get(f"/v1/models/{SMOLLM}", key("elsewhere")).status_code == 404
+    assert adv.get(f"/v1/models/{SMOLLM}", key("narrow")).status_code == 200
+    refused = httpx.post(
+        adv.stack.api + "/chat/completions",
+        json={"model": SMOLLM, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {key('elsewhere')}"},
+        timeout=60,
+    )
+    assert (refused.status_code, refused.json()["error"]["code"]) == (403, "model_not_allowed")
 
 
 def test_tenant_limits_survive_a_fresh_minute_of_requests(adv: Adversarial) -> None:

@@ -44,12 +44,14 @@ async def test_chat_non_streaming_through_sdk(stack: Stack) -> None:
     assert body["request_id"].startswith(headers["x-request-id"])
 
 
-async def test_chat_streaming_ends_with_done(stack: Stack) -> None:
-    async with stack.http.stream(
-        "POST",
-        "/v1/chat/completions",
-        json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
-    ) as resp:
+@pytest.mark.parametrize("usage", [True, False])
+async def test_chat_streaming_ends_with_done(stack: Stack, usage: bool) -> None:
+    """The usage chunk comes when the client asks for it (as from OpenAI), not otherwise,
+    although the gateway always asks the engine for it (for the tenant's charge)."""
+    body: dict[str, object] = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    async with stack.http.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         lines = [line async for line in resp.aiter_lines() if line.startswith("data: ")]
@@ -57,7 +59,11 @@ async def test_chat_streaming_ends_with_done(stack: Stack) -> None:
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
     assert text == "The capital of France is Paris."
-    assert chunks[-1]["usage"]["completion_tokens"] == 6
+    if usage:
+        assert chunks[-1]["usage"]["completion_tokens"] == 6
+    else:
+        assert all("usage" not in c for c in chunks)
+    assert stack.engines[MODEL].calls[-1][1]["stream_options"]["include_usage"] is True  # type: ignore[attr-defined]
 
 
 async def test_sdk_stream_collects_in_order(stack: Stack) -> None:

@@ -370,6 +370,11 @@ async def test_usage_wins_and_nothing_delivered_is_refunded() -> None:
         await answer.stream.aclose()
         assert streamed_tokens(text) == 900
         assert charges[-1] == (5 + 900) - estimate  # FakeEngine's usage: 5 prompt tokens
+        # the client did not ask for usage: the engine was asked all the same (the charge
+        # above is its count), and the client's stream carries none
+        assert engine.calls[-1][1]["stream_options"] == {"include_usage": True}
+        assert '"usage"' not in text
+        assert text.endswith("data: [DONE]\n\n")
         # the engine fails before its first byte: nothing delivered, all refunded
         engine.healthy = True
 

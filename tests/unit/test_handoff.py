@@ -8,8 +8,11 @@ are :class:`FakeEngine` (or, for failover, a second simulated engine that is sto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -409,6 +412,21 @@ async def test_upstream_client_error_passes_through(stack: Stack, cloud: tuple[S
     assert resp.json()["error"]["upstream_status"] == 400
 
 
+async def test_an_upstream_429_keeps_its_own_text_from_the_client(
+    stack: Stack, cloud: tuple[SimEngine, str]
+) -> None:
+    """An upstream's rate-limit text can name its organization and limits: the client gets
+    our 429 (OpenAI's type and code, our request id), the upstream's text goes to the log."""
+    cloud[0].faults.status = 429
+    resp = await stack.post("open", chat("auto"), **{"x-oss-escalate": "1"})
+    assert resp.status_code == 429
+    err = resp.json()["error"]
+    assert (err["type"], err["code"], err["upstream_status"]) == ("requests", "rate_limit_exceeded", 429)
+    assert "simulated failure" not in err["message"]
+    assert "'cloud'" in err["message"]
+    assert err["request_id"] == resp.headers["x-request-id"]
+
+
 async def test_upstream_key_comes_from_the_environment(cloud: tuple[SimEngine, str]) -> None:
     cloud[0].faults.api_key = "sk-upstream-secret"
     good = Stack(cloud[1], environ={"OSS_SERVING_UPSTREAM_API_KEY": "sk-upstream-secret"})
@@ -714,3 +732,42 @@ async def test_a_timeout_after_sending_keeps_the_reservation_charged(cloud: tupl
     finally:
         await s.close()
         await down.close()
+
+
+async def test_handoffs_count_against_the_tenants_concurrency_limit(
+    cloud: tuple[SimEngine, str], redis_client: Any
+) -> None:
+    """Concurrency is a stage-3 limit too: a tenant at its limit of 1 with a handoff open
+    gets the 429 for a second handoff and for a local request, before anything is sent
+    upstream; when the first ends its slot is free again, and nothing stays counted."""
+    prefix = f"hold-{uuid.uuid4().hex[:8]}"
+    one = {"id": "one", "handoff": "allowed", "max_concurrent_requests": 1}
+    s = Stack(cloud[1], tenants=[one], redis=redis_client, queue={"key_prefix": prefix})
+    await s.service.probe_once()
+    await s.service.admission.start()
+    try:
+        cloud[0].faults.delay_s = 1.0  # the first handoff stays open a while
+        escalate = {"x-oss-escalate": "1"}
+        first = asyncio.create_task(s.post("one", {"model": "auto", "messages": MSG}, **escalate))
+        active = f"{prefix}:t:one:active"
+        for _ in range(200):
+            if await redis_client.zcard(active) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert await redis_client.zcard(active) == 1
+        second = await s.post("one", {"model": "auto", "messages": MSG}, **escalate)
+        local = await s.post("one", {"model": SMALL, "messages": MSG})
+        for refused in (second, local):
+            assert refused.status_code == 429
+            assert "concurrency limit" in refused.json()["error"]["message"]
+        assert len(cloud[0].faults.bodies) == 1  # the refused one never went upstream
+        assert (await first).status_code == 200
+        cloud[0].faults.delay_s = 0.0
+        again = await s.post("one", {"model": "auto", "messages": MSG}, **escalate)
+        assert again.status_code == 200
+        assert (await s.post("one", {"model": SMALL, "messages": MSG})).status_code == 200
+        assert await redis_client.zcount(active, int(time.time() * 1000), "+inf") == 0
+        assert s.service.admission.holding() == []  # type: ignore[attr-defined]
+    finally:
+        cloud[0].faults.delay_s = 0.0
+        await s.close()

@@ -237,6 +237,20 @@ Input: dict root, extraEnv (the worker group's, appended after ray.extraEnv).
   value: /etc/oss-serving/config/config.yaml
 - name: OSS_SERVING_TENANTS_FILE
   value: /etc/oss-serving/secrets/{{ .Values.secrets.apiKeys.key }}
+# The operator key (reads /metrics and the detailed /health) and the secret the per-tenant
+# prefix-cache salts derive from: entries of the API keys Secret (optional in an existing one).
+- name: OSS_SERVING_OPERATOR_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "oss-serving.apiKeysSecretName" . }}
+      key: admin-api-key
+      optional: true
+- name: OSS_SERVING_CACHE_SALT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "oss-serving.apiKeysSecretName" . }}
+      key: cache-salt-secret
+      optional: true
 {{- $redisSecret := include "oss-serving.redisSecretName" . }}
 {{- if $redisSecret }}
 - name: OSS_SERVING_REDIS_PASSWORD
