@@ -60,6 +60,7 @@ from serving.wire import (
     REQUEST_ID_HEADER,
     RETRIES_HEADER,
     Endpoint,
+    aclose_stream,
     dumps,
     error_body,
     error_event,
@@ -183,9 +184,7 @@ class ResponseStream:
     async def aclose(self) -> None:
         flight = self._flight
         try:
-            aclose = getattr(self._chunks, "aclose", None)
-            if aclose is not None:
-                await asyncio.shield(aclose())
+            await asyncio.shield(aclose_stream(self._chunks))
         except Exception:
             log.exception("request_id=%s: closing the stream failed", flight.request_id)
         finally:
@@ -660,9 +659,7 @@ class GatewayService:
                 if ended:
                     return
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose_stream(stream)
 
 
 _SERVER_MESSAGES = {
