@@ -9,8 +9,9 @@ the first byte (a JSON answer) and in-band (an SSE event), always with one shape
                "request_id": str}}
 
 ``type`` and ``code`` follow OpenAI: ``invalid_request_error`` for 400/404/413 (and 401,
-with ``code: invalid_api_key``), ``permission_error`` for 403, ``rate_limit_exceeded`` for
-429, ``server_error`` for every 5xx; ``code`` says what exactly happened.
+with ``code: invalid_api_key``), ``permission_error`` for 403, the limited resource
+(``requests`` or ``tokens``) for 429 with ``code: rate_limit_exceeded``, ``server_error``
+for every 5xx; ``code`` says what exactly happened.
 """
 
 from __future__ import annotations

@@ -746,7 +746,7 @@ class Admission:
             if status == -1:
                 raise RateLimitError(
                     f"tenant concurrency limit of {tenant.limits.max_concurrent_requests} requests reached",
-                    code="concurrency_limit_exceeded",
+                    limit="concurrency",
                     headers={"Retry-After": "1"},
                 )
             if status == 0:

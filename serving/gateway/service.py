@@ -324,9 +324,9 @@ class GatewayService:
         try:
             return await self._run(ctx, flight)
         except GatewayError as exc:
-            if exc.status in (429, 503) and exc.code:
+            if exc.status in (429, 503) and exc.reason:
                 self.metrics.rejections.labels(
-                    model=self.metrics.model_label(ctx.model), reason=exc.code
+                    model=self.metrics.model_label(ctx.model), reason=exc.reason
                 ).inc()
             await flight.close(exc.status, detail=exc.message)
             raise

@@ -202,7 +202,7 @@ CASES: list[tuple[str, int, str, str | None, Callable[[TestGateway, str], Any]]]
         "request_too_large",
         lambda g, r: post(g, r, {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}),
     ),
-    ("rate", 429, "rate_limit_exceeded", "requests_limit_exceeded", lambda g, r: _twice(g, r)),
+    ("rate", 429, "requests", "rate_limit_exceeded", lambda g, r: _twice(g, r)),
     ("bug", 500, "server_error", "internal_error", lambda g, r: _bug(g, r)),
     (
         "engine-raises",
