@@ -9,8 +9,9 @@ the first byte (a JSON answer) and in-band (an SSE event), always with one shape
                "request_id": str}}
 
 ``type`` and ``code`` follow OpenAI: ``invalid_request_error`` for 400/404/413 (and 401,
-with ``code: invalid_api_key``), ``permission_error`` for 403, ``rate_limit_exceeded`` for
-429, ``server_error`` for every 5xx; ``code`` says what exactly happened.
+with ``code: invalid_api_key``), ``permission_error`` for 403, the limited resource
+(``requests`` or ``tokens``) for 429 with ``code: rate_limit_exceeded``, ``server_error``
+for every 5xx; ``code`` says what exactly happened.
 """
 
 from __future__ import annotations
@@ -23,14 +24,24 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "BACKEND_HEADER",
+    "CACHE_HEADER",
+    "CACHE_REQUEST_HEADER",
     "DEADLINE_HEADER",
+    "DECLINED_HEADER",
+    "GATEWAY_HEADER",
+    "HANDOFF_HEADER",
+    "MODEL_HEADER",
+    "REPLICA_HEADER",
     "REQUEST_ID_HEADER",
     "RETRIES_HEADER",
+    "ROUTE_HEADER",
     "SSE_DONE",
     "Endpoint",
     "EngineJSON",
     "EngineSSE",
     "aclose_quietly",
+    "aclose_stream",
     "cached_tokens_in",
     "dumps",
     "error_body",
@@ -42,12 +53,32 @@ __all__ = [
     "usage_pair",
 ]
 
+# ---------------------------------------------------------------------------- headers
 REQUEST_ID_HEADER = "x-request-id"
+"""Request and response header: the request's id (the client's if safe, else a new one)."""
 DEADLINE_HEADER = "x-oss-deadline-ms"
+"""Client header: the request must start within this many milliseconds, or get 503."""
 RETRIES_HEADER = "x-oss-engine-retries"
 """Response header: how many times the request was sent to another engine replica before
 its first byte (absent: never)."""
-"""Client header: the request must start within this many milliseconds, or get 503."""
+CACHE_REQUEST_HEADER = "x-oss-response-cache"
+"""Client header that opts one request in to the response cache (``on``)."""
+CACHE_HEADER = "X-OSS-Response-Cache"
+"""Response header: ``hit``, ``miss`` or ``skip`` (the response cache)."""
+BACKEND_HEADER = "X-OSS-Serving-Backend"
+"""Response header: ``local`` or the upstream's name."""
+MODEL_HEADER = "X-OSS-Serving-Model"
+"""Response header: the model that produced the answer (a local model, or the upstream's)."""
+HANDOFF_HEADER = "X-OSS-Serving-Handoff"
+"""Response header: why the request was handed off (a ``HandoffReason``)."""
+DECLINED_HEADER = "X-OSS-Serving-Handoff-Declined"
+"""Response header: why a handoff the policy wanted did not happen: ``<reason>; <cause>``."""
+GATEWAY_HEADER = "x-oss-serving-gateway"
+"""Response header (``routing.decision_headers``): the gateway replica that routed it."""
+REPLICA_HEADER = "x-oss-serving-replica"
+"""Response header (``routing.decision_headers``): the engine replica that served it."""
+ROUTE_HEADER = "x-oss-serving-route"
+"""Response header (``routing.decision_headers``): why that replica (affinity, load, ...)."""
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -196,3 +227,10 @@ async def aclose_quietly(stream: AsyncIterator[Any] | None) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+async def aclose_stream(stream: AsyncIterator[Any] | None) -> None:
+    """Close an async iterator if it can be closed; an error while closing propagates."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

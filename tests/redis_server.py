@@ -1,4 +1,5 @@
-"""A private redis-server on a free loopback port, for tests that stop or restart Redis."""
+"""A private redis-server on a free loopback port, for tests that stop or restart Redis,
+and for the unit tests when no Redis answers at the usual address."""
 
 from __future__ import annotations
 
@@ -53,3 +54,23 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def answers(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether a Redis answers PING at ``url``."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def shared_or_private(url: str, workdir: Path) -> tuple[str, RedisServer | None]:
+    """``url`` if a Redis answers there, else a private server started under ``workdir``
+    (its URL, and the server to stop). RuntimeError when redis-server is not installed."""
+    if answers(url):
+        return url, None
+    server = RedisServer(workdir).start()
+    return server.url, server

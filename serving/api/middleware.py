@@ -17,10 +17,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.gateway.errors import InternalError
+from serving.wire import REQUEST_ID_HEADER
 
 __all__ = ["REQUEST_ID_HEADER", "RequestIdLogFilter", "RequestIdMiddleware", "current_request_id"]
 
-REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 
 log = logging.getLogger("oss_serving.api")

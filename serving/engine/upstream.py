@@ -51,7 +51,7 @@ import httpx
 
 from serving.config import UpstreamConfig
 from serving.engine.protocol import Endpoint, EngineClient, EngineJSON, EngineSSE, EngineStats
-from serving.wire import error_body
+from serving.wire import REQUEST_ID_HEADER, error_body
 
 __all__ = [
     "UpstreamBusyError",
@@ -228,7 +228,7 @@ class UpstreamClient(EngineClient):
     async def _generate(
         self, endpoint: Endpoint, body: dict[str, Any], headers: dict[str, str]
     ) -> AsyncIterator[EngineJSON | EngineSSE]:
-        extra = {"X-Request-Id": headers["x-request-id"]} if "x-request-id" in headers else {}
+        extra = {REQUEST_ID_HEADER: headers[REQUEST_ID_HEADER]} if REQUEST_ID_HEADER in headers else {}
         request = self._http.build_request("POST", _PATHS[endpoint], json=body, headers=extra)
         streaming = bool(body.get("stream"))
         clock = _Clock(self.config)

@@ -963,7 +963,7 @@ async def _bounded(work: Awaitable[Any], timeout_s: float) -> None:
 def _concurrency_limit(tenant: Tenant) -> RateLimitError:
     return RateLimitError(
         f"tenant concurrency limit of {tenant.limits.max_concurrent_requests} requests reached",
-        code="concurrency_limit_exceeded",
+        limit="concurrency",
         headers={"Retry-After": "1"},
     )
 

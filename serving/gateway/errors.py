@@ -8,7 +8,7 @@
     ├── PayloadTooLargeError     413  invalid_request_error   body over the configured size
     ├── UnauthorizedError        401  invalid_request_error   missing, unknown or revoked API key
     ├── ForbiddenError           403  permission_error        model not allowed for the tenant
-    ├── RateLimitError           429  rate_limit_exceeded     tenant limit reached (Retry-After, headers)
+    ├── RateLimitError           429  requests | tokens       tenant limit reached (Retry-After, headers)
     ├── OverloadedError          503  server_error            queue cannot start it in time (Retry-After)
     ├── EngineNotReadyError      503  server_error            no ready engine replica (Retry-After)
     ├── GatewayTimeoutError      504  server_error            the request ran past its time limit
@@ -20,7 +20,7 @@ Messages are written for clients: never an exception's text, which goes to the l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from serving.wire import error_body
 
@@ -35,6 +35,7 @@ __all__ = [
     "ModelNotFoundError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "RateLimit",
     "RateLimitError",
     "UnauthorizedError",
 ]
@@ -59,6 +60,12 @@ class GatewayError(Exception):
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+
+    @property
+    def reason(self) -> str | None:
+        """What happened, as a fixed word (a metric label): the ``code`` unless a subclass
+        says more."""
+        return self.code
 
     def body(self, request_id: str | None, max_chars: int = 2000) -> dict[str, Any]:
         """This error as the OpenAI error body."""
@@ -146,11 +153,31 @@ class ForbiddenError(GatewayError):
     type = "permission_error"
 
 
+RateLimit = Literal["requests", "tokens", "concurrency"]
+"""Which tenant limit a 429 is for: requests or tokens per minute, or requests at once."""
+
+
 class RateLimitError(GatewayError):
-    """429: a tenant limit (requests, tokens or concurrency) is exhausted."""
+    """429: a tenant limit (requests, tokens or concurrency) is exhausted.
+
+    As OpenAI: ``code`` is ``rate_limit_exceeded`` and ``type`` the limited resource,
+    ``requests`` or ``tokens``. OpenAI has no concurrency limit; ours limits requests (at
+    once rather than per minute), so its type is ``requests`` as well. :attr:`reason`
+    still tells the three apart (``requests_limit_exceeded``, ``tokens_limit_exceeded``,
+    ``concurrency_limit_exceeded``), for the rejection metric and the log.
+    """
 
     status = 429
-    type = "rate_limit_exceeded"
+    type = "requests"
+
+    def __init__(self, message: str, *, limit: RateLimit, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code="rate_limit_exceeded", headers=headers)
+        self.limit: RateLimit = limit
+        self.type = "tokens" if limit == "tokens" else "requests"
+
+    @property
+    def reason(self) -> str:
+        return f"{self.limit}_limit_exceeded"
 
 
 class OverloadedError(GatewayError):

@@ -45,13 +45,17 @@ from serving.gateway.context import RequestContext
 from serving.gateway.limits import UsageText, fan_out, output_limit, prompt_tokens
 from serving.gateway.tenants import HandoffRight, PriorityClass
 from serving.metrics import HandoffMetrics
-from serving.wire import usage_pair
+from serving.wire import (
+    BACKEND_HEADER,
+    DECLINED_HEADER,
+    HANDOFF_HEADER,
+    MODEL_HEADER,
+    REQUEST_ID_HEADER,
+    aclose_quietly,
+    usage_pair,
+)
 
 __all__ = [
-    "BACKEND_HEADER",
-    "DECLINED_HEADER",
-    "HANDOFF_HEADER",
-    "MODEL_HEADER",
     "Counters",
     "HandoffPolicy",
     "HandoffReason",
@@ -63,15 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("oss_serving.handoff")
-
-BACKEND_HEADER = "X-OSS-Serving-Backend"
-"""``local`` or the upstream's name."""
-MODEL_HEADER = "X-OSS-Serving-Model"
-"""The model that produced the answer (a local model, or the upstream's model)."""
-HANDOFF_HEADER = "X-OSS-Serving-Handoff"
-"""Why the request was handed off (a :class:`HandoffReason`)."""
-DECLINED_HEADER = "X-OSS-Serving-Handoff-Declined"
-"""Why a handoff the policy wanted did not happen: ``<reason>; <cause>``."""
 
 _MARKED = frozenset({"1", "true", "yes", "cloud"})
 
@@ -542,13 +537,13 @@ class HandoffPolicy:
             labels={"upstream": name, "tenant": self._tenant_label(ctx.tenant.id)},
         )
         self._metrics.in_flight.labels(upstream=name).inc()
-        stream = upstream.client.generate(ctx.endpoint, body, {"x-request-id": ctx.request_id})
+        stream = upstream.client.generate(ctx.endpoint, body, {REQUEST_ID_HEADER: ctx.request_id})
         try:
             first = await anext(stream)
         except (UpstreamError, StopAsyncIteration) as exc:
             failure = exc if isinstance(exc, UpstreamError) else None
             kind = failure.code if failure is not None else "empty"
-            await _close(stream)
+            await aclose_quietly(stream)
             trip.status = failure.status if failure is not None else 502
             trip.billed = failure is not None and failure.billable  # e.g. timed out once sent
             await self._end(trip, error_kind=kind)
@@ -558,7 +553,7 @@ class HandoffPolicy:
             answer = failure.as_engine_json() if failure is not None else _empty_answer(name)
             return self._mark(ctx, trip, answer), None
         except BaseException:
-            await _close(stream)
+            await aclose_quietly(stream)
             trip.status, trip.billed = 499, True  # it may be running upstream already
             await self._end(trip, error_kind="cancelled")
             raise
@@ -566,7 +561,7 @@ class HandoffPolicy:
         trip.billed = not (isinstance(first, EngineJSON) and first.status >= 400)
         self._metrics.time_to_first_byte.labels(upstream=name).observe(trip.first_byte - trip.started)
         if isinstance(first, EngineJSON):
-            await _close(stream)
+            await aclose_quietly(stream)
             trip.status = first.status
             if first.status >= 400:
                 await self._end(trip, error_kind=f"status_{first.status // 100}xx")
@@ -622,7 +617,7 @@ class HandoffPolicy:
             trip.status, error_kind = 499, "cancelled"
             raise
         finally:
-            await _close(stream)
+            await aclose_quietly(stream)
             await self._end(trip, error_kind=error_kind)
 
     def _rewrite_events(self, trip: _Trip, text: str) -> str:
@@ -759,10 +754,3 @@ def _empty_answer(upstream: str) -> EngineJSON:
     return EngineJSON(
         502, upstream_error_body(upstream, None, "the upstream closed the request without an answer")
     )
-
-
-async def _close(stream: AsyncIterator[Any]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()

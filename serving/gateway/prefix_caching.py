@@ -33,6 +33,7 @@ from serving.gateway.prefix import PrefixIndex
 from serving.gateway.response_cache import CachePlan, ResponseCache
 from serving.gateway.routing import PrefixRouting, RoutePlan
 from serving.metrics import GatewayMetrics
+from serving.wire import GATEWAY_HEADER, REPLICA_HEADER, ROUTE_HEADER, aclose_stream
 
 __all__ = ["PromptCaching", "PromptCachingRequest"]
 
@@ -104,11 +105,11 @@ class PromptCachingRequest:
         self._owner.routing.routed(self._route, headers)
         if self._owner._decision_headers:
             out = self._ctx.response_headers
-            out["x-oss-serving-gateway"] = self._owner.gateway_id
+            out[GATEWAY_HEADER] = self._owner.gateway_id
             if (replica := headers.get(ROUTED_REPLICA)) is not None:
-                out["x-oss-serving-replica"] = replica
+                out[REPLICA_HEADER] = replica
             if (reason := headers.get(ROUTED_REASON)) is not None:
-                out["x-oss-serving-route"] = reason
+                out[ROUTE_HEADER] = reason
 
     def answer(self, answer: EngineJSON) -> EngineJSON:
         if answer.status == 200:
@@ -130,6 +131,4 @@ class PromptCachingRequest:
                 routing.observe_sse(model, text)
                 yield text
         finally:
-            aclose = getattr(relay, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose_stream(relay)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
@@ -168,16 +168,18 @@ def _headers(kind: str, limit: int, result: BucketResult) -> dict[str, str]:
     }
 
 
-def _limited(kind: str, limit: int, result: BucketResult, headers: dict[str, str]) -> RateLimitError:
+def _limited(
+    kind: Literal["requests", "tokens"], limit: int, result: BucketResult, headers: dict[str, str]
+) -> RateLimitError:
     if result.retry_after_ms < 0:
         return RateLimitError(
             f"this request needs more {kind} than the tenant's whole limit of {limit} per minute",
-            code=f"{kind}_limit_exceeded",
+            limit=kind,
             headers=headers,
         )
     retry = max(1, math.ceil(result.retry_after_ms / 1000))
     return RateLimitError(
         f"rate limit reached: {limit} {kind} per minute; retry in {retry} s",
-        code=f"{kind}_limit_exceeded",
+        limit=kind,
         headers={**headers, "Retry-After": str(retry)},
     )

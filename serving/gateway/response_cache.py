@@ -33,7 +33,6 @@ same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -46,10 +45,9 @@ from serving.engine.protocol import Endpoint, EngineJSON
 from serving.gateway.context import RequestContext
 from serving.gateway.redis_guard import guard_of
 from serving.metrics import GatewayMetrics
+from serving.wire import CACHE_HEADER, CACHE_REQUEST_HEADER, aclose_quietly
 
 __all__ = [
-    "CACHE_HEADER",
-    "REQUEST_HEADER",
     "ResponseCache",
     "cache_key",
     "is_deterministic",
@@ -57,11 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("oss_serving.response_cache")
-
-REQUEST_HEADER = "x-oss-response-cache"
-"""Request header that opts one request in (``on``)."""
-CACHE_HEADER = "X-OSS-Response-Cache"
-"""Response header: ``hit``, ``miss`` or ``skip``."""
 
 _EXCLUDED = frozenset({"stream", "stream_options", "request_id"})
 _STATEFUL = ("previous_response_id", "background", "conversation")
@@ -196,7 +189,7 @@ class ResponseCache:
         return (
             self._config.enabled
             and bool(getattr(ctx.tenant, "response_cache", False))
-            and ctx.headers.get(REQUEST_HEADER, "").strip().lower() == "on"
+            and ctx.headers.get(CACHE_REQUEST_HEADER, "").strip().lower() == "on"
         )
 
     async def lookup(
@@ -266,10 +259,7 @@ class ResponseCache:
             joined = "".join(parts)
             complete = joined.rstrip().endswith("data: [DONE]") and '"error"' not in joined
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+            await aclose_quietly(stream)
         if complete and size <= self._config.max_entry_bytes:
             self._spawn(plan, "".join(parts))
 

@@ -60,6 +60,7 @@ from serving.wire import (
     REQUEST_ID_HEADER,
     RETRIES_HEADER,
     Endpoint,
+    aclose_stream,
     dumps,
     error_body,
     error_event,
@@ -189,9 +190,7 @@ class ResponseStream:
     async def aclose(self) -> None:
         flight = self._flight
         try:
-            aclose = getattr(self._chunks, "aclose", None)
-            if aclose is not None:
-                await asyncio.shield(aclose())
+            await asyncio.shield(aclose_stream(self._chunks))
         except Exception:
             log.exception("request_id=%s: closing the stream failed", flight.request_id)
         finally:
@@ -331,9 +330,9 @@ class GatewayService:
         try:
             return await self._run(ctx, flight)
         except GatewayError as exc:
-            if exc.status in (429, 503) and exc.code:
+            if exc.status in (429, 503) and exc.reason:
                 self.metrics.rejections.labels(
-                    model=self.metrics.model_label(ctx.model), reason=exc.code
+                    model=self.metrics.model_label(ctx.model), reason=exc.reason
                 ).inc()
             await flight.close(exc.status, detail=exc.message)
             raise
@@ -682,9 +681,7 @@ class GatewayService:
                 if ended:
                     return
         finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aclose_stream(stream)
 
 
 def _strips_usage(ctx: RequestContext) -> bool:

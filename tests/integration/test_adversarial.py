@@ -198,7 +198,8 @@ def test_tenant_limits_survive_a_fresh_minute_of_requests(adv: Adversarial) -> N
         timeout=60,
     )
     assert resp.status_code == 429
-    assert resp.json()["error"]["code"] == "requests_limit_exceeded"
+    assert resp.json()["error"]["type"] == "requests"
+    assert resp.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 def chat(adv: Adversarial, tenant: str, **extra: object) -> httpx.Response:

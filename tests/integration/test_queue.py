@@ -152,7 +152,8 @@ async def test_tenant_concurrency_limit_is_429(client: aioredis.Redis) -> None:
     with pytest.raises(RateLimitError) as err:
         await admission.acquire("m", tenant, None)
     assert err.value.status == 429
-    assert err.value.code == "concurrency_limit_exceeded"
+    assert (err.value.type, err.value.code) == ("requests", "rate_limit_exceeded")
+    assert err.value.reason == "concurrency_limit_exceeded"
     assert err.value.headers["Retry-After"] == "1"
     await admission.release(leases[0])
     await admission.release(await admission.acquire("m", tenant, None))  # a slot came back

@@ -31,9 +31,9 @@ from serving.engine.routing_hints import HINT_AFFINITY, HINT_KEY_REPLICA, ROUTED
 from serving.gateway.build import redis_client
 from serving.gateway.context import RequestContext
 from serving.gateway.flight import Flight
-from serving.gateway.response_cache import CACHE_HEADER
 from serving.gateway.service import Answer
 from serving.gateway.tenants import hash_key
+from serving.wire import CACHE_HEADER
 from tests.fakes import FakeEngine
 from tests.gateway import TestGateway
 from tests.redis_server import RedisServer

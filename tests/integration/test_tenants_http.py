@@ -127,8 +127,8 @@ async def test_request_rate_limit_is_429_with_headers(gateway: Gateway) -> None:
     assert (await _chat(gateway, "key-slow")).status_code == 200
     third = await _chat(gateway, "key-slow")
     assert third.status_code == 429
-    assert third.json()["error"]["type"] == "rate_limit_exceeded"
-    assert third.json()["error"]["code"] == "requests_limit_exceeded"
+    assert third.json()["error"]["type"] == "requests"  # OpenAI: the limited resource
+    assert third.json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(third.headers["retry-after"]) <= 30  # one request refills in 30 s
     assert third.headers["x-ratelimit-remaining-requests"] == "0"
     assert third.headers["x-ratelimit-reset-requests"].endswith("s")
@@ -144,7 +144,8 @@ async def test_token_rate_limit_is_429(gateway: Gateway) -> None:
     assert again.status_code == 200
     too_big = await _chat(gateway, "key-tok", max_tokens=1000)
     assert too_big.status_code == 429
-    assert too_big.json()["error"]["code"] == "tokens_limit_exceeded"
+    assert too_big.json()["error"]["type"] == "tokens"
+    assert too_big.json()["error"]["code"] == "rate_limit_exceeded"
 
 
 async def test_concurrency_limit_is_429(gateway: Gateway) -> None:
@@ -153,7 +154,8 @@ async def test_concurrency_limit_is_429(gateway: Gateway) -> None:
     await asyncio.sleep(0.15)
     second = await _chat(gateway, "key-one")
     assert second.status_code == 429
-    assert second.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert second.json()["error"]["type"] == "requests"  # requests at once
+    assert second.json()["error"]["code"] == "rate_limit_exceeded"
     assert second.headers["retry-after"] == "1"
     assert (await slow).status_code == 200
 

@@ -1,7 +1,7 @@
 """Admission ownership against the real Redis: ticket heartbeats, tenant concurrency while
 queued, RENEW vs RELEASE, cancelled enqueue, the lease age limit and graceful stop.
 
-Each test uses a key prefix of its own on the Redis at 127.0.0.1:6379.
+Each test uses a key prefix of its own on the unit tests' Redis (conftest: 6379 or a private one).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The tenant directory: revocations that last, bad records skipped, Redis that lost its data.
 
-Against the shared Redis at 127.0.0.1:6379, each test under a key prefix of its own.
+Against the unit tests' Redis (conftest: 6379 or a private one), each test under a key prefix of its own.
 """
 
 from __future__ import annotations

@@ -12,12 +12,16 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from loadtest.sim import EngineProfile
+from loadtest.sim.background import serve_in_thread
+from loadtest.sim.server import SimEngine
 from serving.engine.protocol import EngineJSON, EngineSSE
 from serving.gateway.tenants import hash_key
 from tests.fakes import FakeEngine
@@ -202,7 +206,7 @@ CASES: list[tuple[str, int, str, str | None, Callable[[TestGateway, str], Any]]]
         "request_too_large",
         lambda g, r: post(g, r, {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}),
     ),
-    ("rate", 429, "rate_limit_exceeded", "requests_limit_exceeded", lambda g, r: _twice(g, r)),
+    ("rate", 429, "requests", "rate_limit_exceeded", lambda g, r: _twice(g, r)),
     ("bug", 500, "server_error", "internal_error", lambda g, r: _bug(g, r)),
     (
         "engine-raises",
@@ -332,3 +336,186 @@ async def test_in_band_errors_have_the_same_shape(gw: TestGateway, caplog: pytes
     error = json.loads(lines[-1][6:])["error"]
     check_body(error, "inband-1", "server_error", "timeout")
     one_log_line(caplog, "inband-1", 504)
+
+
+# ------------------------------------------------ limits, the queue, shutdown, upstreams
+def check_answer(resp: httpx.Response, rid: str, status: int, kind: str, code: str | None) -> dict[str, Any]:
+    """The status, the request id echoed in the header and the body, and the body's shape."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["x-request-id"] == rid
+    error: dict[str, Any] = resp.json()["error"]
+    check_body(error, rid, kind, code)
+    return error
+
+
+async def test_tokens_limit_is_a_tokens_429(caplog: pytest.LogCaptureFixture) -> None:
+    """A request bigger than the tenant's whole token minute; type ``tokens`` as OpenAI."""
+    cfg = config_for(
+        [MODEL],
+        auth={"required": True},
+        tenants=[{"id": "team", "api_key_sha256": [hash_key(KEYS["team"])], "tokens_per_minute": 10}],
+    )
+    g = TestGateway(cfg, {MODEL: Failing()})
+    await g.service.probe_once()
+    try:
+        with caplog.at_level(logging.INFO, logger="oss_serving"):
+            resp = await post(g, "tok-1", {"model": MODEL, "messages": MSG, "max_tokens": 64})
+        check_answer(resp, "tok-1", 429, "tokens", "rate_limit_exceeded")
+        assert "tenant=team" in one_log_line(caplog, "tok-1", 429)
+        reason = "tokens_limit_exceeded"
+        assert g.metric("oss_serving_rejections_total", model=MODEL, reason=reason) == 1
+    finally:
+        await g.close()
+
+
+async def test_shutting_down_is_a_503(gw: TestGateway, caplog: pytest.LogCaptureFixture) -> None:
+    await gw.service.admission.stop()
+    with caplog.at_level(logging.INFO, logger="oss_serving"):
+        resp = await post(gw, "stopping-1", {"model": MODEL, "messages": MSG})
+    check_answer(resp, "stopping-1", 503, "server_error", "shutting_down")
+    assert resp.headers["retry-after"] == "1"
+    one_log_line(caplog, "stopping-1", 503)
+
+
+@pytest.fixture
+async def redis_gw(redis_client: Any) -> AsyncIterator[TestGateway]:
+    """Admission over Redis (capacity 1): tenant concurrency and deadline prediction live there."""
+    prefix = f"errshape{uuid.uuid4().hex[:8]}"
+    cfg = config_for(
+        [MODEL],
+        auth={"required": True},
+        gateway={"request_timeout_s": 5.0},
+        queue={"default_capacity": 1, "max_wait_s": 2.0, "key_prefix": prefix},
+        tenants=[
+            {"id": "team", "api_key_sha256": [hash_key(KEYS["team"])]},
+            {"id": "narrow", "api_key_sha256": [hash_key(KEYS["narrow"])], "max_concurrent_requests": 1},
+        ],
+    )
+    g = TestGateway(cfg, {MODEL: Failing()}, redis_client)
+    await g.service.probe_once()
+    yield g
+    await g.close()
+    keys = [k async for k in redis_client.scan_iter(match=f"*{prefix}*")]
+    if keys:
+        await redis_client.delete(*keys)
+
+
+async def _holding(gw: TestGateway, rid: str, tenant: str) -> asyncio.Task[httpx.Response]:
+    """A stream that holds its lease (the engine stalls after one chunk) until cancelled."""
+    engine(gw).mode = "slow_stream"
+    holder = asyncio.create_task(
+        post(gw, rid, {"model": MODEL, "messages": MSG, "stream": True}, tenant=tenant)
+    )
+    for _ in range(200):
+        if (await gw.service.admission.snapshot(MODEL)).in_use == 1:
+            break
+        await asyncio.sleep(0.01)
+    engine(gw).mode = "ok"
+    return holder
+
+
+@pytest.mark.parametrize(
+    ("rid", "tenant", "headers", "status", "kind", "code", "reason"),
+    [
+        ("conc-1", "narrow", {}, 429, "requests", "rate_limit_exceeded", "concurrency_limit_exceeded"),
+        (
+            "deadline-1",
+            "team",
+            {"x-oss-deadline-ms": "100"},
+            503,
+            "server_error",
+            "deadline_unreachable",
+            "deadline_unreachable",
+        ),
+    ],
+    ids=["concurrency", "deadline-unreachable"],
+)
+async def test_queue_refusals_have_the_openai_body(
+    redis_gw: TestGateway,
+    caplog: pytest.LogCaptureFixture,
+    rid: str,
+    tenant: str,
+    headers: dict[str, str],
+    status: int,
+    kind: str,
+    code: str,
+    reason: str,
+) -> None:
+    holder = await _holding(redis_gw, rid + "-holder", tenant)
+    try:
+        with caplog.at_level(logging.INFO, logger="oss_serving"):
+            resp = await post(redis_gw, rid, {"model": MODEL, "messages": MSG}, tenant=tenant, **headers)
+        check_answer(resp, rid, status, kind, code)
+        assert int(resp.headers["retry-after"]) >= 1
+        assert f"tenant={tenant}" in one_log_line(caplog, rid, status)
+        assert redis_gw.metric("oss_serving_rejections_total", model=MODEL, reason=reason) == 1
+    finally:
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[tuple[SimEngine, str]]:
+    """An OpenAI-compatible upstream on a loopback port (the simulated engine)."""
+    sim = SimEngine(EngineProfile(step_base_s=0.0005, step_per_seq_s=0, prefill_per_token_s=0), "sim-cloud")
+    with serve_in_thread(sim) as url:
+        yield sim, url + "/v1"
+
+
+@pytest.fixture
+async def handoff_gw(cloud: tuple[SimEngine, str]) -> AsyncIterator[TestGateway]:
+    sim, url = cloud
+    sim.faults.status, sim.faults.delay_s = None, 0.0
+    cfg = config_for(
+        [MODEL],
+        auth={"required": True},
+        tenants=[{"id": "team", "api_key_sha256": [hash_key(KEYS["team"])], "handoff": "allowed"}],
+        upstreams=[
+            {
+                "name": "cloud",
+                "base_url": url,
+                "models": {"auto": "gpt-cloud"},
+                "default_model": "gpt-cloud",
+                "first_byte_timeout_s": 0.3,
+                "read_timeout_s": 0.3,
+                "total_timeout_s": 0.5,
+            }
+        ],
+        handoff={
+            "upstream": "cloud",
+            "virtual_models": [{"name": "auto", "low": MODEL, "medium": MODEL, "high": MODEL}],
+        },
+    )
+    g = TestGateway(cfg, {MODEL: Failing()})
+    await g.service.probe_once()
+    yield g
+    await g.close()
+    sim.faults.status, sim.faults.delay_s = None, 0.0
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "delay_s", "status", "code"),
+    [(502, 0.0, 502, "upstream_error"), (503, 0.0, 502, "upstream_error"), (504, 0.0, 504, "upstream_error"),
+     (None, 2.0, 504, "upstream_timeout")],
+    ids=["upstream-502", "upstream-503", "upstream-504", "upstream-timeout"],
+)  # fmt: skip
+async def test_upstream_failures_have_the_openai_body(
+    handoff_gw: TestGateway,
+    cloud: tuple[SimEngine, str],
+    caplog: pytest.LogCaptureFixture,
+    upstream_status: int | None,
+    delay_s: float,
+    status: int,
+    code: str,
+) -> None:
+    """Escalated to the upstream, which fails: its 503 is our 502 (the upstream is a
+    backend of ours, not the client's), a 504 stays 504; its own text stays in the log."""
+    cloud[0].faults.status, cloud[0].faults.delay_s = upstream_status, delay_s
+    rid = f"up-{upstream_status}-{delay_s}"
+    with caplog.at_level(logging.INFO, logger="oss_serving"):
+        resp = await post(handoff_gw, rid, {"model": "auto", "messages": MSG}, **{"x-oss-escalate": "1"})
+    error = check_answer(resp, rid, status, "server_error", code)
+    assert (error["upstream"], error["upstream_status"]) == ("cloud", upstream_status)
+    assert "simulated failure" not in error["message"]
+    assert resp.headers["x-oss-serving-backend"] == "cloud"
+    one_log_line(caplog, rid, status)

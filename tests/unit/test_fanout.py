@@ -138,7 +138,10 @@ async def test_a_tenant_without_caps_pays_for_every_sequence() -> None:
     try:
         resp = await post(g, "wide", chat(n=4096, max_tokens=1000))
         assert resp.status_code == 429
-        assert resp.json()["error"]["code"] == "tokens_limit_exceeded"
+        assert (resp.json()["error"]["type"], resp.json()["error"]["code"]) == (
+            "tokens",
+            "rate_limit_exceeded",
+        )
         assert "whole limit" in resp.json()["error"]["message"]
         ok = await post(g, "wide", chat(max_tokens=1))
         expected = 2_000_000 - estimate_tokens({"messages": MSG, "max_tokens": 1})

@@ -632,7 +632,10 @@ async def test_escalation_obeys_the_tenants_rate_limit_and_output_cap(cloud: tup
         answers = [await s.post("capped", dict(body), **{"x-oss-escalate": "1"}) for _ in range(5)]
         assert [a.status_code for a in answers] == [200, 429, 429, 429, 429]
         assert answers[0].headers["x-oss-serving-backend"] == "cloud"
-        assert answers[1].json()["error"]["code"] == "requests_limit_exceeded"
+        assert (answers[1].json()["error"]["type"], answers[1].json()["error"]["code"]) == (
+            "requests",
+            "rate_limit_exceeded",
+        )
         assert len(cloud[0].faults.bodies) == 1
         sent = cloud[0].faults.bodies[0]
         assert sent["max_tokens"] is not None

@@ -13,12 +13,14 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from serving.engine.protocol import Endpoint
 from serving.gateway.context import RequestContext
+from serving.gateway.errors import GatewayError
 from tests.fakes import FakeEngine
 from tests.gateway import TestGateway, ask, config_for
 
@@ -229,3 +231,128 @@ async def test_engine_failure_mid_stream_is_in_band_and_releases(gw: TestGateway
     assert "/opt/" not in error["message"]
     del engine.generate
     await assert_nothing_held(gw)
+
+
+# ------------------------------------------------ errors before the first byte, shutdown
+@pytest.fixture
+async def short_gw() -> AsyncIterator[TestGateway]:
+    """As ``gw``, with a request time limit short enough to wait out."""
+    cfg = config_for(
+        [MODEL],
+        gateway={"request_timeout_s": 0.3},
+        queue={"default_capacity": 1, "max_wait_s": 2},
+        routing={"enabled": True, "strategy": "prefix"},
+    )
+    g = TestGateway(cfg, {MODEL: FakeEngine("one two three")})
+    await g.service.probe_once()
+    yield g
+    await g.close()
+
+
+def _failing(engine: FakeEngine, mode: str) -> Any:
+    """A ``generate`` that fails before its first item, counted in ``engine.running``."""
+
+    async def generate(*_args: Any) -> AsyncIterator[Any]:
+        from serving.engine.protocol import EngineJSON
+
+        engine.running += 1
+        try:
+            if mode == "hang":
+                await asyncio.sleep(30)
+            if mode == "raise":
+                raise RuntimeError("worker died")
+            status = {"json502": 502, "json500": 500, "json400": 400}[mode]
+            kind = "BadRequestError" if status < 500 else "InternalServerError"
+            yield EngineJSON(status, {"error": {"message": "no", "type": kind, "param": None, "code": None}})
+        except asyncio.CancelledError:
+            engine.cancelled += 1
+            raise
+        finally:
+            engine.running -= 1
+
+    return generate
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    ("mode", "status"),
+    [("json502", 502), ("json500", 500), ("raise", 502), ("hang", 504), ("json400", 400)],
+)
+async def test_error_before_the_first_byte_releases(
+    short_gw: TestGateway, mode: str, status: int, stream: bool
+) -> None:
+    """The engine answers an error (5xx, 4xx), fails, or never answers (the time limit):
+    the answer is a JSON error, and the slot, the gauge and the engine request are freed."""
+    gw = short_gw
+    engine = engine_of(gw)
+    engine.generate = _failing(engine, mode)  # type: ignore[method-assign]
+    rid = f"early-{mode}-{stream}"
+    try:  # an error answer, or an error the API layer turns into one
+        _ctx, got, body = await asyncio.wait_for(
+            ask(gw.service, dict(STREAM if stream else CHAT), request_id=rid), 5.0
+        )
+    except GatewayError as exc:
+        got, body = exc.status, exc.body(rid)
+    finally:
+        del engine.generate
+    assert got == status
+    assert isinstance(body, dict)
+    assert body["error"]["request_id"] == rid
+    if mode == "hang":
+        assert body["error"]["code"] == "timeout"
+    count = gw.metric("oss_serving_requests_total", model=MODEL, endpoint="chat", status=str(status))
+    assert count == 1  # closed once
+    await assert_nothing_held(gw)
+
+
+async def test_the_replica_shutdown_closes_flights_and_releases_leases(gw: TestGateway) -> None:
+    """Serve's shutdown path (``serve_app.Gateway.__del__`` -> ``GatewayService.stop``)
+    with a stream half read and a request queued behind it (capacity 1): the queued one
+    gets 503 ``shutting_down``, the stream's flight is closed (503), its lease released,
+    its engine request cancelled, the gauges back to 0."""
+    from serving import serve_app
+    from serving.gateway.errors import OverloadedError
+
+    engine = engine_of(gw)
+    engine.chunk_delay_s = 0.2
+    ctx = RequestContext("open-at-stop", Endpoint.chat, MODEL, dict(STREAM))
+    answer = await gw.service.run(ctx, gw.service.open("open-at-stop", Endpoint.chat))
+    assert answer.stream is not None
+    assert (await anext(answer.stream)).startswith("data: ")
+    queued = asyncio.create_task(ask(gw.service, dict(CHAT), request_id="queued-at-stop"))
+    for _ in range(100):
+        if sum((await gw.service.admission.snapshot(MODEL)).depth.values()) == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert sum((await gw.service.admission.snapshot(MODEL)).depth.values()) == 1
+    assert gw.metric("oss_serving_requests_in_flight", model=MODEL, endpoint="chat") == 2
+
+    class _Redis:
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    # The user class under Serve's ingress wrapper: its destructor, as Serve calls it.
+    user_class = next(c for c in serve_app.Gateway.__mro__[1:] if c.__module__ == serve_app.__name__)
+    # (on a stand-in for the replica: a real instance's own garbage collection would call
+    # the async destructor again, unawaited)
+    replica = SimpleNamespace(_service=gw.service, _redis=_Redis())
+    await user_class.__del__(replica)
+
+    with pytest.raises(OverloadedError) as refused:
+        await queued
+    assert refused.value.code == "shutting_down"
+    assert replica._redis.closed
+    assert gw.service.flights.open_count == 0
+    snap = await gw.service.admission.snapshot(MODEL)
+    assert (snap.in_use, sum(snap.depth.values())) == (0, 0)
+    assert gw.metric("oss_serving_requests_in_flight", model=MODEL, endpoint="chat") == 0
+    for _ in range(100):
+        if engine.running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.running == 0
+    assert engine.cancelled == 1
+    await answer.stream.aclose()  # the response ends afterwards: nothing counted twice
+    assert gw.metric("oss_serving_requests_total", model=MODEL, endpoint="chat", status="503") == 2

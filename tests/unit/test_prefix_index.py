@@ -1,6 +1,7 @@
 """The prefix index: prompt rendering, chained block hashes, and the Redis index scripts.
 
-Uses the Redis at 127.0.0.1:6379 under a key prefix of its own (deleted afterwards).
+Uses the unit tests' Redis (conftest: 6379 or a private one) under a key prefix of its own
+(deleted afterwards).
 """
 
 from __future__ import annotations

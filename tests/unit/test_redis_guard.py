@@ -27,9 +27,10 @@ from serving.gateway.handoff import RedisCounters, UpstreamBudget
 from serving.gateway.prefix import PrefixIndex
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.redis_guard import FEATURES, RedisGuard, RedisSlow, RedisUnavailable, guard_of
-from serving.gateway.response_cache import CACHE_HEADER, ResponseCache
+from serving.gateway.response_cache import ResponseCache
 from serving.gateway.tenants import Tenant, TenantLimits
 from serving.metrics import GatewayMetrics
+from serving.wire import CACHE_HEADER
 from tests.redis_server import RedisServer
 
 CALL_TIMEOUT_S = 0.1

@@ -14,8 +14,9 @@ from serving.config import ResponseCacheConfig
 from serving.engine.protocol import Endpoint
 from serving.gateway.build import build_gateway
 from serving.gateway.context import RequestContext
-from serving.gateway.response_cache import CACHE_HEADER, cache_key, is_deterministic, sse_from_json
+from serving.gateway.response_cache import cache_key, is_deterministic, sse_from_json
 from serving.gateway.tenants import Tenant
+from serving.wire import CACHE_HEADER
 from tests.fakes import FakeEngine
 from tests.gateway import ask, config_for
 
