@@ -150,12 +150,12 @@ redis_option = click.option(
 
 def _tenant_store(config_path: str | None, redis_url: str | None) -> tuple[Any, Any]:
     from serving.gateway.auth import TenantStore
-    from serving.gateway.build import redis_client
+    from serving.redis_conn import redis_client
 
     cfg = _load_or_exit(config_path)
     if redis_url:
         cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": redis_url})})
-    # the gateway's own client: same URL, password (OSS_SERVING_REDIS_PASSWORD) and timeouts
+    # the gateway's own client: same URL, password (OSS_SERVING_REDIS_PASSWORD), TLS and timeouts
     client = redis_client(cfg)
     return TenantStore(client, cfg.queue.key_prefix), client
 

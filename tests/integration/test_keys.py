@@ -16,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from serving.cli import main as cli
 from serving.config import ServingConfig
 from serving.gateway.auth import TenantDirectory, TenantStore
 from serving.gateway.tenants import Tenant, hash_key
+from serving.redis_conn import redis_client
 from tests.fakes import FakeEngine
 from tests.gateway import TestGateway, config_for
 from tests.redis_server import RedisServer
@@ -55,7 +55,7 @@ class Gateway(TestGateway):
     """A replica with a Redis client of its own (closed with it)."""
 
     def __init__(self, cfg: ServingConfig) -> None:
-        self.redis = aioredis.Redis.from_url(cfg.redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.redis = redis_client(cfg, {}, timeout_s=0.5)  # the gateways' own client builder
         super().__init__(cfg, {MODEL: FakeEngine()}, self.redis)
 
     @property
