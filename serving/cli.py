@@ -150,12 +150,12 @@ redis_option = click.option(
 
 def _tenant_store(config_path: str | None, redis_url: str | None) -> tuple[Any, Any]:
     from serving.gateway.auth import TenantStore
-    from serving.gateway.build import redis_client
+    from serving.redis_conn import redis_client
 
     cfg = _load_or_exit(config_path)
     if redis_url:
         cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": redis_url})})
-    # the gateway's own client: same URL, password (OSS_SERVING_REDIS_PASSWORD) and timeouts
+    # the gateway's own client: same URL, password (OSS_SERVING_REDIS_PASSWORD), TLS and timeouts
     client = redis_client(cfg)
     return TenantStore(client, cfg.queue.key_prefix), client
 
@@ -276,7 +276,9 @@ def tenants_list(config_path: str | None, redis_url: str | None) -> None:
             + ", ".join(f"{r.kind} {r.name[:12]}" for r in snap.invalid)
         )
     if not snap.seeded:
-        _err_console().print("[yellow]no seed marker: gateways will seed the configured tenants again")
+        _err_console().print(
+            "[yellow]no seed marker: Redis lost the directory; running gateways write back their last copy"
+        )
 
 
 @tenants_group.command("revoke")
@@ -292,8 +294,8 @@ def tenants_revoke(
     A revoked key stays revoked even if the configuration or the tenants file still lists it
     (gateways never seed it again); remove it there too. A tenant revoked with --tenant is not
     seeded again either, until `tenants add` brings it back with a new key. If Redis loses its
-    data, gateways still running write back the revocations they know; the configuration is
-    the rest.
+    data, gateways still running write back the directory they know, revocations and keys
+    issued with `add` or `rotate` included; if none is running, the configuration is the rest.
     """
     if whole_tenant:
         removed = _run_store(config_path, redis_url, lambda store: store.revoke_tenant(key_or_tenant))

@@ -34,6 +34,7 @@ __all__ = [
     "QueueConfig",
     "RayConfig",
     "RedisConfig",
+    "RedisTLSConfig",
     "ResponseCacheConfig",
     "RoutingConfig",
     "ServingConfig",
@@ -306,11 +307,37 @@ class GatewayConfig(_Strict):
     vLLM's 1,024-prompt completion lists. Longer arrays get 400 ``array_too_long``."""
 
 
+class RedisTLSConfig(_Strict):
+    """TLS to Redis, for a ``rediss://`` URL (every client: gateways, the CLI, ``oss-serve up``)."""
+
+    ca_file: Path | None = None
+    """CA bundle (PEM) that signed the server's certificate (default: the system's)."""
+
+    cert_file: Path | None = None
+    """Client certificate (PEM), for a Redis that requires one (``tls-auth-clients yes``)."""
+
+    key_file: Path | None = None
+    """The client certificate's private key (PEM), unless ``cert_file`` holds it."""
+
+    verify: bool = True
+    """Verify the server's certificate and host name. Off only for a test Redis."""
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> RedisTLSConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("redis.tls.key_file needs redis.tls.cert_file")
+        return self
+
+
 class RedisConfig(_Strict):
     """The Redis server shared by every gateway replica."""
 
     url: str = "redis://127.0.0.1:6379/0"
-    """Redis URL; a password belongs in the URL or in a Secret the chart mounts."""
+    """Redis URL (``redis://``, or ``rediss://`` for TLS, see ``tls``); the password comes
+    from ``OSS_SERVING_REDIS_PASSWORD`` (a Secret the chart mounts), not the URL."""
+
+    tls: RedisTLSConfig = Field(default_factory=RedisTLSConfig)
+    """TLS settings, used when ``url`` is ``rediss://``."""
 
     connect_timeout_s: float = Field(default=1.0, gt=0)
     """Connection and command timeout."""
@@ -324,6 +351,16 @@ class RedisConfig(_Strict):
     """Consecutive failed or slow Redis calls that open a gateway's circuit breaker: while it
     is open no feature waits for Redis (each takes its documented fallback), and a ``PING``
     every 0.5 s closes it again once Redis answers."""
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url.lower().startswith("rediss://")
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisConfig:
+        if not self.uses_tls and self.tls != RedisTLSConfig():
+            raise ValueError("redis.tls is set but redis.url is not a rediss:// URL")
+        return self
 
 
 class AuthConfig(_Strict):

@@ -33,7 +33,8 @@ class Gateway:
 
     def __init__(self, config: dict[str, Any], **engine_handles: Any) -> None:
         from serving.engine.ray_client import RayEngineClient
-        from serving.gateway.build import build_gateway, redis_client
+        from serving.gateway.build import build_gateway
+        from serving.redis_conn import redis_client
 
         cfg = parse_config(config)
         self._config = cfg

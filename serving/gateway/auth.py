@@ -7,7 +7,8 @@ Redis layout (prefix ``oss``):
   first characters, so ``list`` can show which key is which without storing it;
 - ``oss:keys:revoked``     SET of revoked key hashes (tombstones);
 - ``oss:tenants:revoked``  SET of revoked tenant ids (tombstones);
-- ``oss:tenants:seeded``   STRING, the seed marker: written by every seeding, last.
+- ``oss:tenants:seeded``   STRING, the seed marker: the directory's epoch, written (only if absent)
+  by the first seeding of an empty Redis.
 
 Each gateway keeps a copy of the directory and refreshes it every ``auth.refresh_s``, so
 authentication costs no Redis round trip, a revoked key stops working within that time,
@@ -25,14 +26,19 @@ ignored (a newer version may add some); a record that does not parse is left out
 logged once and counted (``oss_serving_tenant_records_invalid_total``); the rest of the
 directory still refreshes.
 
-**Redis that lost its data.** A missing seed marker means Redis lost the directory
-(restarted empty, FLUSHALL, failover to an empty replica). The gateway then re-seeds
-from the configuration, writing back first the tombstones it last saw, and keeps
-serving its last good copy until Redis holds the directory again; it never swaps a
-populated directory for the empty snapshot. Keys that lived only in Redis (issued with
-``tenants add`` or ``rotate``) are lost with it; if every gateway restarted too, the
-configuration is the whole source of truth (its revoked keys come back: remove them
-from the configuration).
+**Redis that lost its data.** A missing seed marker (Redis restarted empty, FLUSHALL,
+failover to an empty replica), a marker with another epoch than the one this gateway
+last read (another gateway or a new replica seeded the empty Redis first), or a directory
+with no record at all where this gateway's last copy had some, means Redis lost the
+directory. The gateway that notices keeps authenticating from its last good copy and
+writes it back: every tenant, every key record (keys issued with ``tenants add`` and
+``rotate`` included) and every tombstone, then the configuration's seeds, then a new
+epoch. The write-back (one Lua script) only fills what is absent (``HSETNX``) and never
+writes a tombstoned key or tenant, so gateways that race write the union of what they
+knew and a revoked key stays revoked. ``health()["directory"]`` says when it happened and
+how many records came back. Revocations made in the last ``auth.refresh_s`` before the loss
+may be missing from every copy; if every gateway restarted too, the configuration is the
+whole source of truth (keys issued with the CLI are gone; run Redis with persistence).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +79,7 @@ __all__ = [
     "KeyRecord",
     "TenantDirectory",
     "TenantStore",
+    "Written",
     "tenant_from_seed",
 ]
 
@@ -129,8 +137,8 @@ class InvalidRecord:
 class DirectorySnapshot:
     """What Redis holds, parsed record by record; tombstoned keys and tenants left out."""
 
-    seeded: bool
-    """The seed marker is there: Redis has not lost the directory since it was seeded."""
+    epoch: str | None
+    """The seed marker's value (None: no marker, Redis lost the directory)."""
     tenants: dict[str, Tenant] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     """Tenant id by key hash."""
@@ -139,19 +147,60 @@ class DirectorySnapshot:
     revoked_keys: frozenset[str] = frozenset()
     revoked_tenants: frozenset[str] = frozenset()
     invalid: list[InvalidRecord] = field(default_factory=list)
+    key_records: dict[str, KeyRecord] = field(default_factory=dict)
+    """Every key record that parses and has no tombstone (its own or its tenant's), by hash."""
+
+    @property
+    def seeded(self) -> bool:
+        """The seed marker is there: Redis has not lost the directory since it was seeded."""
+        return self.epoch is not None
+
+    @property
+    def empty(self) -> bool:
+        """No record at all: no tenant, key or tombstone, not even one that does not parse."""
+        return not (
+            self.tenants or self.key_records or self.revoked_keys or self.revoked_tenants or self.invalid
+        )
+
+    @property
+    def records(self) -> int:
+        """Tenants, key records and tombstones."""
+        return len(self.tenants) + len(self.key_records) + len(self.revoked_keys) + len(self.revoked_tenants)
 
 
-# Seeding, atomically: write back the tombstones the caller knows, then every tenant
-# and key hash that has no tombstone, then the seed marker.
+@dataclass(frozen=True)
+class Written:
+    """What one seeding or write-back wrote."""
+
+    tenants: int
+    keys: int
+    epoch: str
+    """The seed marker after it (a new epoch only if there was none)."""
+
+
+# Seeding and write-back, atomically: write back the tombstones the caller knows, then
+# every tenant and key record that has no tombstone, then the seed marker if there is
+# none. Seeding at start overwrites the records it writes (the configuration is newer);
+# a write-back after a data loss only fills absent fields (HSETNX), so gateways that race
+# write the union of what they knew and never undo a change made since.
 # KEYS: tenants, keys, revoked keys, revoked tenants, seed marker.
-# ARGV: marker value, then four counted groups: revoked key hashes; revoked tenant ids;
-# (tenant id, tenant JSON) pairs; (key hash, tenant id, key JSON) triples.
+# ARGV: new epoch, mode ('overwrite' or 'absent'), then four counted groups: revoked key
+# hashes; revoked tenant ids; (tenant id, tenant JSON) pairs; (key hash, tenant id, key
+# JSON) triples. Returns {tenants written, keys written, the marker}.
 _SEED = """
-local i = 2
+local overwrite = ARGV[2] == 'overwrite'
+local i = 3
 local function count()
   local n = tonumber(ARGV[i])
   i = i + 1
   return n
+end
+local function put(key, name, value)
+  if overwrite then
+    redis.call('HSET', key, name, value)
+    return 1
+  end
+  return redis.call('HSETNX', key, name, value)
 end
 for _ = 1, count() do
   redis.call('SADD', KEYS[3], ARGV[i])
@@ -164,22 +213,24 @@ end
 local tenants, keys = 0, 0
 for _ = 1, count() do
   if redis.call('SISMEMBER', KEYS[4], ARGV[i]) == 0 then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-    tenants = tenants + 1
+    tenants = tenants + put(KEYS[1], ARGV[i], ARGV[i + 1])
   end
   i = i + 2
 end
 for _ = 1, count() do
   local revoked = redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 1
   if not revoked and redis.call('SISMEMBER', KEYS[4], ARGV[i + 1]) == 0 then
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
-    keys = keys + 1
+    keys = keys + put(KEYS[2], ARGV[i], ARGV[i + 2])
   end
   i = i + 3
 end
-redis.call('SET', KEYS[5], ARGV[1])
-return {tenants, keys}
+redis.call('SET', KEYS[5], ARGV[1], 'NX')
+return {tenants, keys, redis.call('GET', KEYS[5])}
 """
+
+
+def _new_epoch() -> str:
+    return f"{int(time.time())}-{secrets.token_hex(4)}"
 
 
 class TenantStore:
@@ -281,19 +332,52 @@ class TenantStore:
         *,
         revoked_keys: frozenset[str] = frozenset(),
         revoked_tenants: frozenset[str] = frozenset(),
-    ) -> tuple[int, int]:
+    ) -> Written:
         """Write tenants and key hashes (tenant id by hash) that have no tombstone, after
-        writing back ``revoked_keys`` and ``revoked_tenants``; then the seed marker.
-        Atomic. Returns (tenants written, keys written)."""
+        writing back ``revoked_keys`` and ``revoked_tenants``; then the seed marker, if
+        there is none. Atomic."""
         now = int(time.time())
-        args: list[str | int] = [str(now), len(revoked_keys), *sorted(revoked_keys)]
+        records = {d: KeyRecord(tenant=t, hint=d[:10], created=now) for d, t in keys.items()}
+        return await self._write(tenants, records, revoked_keys, revoked_tenants, overwrite=True)
+
+    async def restore(
+        self, last_good: DirectorySnapshot | None, tenants: list[Tenant], keys: dict[str, str]
+    ) -> Written:
+        """After a data loss: write back ``last_good`` (every tenant, key record and
+        tombstone), then the seeds (``tenants``, ``keys``), where Redis has nothing;
+        nothing tombstoned. Atomic and idempotent: replicas may race."""
+        now = int(time.time())
+        all_tenants = dict(last_good.tenants) if last_good is not None else {}
+        for tenant in tenants:
+            all_tenants.setdefault(tenant.id, tenant)
+        records = dict(last_good.key_records) if last_good is not None else {}
+        for digest, tenant_id in keys.items():
+            records.setdefault(digest, KeyRecord(tenant=tenant_id, hint=digest[:10], created=now))
+        return await self._write(
+            list(all_tenants.values()),
+            records,
+            last_good.revoked_keys if last_good is not None else frozenset(),
+            last_good.revoked_tenants if last_good is not None else frozenset(),
+            overwrite=False,
+        )
+
+    async def _write(
+        self,
+        tenants: list[Tenant],
+        records: dict[str, KeyRecord],
+        revoked_keys: frozenset[str],
+        revoked_tenants: frozenset[str],
+        *,
+        overwrite: bool,
+    ) -> Written:
+        args: list[str | int] = [_new_epoch(), "overwrite" if overwrite else "absent"]
+        args += [len(revoked_keys), *sorted(revoked_keys)]
         args += [len(revoked_tenants), *sorted(revoked_tenants), len(tenants)]
         for tenant in tenants:
             args += [tenant.id, tenant.model_dump_json()]
-        args.append(len(keys))
-        for digest, tenant_id in keys.items():
-            record = KeyRecord(tenant=tenant_id, hint=digest[:10], created=now)
-            args += [digest, tenant_id, record.model_dump_json()]
+        args.append(len(records))
+        for digest, record in records.items():
+            args += [digest, record.tenant, record.model_dump_json()]
         written = await self._seed_script(
             keys=[
                 self.tenants_key,
@@ -304,18 +388,18 @@ class TenantStore:
             ],
             args=args,
         )
-        return int(written[0]), int(written[1])
+        return Written(int(written[0]), int(written[1]), _s(written[2]))
 
     async def read(self) -> DirectorySnapshot:
         """The directory as Redis holds it (one transaction), parsed record by record."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.exists(self.seed_marker_key)
+            pipe.get(self.seed_marker_key)
             pipe.hgetall(self.tenants_key)
             pipe.hgetall(self.keys_key)
             pipe.smembers(self.revoked_keys_key)
             pipe.smembers(self.revoked_tenants_key)
-            seeded, raw_tenants, raw_keys, raw_revoked_keys, raw_revoked_tenants = await pipe.execute()
-        return parse_directory(bool(seeded), raw_tenants, raw_keys, raw_revoked_keys, raw_revoked_tenants)
+            marker, raw_tenants, raw_keys, raw_revoked_keys, raw_revoked_tenants = await pipe.execute()
+        return parse_directory(marker, raw_tenants, raw_keys, raw_revoked_keys, raw_revoked_tenants)
 
     async def snapshot(self) -> tuple[dict[str, Tenant], dict[str, str], dict[str, list[str]]]:
         """(tenants by id, tenant id by key hash, key hints by tenant id)."""
@@ -345,7 +429,7 @@ def _reason(exc: Exception) -> str:
 
 
 def parse_directory(
-    seeded: bool,
+    marker: bytes | str | None,
     raw_tenants: dict[Any, Any],
     raw_keys: dict[Any, Any],
     raw_revoked_keys: set[Any],
@@ -355,7 +439,8 @@ def parse_directory(
     not parse is listed in ``invalid`` and left out."""
     revoked_keys = frozenset(_s(d) for d in raw_revoked_keys)
     revoked_tenants = frozenset(_s(t) for t in raw_revoked_tenants)
-    snap = DirectorySnapshot(seeded=seeded, revoked_keys=revoked_keys, revoked_tenants=revoked_tenants)
+    epoch = None if marker is None else _s(marker)
+    snap = DirectorySnapshot(epoch=epoch, revoked_keys=revoked_keys, revoked_tenants=revoked_tenants)
     for name, raw in raw_tenants.items():
         tenant_id = _s(name)
         try:
@@ -376,6 +461,7 @@ def parse_directory(
             continue
         if digest in revoked_keys or record.tenant in revoked_tenants:
             continue
+        snap.key_records[digest] = record
         snap.keys[digest] = record.tenant
         snap.hints.setdefault(record.tenant, []).append(record.hint)
     return snap
@@ -422,6 +508,10 @@ class TenantDirectory:
         self._failing = False
         self._reseeds = 0
         self._last_reseed: float | None = None
+        self._last_good: DirectorySnapshot | None = None
+        """The last directory read from Redis (what a write-back after a data loss restores)."""
+        self._restored_records = 0
+        self._restore_pending = False
         self._task: asyncio.Task[None] | None = None
         self._seeded = False
 
@@ -447,11 +537,16 @@ class TenantDirectory:
         """Where the directory comes from and how fresh it is (for ``/health``).
 
         ``source``: ``redis`` (the last refresh read it), ``last good copy`` (the last
-        refresh failed, or Redis lost the directory and re-seeding has not succeeded yet:
-        this gateway authenticates from its last copy) or ``configuration`` (Redis not
-        read yet, or none). ``reseeds``: how often this gateway found Redis without the
-        directory (its seed marker gone) and seeded it again.
+        refresh failed, or Redis lost the directory and the write-back has not succeeded
+        yet: this gateway authenticates from its last copy) or ``configuration`` (Redis not
+        read yet, or none). ``reseeds``: how often this gateway found that Redis had lost
+        the directory and wrote it back. ``directory``: ``epoch`` (the seed marker read
+        last), ``records`` (tenants, keys and tombstones of the last good copy),
+        ``restores`` and ``restored_at_unix`` (the last write-back), ``restored_records``
+        (records it wrote: those Redis lacked), ``restore_pending`` (a loss seen, its
+        write-back not done yet).
         """
+        last = self._last_good
         return {
             "tenants": len(self._tenants),
             "keys": len(self._keys),
@@ -462,9 +557,17 @@ class TenantDirectory:
             "reseeds": self._reseeds,
             "last_reseed_unix": self._last_reseed,
             "last_error": self._last_error,
+            "directory": {
+                "epoch": last.epoch if last is not None else None,
+                "records": last.records if last is not None else 0,
+                "restores": self._reseeds,
+                "restored_at_unix": self._last_reseed,
+                "restored_records": self._restored_records,
+                "restore_pending": self._restore_pending,
+            },
         }
 
-    async def _seed(self, store: TenantStore) -> tuple[int, int]:
+    async def _seed(self, store: TenantStore) -> Written:
         return await store.seed(
             list(self._seed_tenants.values()),
             self._seed_keys,
@@ -480,34 +583,63 @@ class TenantDirectory:
         self._seeded = True
 
     async def refresh(self) -> None:
-        """Read the directory from Redis; on any Redis error keep the last good copy."""
+        """Read the directory from Redis; on any Redis error keep the last good copy. When
+        Redis lost the directory, write the last good copy back first (see the module)."""
         store = self._store
         if store is None:
             return
         try:
             await self.seed()
             snap = await store.read()
-            if not snap.seeded:
-                log.warning(
-                    "Redis has lost the tenant directory (no seed marker): seeding it again from the "
-                    "configuration; authenticating from the last good copy (%d tenants, %d keys) meanwhile",
-                    len(self._tenants),
-                    len(self._keys),
-                )
-                tenants, keys = await self._seed(store)
-                self._reseeds += 1
-                self._last_reseed = time.time()
-                log.warning("tenant directory seeded again: %d tenants, %d keys", tenants, keys)
-                snap = await store.read()
-                if not snap.seeded:
-                    raise RedisError("the seed marker is missing right after seeding")
+            if self._lost(snap):
+                snap = await self._restore(store, snap)
         except (RedisError, OSError) as exc:
             self._refresh_failed(exc)
             return
         self._apply(snap)
 
+    def _lost(self, snap: DirectorySnapshot) -> bool:
+        """Redis lost the directory since this gateway last read it."""
+        if not snap.seeded:
+            return True
+        last = self._last_good
+        if last is None:
+            return False  # nothing to compare with: what Redis holds is the directory
+        return snap.epoch != last.epoch or (snap.empty and not last.empty)
+
+    async def _restore(self, store: TenantStore, snap: DirectorySnapshot) -> DirectorySnapshot:
+        """Write back the last good copy and the seeds where Redis has nothing; read again."""
+        last = self._last_good
+        self._restore_pending = True
+        log.warning(
+            "Redis has lost the tenant directory (seed marker %s, this gateway last read %s): writing "
+            "back the last good copy (%d records) and the configuration's seeds; authenticating from "
+            "the last good copy (%d tenants, %d keys) meanwhile",
+            "gone" if snap.epoch is None else f"{snap.epoch!r}",
+            repr(last.epoch) if last is not None else "none",
+            last.records if last is not None else 0,
+            len(self._tenants),
+            len(self._keys),
+        )
+        written = await store.restore(last, list(self._seed_tenants.values()), self._seed_keys)
+        again = await store.read()
+        if not again.seeded:
+            raise RedisError("the seed marker is missing right after the write-back")
+        self._reseeds += 1
+        self._last_reseed = time.time()
+        self._restored_records = written.tenants + written.keys
+        self._restore_pending = False
+        log.warning(
+            "tenant directory written back: %d tenants and %d keys Redis lacked (epoch %s)",
+            written.tenants,
+            written.keys,
+            written.epoch,
+        )
+        return again
+
     def _apply(self, snap: DirectorySnapshot) -> None:
         self._note_invalid(snap.invalid)
+        self._last_good = snap
         self._tenants = snap.tenants
         self._keys = {digest: tid for digest, tid in snap.keys.items() if tid in snap.tenants}
         self._revoked_keys = snap.revoked_keys

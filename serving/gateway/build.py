@@ -5,7 +5,8 @@ The Ray Serve deployment (``serving.serve_app``), the local mode and every test 
 that are off become do-nothing objects (:class:`~serving.gateway.service.Unlimited`
 admission, :class:`~serving.gateway.handoff.NoHandoff`), so the pipeline has no ``None``
 checks. The environment is read here, at build time, from the mapping passed in (never
-at import): the Redis password, the tenants file, the upstreams' API keys.
+at import): the tenants file, the upstreams' API keys; the Redis client (and its password)
+comes from :mod:`serving.redis_conn`, re-exported here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from serving.gateway.redis_guard import RedisGuard
 from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
 from serving.gateway.tenants import hash_key
 from serving.metrics import GatewayMetrics, export_through_ray
+from serving.redis_conn import REDIS_PASSWORD_ENV, redis_client
 
 __all__ = [
     "LEAK_MARGIN_S",
@@ -54,28 +56,10 @@ __all__ = [
 OPERATOR_KEY_ENV = "OSS_SERVING_OPERATOR_KEY"
 """An operator key (from a Secret) that may read ``/metrics`` and the detailed ``/health``,
 besides the hashes in ``auth.admin_key_sha256``: the chart sets it to its admin key."""
-REDIS_PASSWORD_ENV = "OSS_SERVING_REDIS_PASSWORD"
 TENANTS_FILE_ENV = "OSS_SERVING_TENANTS_FILE"
 LEAK_MARGIN_S = 60.0
 """How long past every time limit a request (or lease) may stay open before the safety
 net calls it leaked and releases it."""
-
-
-def redis_client(cfg: ServingConfig, environ: Mapping[str, str] | None = None) -> Any:
-    """The async Redis client of a gateway (or a CLI command): the URL from the
-    configuration, the password from ``OSS_SERVING_REDIS_PASSWORD`` (a Secret), never the URL."""
-    import redis.asyncio as aioredis
-
-    env = os.environ if environ is None else environ
-    extra: dict[str, Any] = {}
-    if password := env.get(REDIS_PASSWORD_ENV):
-        extra["password"] = password
-    return aioredis.Redis.from_url(
-        cfg.redis.url,
-        socket_connect_timeout=cfg.redis.connect_timeout_s,
-        socket_timeout=cfg.redis.connect_timeout_s,
-        **extra,
-    )
 
 
 def operator_keys(cfg: ServingConfig, environ: Mapping[str, str]) -> frozenset[str]:

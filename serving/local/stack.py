@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from serving.config import ServingConfig
+from serving.config import RedisConfig, ServingConfig
 from serving.engine.builder import resolve_source
+from serving.redis_conn import REDIS_PASSWORD_ENV, sync_redis_client
 
 __all__ = ["StackState", "run_down", "run_status", "run_up"]
 
@@ -88,10 +90,9 @@ def base_url(cfg: ServingConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- redis
-def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+def redis_answers(cfg: RedisConfig, timeout_s: float = 1.0, environ: Mapping[str, str] | None = None) -> bool:
+    """Redis answers at ``cfg.url``, to the client every command uses (password, TLS)."""
+    client = sync_redis_client(cfg, environ, timeout_s=timeout_s)
     try:
         return bool(client.ping())
     except Exception:
@@ -100,8 +101,22 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
         client.close()
 
 
-def start_redis(url: str, state_dir: Path, console: Console) -> int:
-    """Start ``redis-server`` for ``url`` (no persistence); return its pid."""
+def _quoted(value: str) -> str:
+    """``value`` as a double-quoted string of redis.conf: any character, its UTF-8 bytes
+    outside printable ASCII (and quotes, backslashes) as ``\\xHH``."""
+    escaped = "".join(
+        chr(b) if 0x20 <= b < 0x7F and chr(b) not in '"\\' else f"\\x{b:02x}" for b in value.encode()
+    )
+    return f'"{escaped}"'
+
+
+def start_redis(
+    cfg: RedisConfig, state_dir: Path, console: Console, environ: Mapping[str, str] | None = None
+) -> int:
+    """Start ``redis-server`` for ``cfg.url`` (no persistence), requiring the password of
+    ``OSS_SERVING_REDIS_PASSWORD`` if one is set (given on stdin, not on the command line,
+    where ``ps`` would show it); return its pid."""
+    url = cfg.url
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit(
@@ -109,6 +124,12 @@ def start_redis(url: str, state_dir: Path, console: Console) -> int:
             "Install it (Debian/Ubuntu: `sudo apt-get install -y redis-server`; macOS: `brew install redis`) "
             "or point redis.url in your configuration at a running Redis."
         )
+    if cfg.uses_tls:
+        raise SystemExit(
+            f"Redis does not answer at {url}; `oss-serve up` starts redis-server without TLS only"
+        )
+    env = os.environ if environ is None else environ
+    password = env.get(REDIS_PASSWORD_ENV, "")
     parsed = urlparse(url)
     host = parsed.hostname or "127.0.0.1"
     port = parsed.port or 6379
@@ -116,6 +137,7 @@ def start_redis(url: str, state_dir: Path, console: Console) -> int:
     proc = subprocess.Popen(
         [
             binary,
+            "-",  # the rest of the configuration from stdin: the password, if any
             "--bind",
             host,
             "--port",
@@ -127,12 +149,16 @@ def start_redis(url: str, state_dir: Path, console: Console) -> int:
             "--dir",
             str(state_dir),
         ],
+        stdin=subprocess.PIPE,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    assert proc.stdin is not None
+    proc.stdin.write(f"requirepass {_quoted(password)}\n".encode() if password else b"")
+    proc.stdin.close()
     for _ in range(50):
-        if redis_answers(url, 0.2):
+        if redis_answers(cfg, 0.2, environ):
             console.print(f"[green]started[/green] redis-server on {host}:{port} (pid {proc.pid})")
             return proc.pid
         if proc.poll() is not None:
@@ -253,10 +279,10 @@ def run_up(cfg: ServingConfig, *, detach: bool, config_path: str | None, console
             "(auth.required is false: every request is accepted as tenant 'local')."
         )
     redis_pid = None
-    if redis_answers(cfg.redis.url):
+    if redis_answers(cfg.redis):
         console.print(f"[green]redis[/green] answers at {cfg.redis.url}")
     elif cfg.local.start_redis:
-        redis_pid = start_redis(cfg.redis.url, state_dir, console)
+        redis_pid = start_redis(cfg.redis, state_dir, console)
     else:
         console.print(f"[red]Redis does not answer at {cfg.redis.url}[/red] and local.start_redis is false")
         return 1

@@ -16,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from serving.cli import main as cli
 from serving.config import ServingConfig
 from serving.gateway.auth import TenantDirectory, TenantStore
 from serving.gateway.tenants import Tenant, hash_key
+from serving.redis_conn import redis_client
 from tests.fakes import FakeEngine
 from tests.gateway import TestGateway, config_for
 from tests.redis_server import RedisServer
@@ -55,7 +55,7 @@ class Gateway(TestGateway):
     """A replica with a Redis client of its own (closed with it)."""
 
     def __init__(self, cfg: ServingConfig) -> None:
-        self.redis = aioredis.Redis.from_url(cfg.redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.redis = redis_client(cfg, {}, timeout_s=0.5)  # the gateways' own client builder
         super().__init__(cfg, {MODEL: FakeEngine()}, self.redis)
 
     @property
@@ -179,7 +179,12 @@ async def test_redis_restarted_empty_costs_no_valid_key_a_401(tmp_path: Path, te
     stop = asyncio.Event()
     try:
         async with running(cfg) as gw:
-            assert await TenantStore(gw.redis).revoke_key("key-beta2") == 1
+            store = TenantStore(gw.redis)
+            assert await store.revoke_key("key-beta2") == 1
+            cli_key = (await store.add(Tenant(id="cli"))).api_key  # lives only in Redis
+            cli_revoked = (await store.add_key("cli")).api_key
+            assert await store.revoke_key(cli_revoked) == 1
+            statuses[cli_key], statuses[cli_revoked] = [], []
             await _refreshed()
 
             async def ask(key: str) -> None:
@@ -196,7 +201,7 @@ async def test_redis_restarted_empty_costs_no_valid_key_a_401(tmp_path: Path, te
             await asyncio.sleep(1.0)  # refreshes fail: the last good copy serves
             assert gw.directory.health()["source"] == "last good copy"
             srv.start()  # the same port, no data
-            for _ in range(200):  # the first refresh that reaches it finds no seed marker
+            for _ in range(200):  # the first refresh that reaches it finds no seed marker, writes back
                 if gw.directory.health()["reseeds"]:
                     break
                 await asyncio.sleep(0.05)
@@ -204,12 +209,13 @@ async def test_redis_restarted_empty_costs_no_valid_key_a_401(tmp_path: Path, te
             stop.set()
             await asyncio.gather(*askers)
 
-            for key in ("key-alpha", "key-file"):
+            for key in ("key-alpha", "key-file", cli_key):  # the CLI's key too: written back
                 assert len(statuses[key]) > 20, statuses[key]
                 assert 401 not in statuses[key], (key, statuses[key])
                 assert set(statuses[key]) == {200}, (key, sorted(set(statuses[key])))
             # the revocation this gateway knew was written back with the re-seed
             assert set(statuses["key-beta2"]) == {401}
+            assert set(statuses[cli_revoked]) == {401}
             for _ in range(100):  # a refresh slowed past its Redis budget keeps the last good copy
                 if gw.directory.health()["source"] == "redis":
                     break
@@ -218,9 +224,10 @@ async def test_redis_restarted_empty_costs_no_valid_key_a_401(tmp_path: Path, te
             assert health["source"] == "redis"
             assert health["reseeds"] == 1
             assert health["last_reseed_unix"] is not None
-            assert (health["tenants"], health["keys"], health["revoked_keys"]) == (3, 4, 1)
+            assert (health["tenants"], health["keys"], health["revoked_keys"]) == (4, 5, 2)
+            assert health["directory"]["restores"] == 1
             stored = await gw.redis.hgetall("oss:keys")
-            for key in ("key-alpha", "key-beta", "key-file", "key-file2"):
+            for key in ("key-alpha", "key-beta", "key-file", "key-file2", cli_key):
                 assert hash_key(key).encode() in stored, key
             assert await gw.redis.exists("oss:tenants:seeded")
             assert await gw.redis.sismember("oss:keys:revoked", hash_key("key-beta2"))
@@ -228,6 +235,8 @@ async def test_redis_restarted_empty_costs_no_valid_key_a_401(tmp_path: Path, te
             async with running(cfg) as fresh:
                 assert await fresh.status("key-alpha") == 200
                 assert await fresh.status("key-beta2") == 401
+                assert await fresh.status(cli_key) == 200
+                assert await fresh.status(cli_revoked) == 401
                 assert fresh.directory.health()["reseeds"] == 0
     finally:
         stop.set()

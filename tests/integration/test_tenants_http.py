@@ -15,13 +15,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import redis.asyncio as aioredis
 from click.testing import CliRunner
 
 from serving.cli import main as cli
-from serving.config import ServingConfig, TenantSeed
+from serving.config import RedisConfig, ServingConfig, TenantSeed
 from serving.gateway.auth import TenantStore
 from serving.gateway.tenants import Tenant, TenantLimits, hash_key
+from serving.redis_conn import redis_client
 from tests.fakes import FakeEngine
 from tests.gateway import TestGateway
 from tests.redis_server import RedisServer
@@ -34,7 +34,7 @@ OPS = {"Authorization": "Bearer key-ops"}  # the operator key: /metrics and the 
 
 class Gateway(TestGateway):
     def __init__(self, cfg: ServingConfig, engine: FakeEngine) -> None:
-        self.redis = aioredis.Redis.from_url(cfg.redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self.redis = redis_client(cfg, {}, timeout_s=0.5)  # the gateways' own client builder
         super().__init__(cfg, {MODEL: engine}, self.redis)
         self.engine = engine
 
@@ -233,7 +233,7 @@ def test_tenants_admin_command(server: RedisServer) -> None:
     assert new_key != key
 
     async def keys() -> dict[str, str]:
-        client = aioredis.Redis.from_url(server.url)
+        client = redis_client(RedisConfig(url=server.url), {})
         try:
             return (await TenantStore(client).snapshot())[1]
         finally:

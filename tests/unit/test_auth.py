@@ -162,7 +162,7 @@ async def test_bad_records_are_skipped_counted_and_logged_once(
 
 def test_parse_directory_never_raises_on_a_record() -> None:
     snap = parse_directory(
-        True,
+        b"1700000000-abcd",
         {
             b"ok": b'{"id": "ok"}',
             b"liar": b'{"id": "other"}',  # its id is not its field
@@ -176,6 +176,10 @@ def test_parse_directory_never_raises_on_a_record() -> None:
     )
     assert list(snap.tenants) == ["ok"]
     assert snap.keys == {"h1": "ok"}
+    assert list(snap.key_records) == ["h1"]
+    assert snap.seeded
+    assert snap.epoch == "1700000000-abcd"
+    assert not parse_directory(None, {}, {}, set(), set()).seeded
     assert sorted(r.name for r in snap.invalid) == ["h2", "h3", "liar", "list", "null", "\ufffd"]
 
 
@@ -206,46 +210,180 @@ async def test_the_refresh_loop_survives_any_error(redis_client: aioredis.Redis,
         await directory.stop()
 
 
-async def test_redis_without_the_directory_is_seeded_again(
+async def _flush(redis_client: aioredis.Redis, prefix: str) -> None:
+    """Redis loses everything under the prefix (FLUSHALL, restarted empty, an empty replica)."""
+    await redis_client.delete(*[k async for k in redis_client.scan_iter(match=f"{prefix}:*")])
+
+
+async def test_redis_that_lost_the_directory_gets_the_last_good_copy_back(
     redis_client: aioredis.Redis, prefix: str, tenants_file: Path
 ) -> None:
     directory = _directory(redis_client, prefix, tenants_file)
     store = TenantStore(redis_client, prefix)
     await directory.refresh()
-    issued = await store.add(Tenant(id="cli"))
-    await store.revoke_key("key-beta2")
+    issued = await store.add(Tenant(id="cli", weight=3))  # `oss-serve tenants add`: only in Redis
+    revoked = await store.add_key("cli")
+    assert await store.revoke_key(revoked.api_key) == 1  # a CLI key, revoked
+    await store.revoke_key("key-beta2")  # a seeded key, revoked
     await directory.refresh()
     before = directory.health()
     assert before["source"] == "redis"
     assert before["reseeds"] == 0
-    assert (before["tenants"], before["keys"], before["revoked_keys"]) == (4, 4, 1)
+    assert (before["tenants"], before["keys"], before["revoked_keys"]) == (4, 4, 2)
+    assert before["directory"]["records"] == 4 + 4 + 2
+    hints = await redis_client.hgetall(f"{prefix}:keys")
 
-    # Redis loses everything under the prefix (FLUSHALL, an empty replica)
-    await redis_client.delete(*[k async for k in redis_client.scan_iter(match=f"{prefix}:*")])
+    await _flush(redis_client, prefix)
     await directory.refresh()
     after = directory.health()
     assert after["source"] == "redis"
     assert after["reseeds"] == 1
     assert after["last_reseed_unix"] is not None
-    assert _ok(directory, "key-alpha")
-    assert _ok(directory, "key-file")
-    assert not _ok(directory, "key-beta2")  # its tombstone was written back from this copy
-    assert await redis_client.sismember(f"{prefix}:keys:revoked", hash_key("key-beta2"))
-    assert not _ok(directory, issued.api_key)  # it lived only in Redis: lost with it
-    assert hash_key("key-alpha") in (await store.snapshot())[1]
+    assert after["directory"]["restores"] == 1
+    assert after["directory"]["restored_at_unix"] is not None
+    assert after["directory"]["restored_records"] == 8  # 4 tenants, 4 keys
+    assert after["directory"]["restore_pending"] is False
+    assert (after["tenants"], after["keys"], after["revoked_keys"]) == (4, 4, 2)
+    for key in ("key-alpha", "key-beta", "key-file", issued.api_key):
+        assert _ok(directory, key), key
+    assert directory.authenticate(f"Bearer {issued.api_key}").weight == 3  # the tenant as it was
+    for key in ("key-beta2", revoked.api_key):  # tombstones written back: still revoked
+        assert not _ok(directory, key), key
+        assert await redis_client.sismember(f"{prefix}:keys:revoked", hash_key(key))
+    # every record came back as it was (hints and creation times of CLI keys included)
+    assert await redis_client.hgetall(f"{prefix}:keys") == hints
+    # a replica started now reads the same directory, and nothing is lost again
+    fresh = _directory(redis_client, prefix, tenants_file)
+    await fresh.refresh()
+    assert _ok(fresh, issued.api_key)
+    assert not _ok(fresh, revoked.api_key)
+    assert fresh.health()["reseeds"] == 0
+    await directory.refresh()
+    assert directory.health()["reseeds"] == 1
 
-    # Seeding fails as well (Redis answers reads, refuses scripts): the last good copy stays
-    await redis_client.delete(f"{prefix}:tenants:seeded")
+    # The write-back fails (Redis answers reads, refuses scripts): the last good copy serves
+    await _flush(redis_client, prefix)
 
     async def refuse(*args: Any, **kwargs: Any) -> Any:
         raise RedisError("READONLY You can't write against a read only replica.")
 
-    directory._store.seed = refuse  # type: ignore[method-assign,union-attr]
+    real = store_of(directory).restore
+    store_of(directory).restore = refuse  # type: ignore[method-assign]
     await directory.refresh()
     stuck = directory.health()
     assert stuck["source"] == "last good copy"
     assert "READONLY" in stuck["last_error"]
+    assert stuck["directory"]["restore_pending"] is True
     assert _ok(directory, "key-alpha")
+    assert _ok(directory, issued.api_key)
+    assert not _ok(directory, revoked.api_key)
+    store_of(directory).restore = real  # type: ignore[method-assign]
+    await directory.refresh()
+    assert directory.health()["source"] == "redis"
+    assert directory.health()["directory"]["restore_pending"] is False
+    assert _ok(directory, issued.api_key)
+    assert not _ok(directory, revoked.api_key)
+
+
+def store_of(directory: TenantDirectory) -> TenantStore:
+    assert directory._store is not None
+    return directory._store
+
+
+async def test_replicas_that_race_to_write_back_agree(
+    redis_client: aioredis.Redis, prefix: str, tenants_file: Path
+) -> None:
+    store = TenantStore(redis_client, prefix)
+    first = _directory(redis_client, prefix, tenants_file)
+    await first.refresh()
+    early = await store.add(Tenant(id="early"))
+    await first.refresh()
+    second = _directory(redis_client, prefix, tenants_file)
+    late = await store.add(Tenant(id="late"))  # the first replica has not seen it yet
+    assert await store.revoke_key("key-alpha") == 1
+    await second.refresh()  # the second one has, and the revocation too
+    await _flush(redis_client, prefix)
+    await asyncio.gather(first.refresh(), second.refresh())
+    # the union of what they knew, and the revocation stays (tombstones beat records)
+    for directory in (first, second):
+        await directory.refresh()
+        assert _ok(directory, early.api_key)
+        assert _ok(directory, late.api_key)
+        assert not _ok(directory, "key-alpha")
+        assert _ok(directory, "key-file")
+        assert directory.health()["source"] == "redis"
+    assert len({await redis_client.get(f"{prefix}:tenants:seeded")}) == 1
+
+
+async def test_a_late_write_back_never_undoes_a_change_made_since(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    store = TenantStore(redis_client, prefix)
+    first, second = _directory(redis_client, prefix), _directory(redis_client, prefix)
+    await first.refresh()
+    cli = await store.add(Tenant(id="cli", weight=1))
+    await asyncio.gather(first.refresh(), second.refresh())
+    await _flush(redis_client, prefix)
+    await first.refresh()  # writes its copy back
+    await store.put_tenant(Tenant(id="cli", weight=7))  # `tenants add cli --weight 7` since
+    await second.refresh()  # another epoch: writes its (older) copy back, only where Redis has nothing
+    assert second.health()["reseeds"] == 1
+    assert second.authenticate(f"Bearer {cli.api_key}").weight == 7
+    assert (await store.get_tenant("cli")) == Tenant(id="cli", weight=7)
+
+
+async def test_a_replica_that_seeded_the_empty_redis_first_does_not_lose_cli_keys(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    old = _directory(redis_client, prefix)
+    store = TenantStore(redis_client, prefix)
+    await old.refresh()
+    issued = await store.add(Tenant(id="cli"))
+    revoked = await store.add_key("cli")
+    await store.revoke_key(revoked.api_key)
+    await old.refresh()
+    epoch = old.health()["directory"]["epoch"]
+    await _flush(redis_client, prefix)
+    # A new replica starts before the old one refreshes: it seeds the configuration only
+    new = _directory(redis_client, prefix)
+    await new.refresh()
+    assert new.health()["reseeds"] == 0
+    assert not _ok(new, issued.api_key)
+    # the old one sees another epoch: Redis lost the directory; it writes its copy back
+    await old.refresh()
+    assert old.health()["reseeds"] == 1
+    assert old.health()["directory"]["epoch"] != epoch
+    await new.refresh()
+    for directory in (old, new):
+        assert _ok(directory, issued.api_key)
+        assert not _ok(directory, revoked.api_key)
+        assert _ok(directory, "key-alpha")
+
+
+async def test_a_fresh_replica_seeds_an_empty_redis_from_the_configuration(
+    redis_client: aioredis.Redis, prefix: str, tenants_file: Path
+) -> None:
+    directory = _directory(redis_client, prefix, tenants_file)
+    await directory.refresh()
+    health = directory.health()
+    assert health["source"] == "redis"
+    assert health["reseeds"] == 0
+    assert (health["tenants"], health["keys"]) == (3, 4)
+    assert health["directory"]["epoch"] == _s(await redis_client.get(f"{prefix}:tenants:seeded"))
+    for key in ("key-alpha", "key-beta", "key-beta2", "key-file"):
+        assert _ok(directory, key), key
+    # Redis empties before it ever read anything back: the configuration is seeded again
+    empty = TenantDirectory(TenantStore(redis_client, prefix), AUTH, SEEDS)
+    await _flush(redis_client, prefix)
+    empty._seeded = True  # started (seeded) before the loss, never read Redis since
+    await empty.refresh()
+    assert _ok(empty, "key-alpha")
+    assert empty.health()["reseeds"] == 1
+    assert await redis_client.hexists(f"{prefix}:keys", hash_key("key-alpha"))
+
+
+def _s(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
 
 
 def test_revoke_and_rotate_help_state_the_rule() -> None:

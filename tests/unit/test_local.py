@@ -65,18 +65,18 @@ def test_up_starts_redis_when_none_answers_and_down_stops_it(tmp_path: Path) -> 
     url = f"redis://127.0.0.1:{port}/0"
     cfg = _cfg(tmp_path, url)
     cfg.local.state_dir.mkdir(parents=True)
-    assert not redis_answers(url, 0.2)
-    pid = start_redis(url, cfg.local.state_dir, Console(quiet=True))
+    assert not redis_answers(cfg.redis, 0.2, {})
+    pid = start_redis(cfg.redis, cfg.local.state_dir, Console(quiet=True), {})
     try:
-        assert redis_answers(url)
+        assert redis_answers(cfg.redis, environ={})
         StackState(
             supervisor_pid=0, base_url="", config_file="", log_file="", redis_pid=pid, redis_url=url
         ).save(cfg.local.state_dir)
         run_down(cfg, console=Console(quiet=True))
         deadline = time.monotonic() + 5
-        while redis_answers(url, 0.2) and time.monotonic() < deadline:
+        while redis_answers(cfg.redis, 0.2, {}) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not redis_answers(url, 0.2)
+        assert not redis_answers(cfg.redis, 0.2, {})
     finally:
         if pid_alive(pid):
             subprocess.run(["kill", str(pid)], check=False)
