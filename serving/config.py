@@ -36,6 +36,7 @@ __all__ = [
     "RedisConfig",
     "RedisTLSConfig",
     "ResponseCacheConfig",
+    "ResponsesConfig",
     "RoutingConfig",
     "ServingConfig",
     "TenantSeed",
@@ -560,6 +561,32 @@ class ResponseCacheConfig(_Strict):
     """Redis key prefix of the cache."""
 
 
+class ResponsesConfig(_Strict):
+    """Stored Responses (``/v1/responses`` with ``store``, OpenAI's default): the gateway
+    keeps each answer and its input in Redis, per tenant, so that ``GET`` / ``DELETE
+    /v1/responses/{id}``, ``/input_items`` and ``previous_response_id`` work through any
+    gateway replica, any engine replica and across handoff (the stored items are replayed
+    to whichever backend serves the next turn; engines and upstreams are asked not to
+    store anything themselves)."""
+
+    store: bool = True
+    """Keep responses (when off, ``store`` is ignored and ``previous_response_id`` is 400)."""
+
+    ttl_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    """How long a stored response lives (OpenAI keeps them 30 days)."""
+
+    max_stored_per_tenant: int = Field(default=10_000, ge=1)
+    """Live stored responses per tenant; a request that would store one more gets a 429
+    ``storage_quota_exceeded`` (send ``store: false``, delete some, or wait for the TTL)."""
+
+    max_response_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """A response whose stored form (answer plus input) is larger is not stored (logged);
+    the client still gets its answer."""
+
+    key_prefix: str = Field(default="oss:resp", min_length=1)
+    """Redis key prefix of the store."""
+
+
 class MetricsConfig(_Strict):
     """Prometheus metrics of the gateway."""
 
@@ -785,6 +812,9 @@ class ServingConfig(_Strict):
 
     response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
     """Exact-match response cache."""
+
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    """Stored Responses API objects (``store``, ``previous_response_id``)."""
 
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     """OpenAI-compatible APIs outside the cluster that requests may be handed off to."""

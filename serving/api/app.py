@@ -26,6 +26,7 @@ from serving.gateway.context import RequestContext
 from serving.gateway.errors import (
     GatewayError,
     InternalError,
+    InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
     UnauthorizedError,
@@ -140,6 +141,45 @@ def create_app(
 
     def caller(request: Request) -> Tenant:
         return service.authenticate({k.lower(): v for k, v in request.headers.items()})
+
+    # Stored responses (serving/gateway/responses.py): each tenant sees only its own.
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str, request: Request) -> dict[str, Any]:
+        tenant = caller(request)
+        if request.query_params.get("stream", "false").lower() not in ("false", "0", ""):
+            raise InvalidRequestError(
+                "Streaming a stored response is not supported (it is not a background response).",
+                param="stream",
+                code="unsupported_parameter",
+            )
+        return await service.conversations.retrieve(tenant.id, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+        return await service.conversations.delete(caller(request).id, response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str, request: Request) -> dict[str, Any]:
+        await service.conversations.retrieve(caller(request).id, response_id)  # 404 if not its own
+        raise InvalidRequestError(
+            "Only responses created with background can be cancelled.", code="not_background"
+        )
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(response_id: str, request: Request) -> dict[str, Any]:
+        tenant = caller(request)
+        query = request.query_params
+        raw_limit = query.get("limit", "20")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+            raise InvalidRequestError(
+                "'limit' must be an integer from 1 to 100.", param="limit", code="invalid_value"
+            )
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise InvalidRequestError("'order' must be 'asc' or 'desc'.", param="order", code="invalid_value")
+        return await service.conversations.input_items(
+            tenant.id, response_id, limit=int(raw_limit), order=order, after=query.get("after")
+        )
 
     def operator(request: Request) -> bool:
         return service.open_doors or service.is_operator({k.lower(): v for k, v in request.headers.items()})

@@ -38,6 +38,7 @@ from serving.gateway.limits import RequestLimits
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.redis_guard import RedisGuard
+from serving.gateway.responses import Conversations, NoStore, RedisResponseStore, ResponseStore
 from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
 from serving.gateway.tenants import hash_key
 from serving.metrics import GatewayMetrics, export_through_ray
@@ -173,8 +174,16 @@ def build_gateway(
         admin_keys=operator_keys(cfg, env),
         limits=RequestLimits(cfg.models, chars_per_token=cfg.handoff.chars_per_token),
         failover=failover,
+        conversations=_conversations(cfg, shared),
         created_unix=created_unix,
     )
+
+
+def _conversations(cfg: ServingConfig, redis: Any | None) -> Conversations:
+    """Stored responses, in the shared Redis (off without one: nothing else every replica sees)."""
+    enabled = cfg.responses.store and redis is not None
+    store: ResponseStore = RedisResponseStore(redis, cfg.responses) if enabled else NoStore()
+    return Conversations(store, cfg.responses, enabled=enabled)
 
 
 MAX_TENANT_LABELS = 200

@@ -44,6 +44,10 @@ class RequestContext:
     """The tenant's cache salt (``isolation.py``): scopes the engine's prefix cache, the
     prefix index and affinity keys to the tenant."""
 
+    turn: Any = None
+    """A Responses request's :class:`~serving.gateway.responses.Turn` (stored responses),
+    or None."""
+
     virtual_model: str | None = None
     """The virtual model the client named (e.g. ``auto``) when ``model`` is the local model
     its handoff rule picked."""

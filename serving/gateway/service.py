@@ -29,11 +29,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serving.config import GatewayConfig, QueueConfig
+from serving.config import GatewayConfig, QueueConfig, ResponsesConfig
 from serving.engine.protocol import EngineClient, EngineJSON, EngineSSE
 from serving.engine.request_errors import clean_message
 from serving.engine.routing_hints import ROUTED_REPLICA
@@ -54,6 +54,7 @@ from serving.gateway.isolation import CacheIsolation
 from serving.gateway.limits import RequestLimits, UsageText, deadline_of, strip_usage, wants_usage
 from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
+from serving.gateway.responses import Conversations, NoStore, Turn
 from serving.gateway.tenants import PriorityClass, Tenant, hash_key
 from serving.metrics import GatewayMetrics
 from serving.wire import (
@@ -180,6 +181,10 @@ class ResponseStream:
     def __aiter__(self) -> ResponseStream:
         return self
 
+    def pipe(self, through: Callable[[AsyncIterator[str]], AsyncIterator[str]]) -> None:
+        """Pass the chunks through ``through`` (which closes what it was given)."""
+        self._chunks = through(self._chunks)
+
     async def __anext__(self) -> str:
         try:
             return await anext(self._chunks)
@@ -232,9 +237,11 @@ class GatewayService:
         admin_keys: frozenset[str] = frozenset(),
         limits: RequestLimits | None = None,
         failover: Failover | None = None,
+        conversations: Conversations | None = None,
         created_unix: int | None = None,
     ) -> None:
         self._failover = failover or Failover([], metrics)
+        self.conversations = conversations or Conversations(NoStore(), ResponsesConfig(), enabled=False)
         self._config = config
         self._queue_config = queue_config
         self._engines = dict(engines)
@@ -328,7 +335,10 @@ class GatewayService:
         before it propagates.
         """
         try:
-            return await self._run(ctx, flight)
+            answer = await self._run(ctx, flight)
+            if ctx.turn is not None:
+                await self._finish_turn(ctx.turn, ctx, answer)
+            return answer
         except GatewayError as exc:
             if exc.status in (429, 503) and exc.reason:
                 self.metrics.rejections.labels(
@@ -353,6 +363,8 @@ class GatewayService:
             raise ModelNotFoundError(ctx.virtual_model or ctx.model)
         self._auth.authorize(ctx.tenant, ctx.model)
         ctx.cache_scope = self._isolation.salt(ctx.tenant.id)
+        # the previous response's conversation replayed into the input (stored responses)
+        ctx.turn = await self.conversations.prepare(ctx)
         # 3: the tenant's limits, before anything may spend capacity (local or upstream)
         deadline_s = deadline_of(ctx, self._queue_config)
         if deadline_s is not None:
@@ -409,6 +421,16 @@ class GatewayService:
         )
         relay = self._relay(first, run, flight, ctx, granted, engine)
         return Answer(stream=ResponseStream(caching.stream(relay), flight))
+
+    async def _finish_turn(self, turn: Turn, ctx: RequestContext, answer: Answer) -> None:
+        """A Responses answer as the client's request would have it, stored (when asked)
+        before the client has it whole."""
+        tenant = ctx.tenant.id
+        if answer.json is not None:
+            body = await self.conversations.answer(turn, tenant, answer.json.status, answer.json.body)
+            answer.json = EngineJSON(answer.json.status, body)
+        elif answer.stream is not None:
+            answer.stream.pipe(lambda chunks: self.conversations.stream(turn, tenant, chunks))
 
     # ----------------------------------------------------------------- stages' helpers
     async def _start_engine(
