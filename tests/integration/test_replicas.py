@@ -17,6 +17,7 @@ stack when it ends, so the two never compete for the machine's cores.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -300,6 +301,40 @@ def sixteen_streams_survive(stack: LiveStack, client: openai.OpenAI, sig: signal
             report = httpx.get(stack.base_url + "/health", timeout=10).json()["models"][SMOLLM]
             clear = clear + 1 if not report["replicas_avoided"] else 0
             time.sleep(0.25)
+
+
+def test_a_stored_response_is_continued_through_the_other_gateway(client: openai.OpenAI) -> None:
+    """Stored responses live in the shared Redis, not in an engine: a conversation whose
+    turns land on both gateway replicas (and whichever engine replica) goes on with
+    ``previous_response_id``, each turn replaying the whole conversation to real vLLM."""
+    previous: str | None = None
+    gateways: list[str] = []
+    ids: list[str] = []
+    for turn in range(8):
+        extra = {"previous_response_id": previous} if previous else {}
+        raw = client.responses.with_raw_response.create(
+            model=SMOLLM, input=f"Say the number {turn}.", max_output_tokens=4, temperature=0, **extra
+        )
+        reply = raw.parse()
+        assert reply.status in ("completed", "incomplete")
+        assert reply.previous_response_id == previous
+        gateways.append(raw.headers["x-oss-serving-gateway"])
+        ids.append(reply.id)
+        previous = reply.id
+        if turn >= 2 and len(set(gateways)) == 2:
+            break
+    assert len(set(gateways)) == 2, f"every turn landed on one gateway: {gateways}"
+    # the last turn's own input, and every turn retrievable through either gateway
+    items = list(client.responses.input_items.list(ids[-1]))
+    assert len(items) == 1
+    assert f"number {len(ids) - 1}" in json.dumps(items[0].model_dump())
+    for _ in range(4):  # the proxy spreads these over both gateway replicas
+        assert client.responses.retrieve(ids[0]).id == ids[0]
+    client.responses.delete(ids[0])
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(ids[0])
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=SMOLLM, input="again", max_output_tokens=2, previous_response_id=ids[0])
 
 
 def test_sixteen_streams_survive_a_replica_paused_under_them(stack: LiveStack, client: openai.OpenAI) -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -133,6 +134,67 @@ def test_gpt_oss_responses_api_streaming(client: openai.OpenAI) -> None:
     kinds = [e.type for e in events]
     assert kinds[0] == "response.created"
     assert kinds[-1] in ("response.completed", "response.incomplete")
+
+
+def test_gpt_oss_conversation_with_a_function_call_goes_on_from_its_stored_turns(
+    client: openai.OpenAI,
+) -> None:
+    """Stored responses on the harmony path: a turn whose input carries a function call and
+    its output, then two turns that follow it by ``previous_response_id`` (streamed and
+    not): the replayed conversation, the call and its output included, is accepted by
+    vLLM's harmony conversion on every turn."""
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        }
+    ]
+    first = client.responses.create(
+        model=GPT_OSS,
+        tools=tools,
+        max_output_tokens=8,
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "get_weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": '{"sky": "clear", "c": 21}'},
+        ],
+    )
+    assert first.status in ("completed", "incomplete")
+    assert [i.type for i in client.responses.input_items.list(first.id, order="asc")] == [
+        "message",
+        "function_call",
+        "function_call_output",
+    ]
+    events = list(
+        client.responses.create(
+            model=GPT_OSS,
+            tools=tools,
+            max_output_tokens=8,
+            input="And tomorrow?",
+            previous_response_id=first.id,
+            stream=True,
+        )
+    )
+    final = events[-1]
+    assert final.type in ("response.completed", "response.incomplete")
+    second_id = final.response.id
+    assert final.response.previous_response_id == first.id
+    third = client.responses.create(
+        model=GPT_OSS, tools=tools, max_output_tokens=8, input="Thanks.", previous_response_id=second_id
+    )
+    assert third.status in ("completed", "incomplete")
+    assert client.responses.retrieve(second_id).id == second_id
 
 
 def test_gpt_oss_tool_call_request_is_accepted(client: openai.OpenAI) -> None:
