@@ -270,6 +270,13 @@ class Conversations:
         if ctx.endpoint is not Endpoint.responses:
             return None
         body = ctx.body
+        if body.get("background") is True:
+            raise InvalidRequestError(
+                "Background responses are not supported on this deployment yet; send the "
+                "request without 'background' (streamed, if it is long).",
+                param="background",
+                code="unsupported_parameter",
+            )
         client_store = body.get("store") is not False
         previous = body.get("previous_response_id")
         if previous is not None and not isinstance(previous, str):
