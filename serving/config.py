@@ -469,7 +469,8 @@ class QueueConfig(_Strict):
     """A waiting request's ticket lives this long unless its gateway renews it (every third
     of it, for all of its waiting requests in one round trip); the queue drops a ticket
     whose heartbeat expired instead of granting it. The capacity a dead gateway's queued
-    requests would take is available again within this timeout."""
+    requests would take is available again within this timeout plus one check period of
+    the requests still waiting (at most 1 s): 6 s by default."""
 
     default_deadline_s: float | None = Field(default=None, gt=0)
     """Deadline to start a request that sends none (``X-Oss-Deadline-Ms``); ``None``: wait

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -264,6 +267,122 @@ async def test_killed_gateway_queued_tickets_are_dropped_within_heartbeat(
     now_ms = int(time.time() * 1000)
     assert await client.zcount("oss:t:t:active", now_ms, "+inf") == 0  # nothing counted for it
     await admission.release(lease)
+
+
+async def _queued_http(http: httpx.AsyncClient, stream: bool) -> None:
+    """One chat request through the gateway process; it ends when that process dies."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    with contextlib.suppress(httpx.HTTPError):
+        async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for _ in response.aiter_bytes():
+                pass
+
+
+async def test_a_killed_gateway_process_leaves_no_ticket_behind(
+    server: RedisServer, client: aioredis.Redis
+) -> None:
+    """A real gateway (``build_gateway`` + the FastAPI app under uvicorn, over a fake engine
+    that streams a word a second) holds its capacity (2) with two open streams and queues 5
+    more HTTP requests in the shared Redis; a second gateway queues one behind them. The
+    first is killed with SIGKILL: its tickets are dropped (never granted) within the
+    default ticket heartbeat plus one check period, and the request behind them starts
+    once the dead gateway's two running leases expired."""
+    # The default heartbeat (5 s). The lease TTL is shortened from 15 s to 8 s only to keep
+    # the test short: it bounds how long the dead gateway's two *running* streams hold
+    # their slots, not its tickets. It stays above the heartbeat plus one renewal period
+    # (min(8, 5)/3 s), so the running leases outlive every ticket: a ghost ticket granted
+    # instead of dropped would show in the abandoned counter and the leases below.
+    heartbeat_s = QueueConfig().ticket_heartbeat_s
+    assert heartbeat_s == 5.0
+    lease_ttl_s = 8.0
+    queue = {"default_capacity": 2, "capacity_per_replica": 2, "lease_ttl_s": lease_ttl_s}
+    config = {
+        "models": [{"name": "m", "source": "/x"}],
+        "auth": {"required": False},
+        "redis": {"url": server.url},
+        "queue": queue,
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.gateway_process", json.dumps(config),
+        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    admission = Admission(client, QueueConfig(**queue), ["m"])  # type: ignore[arg-type]
+    await admission.start()  # the second gateway's admission, renewing what it holds
+    http = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert line.startswith(b"listening "), line
+        base = f"http://127.0.0.1:{int(line.split()[1])}"
+        http = httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(60, read=None))
+        keys = ("{oss:q:m}:wait", "{oss:q:m}:meta", "{oss:q:m}:hb", "{oss:q:m}:leases")
+
+        async def counts() -> tuple[int, ...]:
+            wait, meta, hb, leases = keys
+            return (await client.zcard(wait), await client.hlen(meta), await client.zcard(hb),
+                    await client.zcard(leases))  # fmt: skip
+
+        async def until(want: tuple[int, ...], timeout_s: float) -> None:
+            deadline = time.monotonic() + timeout_s
+            while (got := await counts()) != want:
+                assert time.monotonic() < deadline, f"wait, meta, hb, leases: {got}, not {want}"
+                await asyncio.sleep(0.02)
+
+        tasks += [asyncio.create_task(_queued_http(http, stream=True)) for _ in range(2)]
+        await until((0, 0, 0, 2), 20)  # the two streams run: the capacity is full
+        tasks += [asyncio.create_task(_queued_http(http, stream=i % 2 == 0)) for i in range(5)]
+        await until((5, 5, 5, 2), 10)  # five requests of the gateway wait in Redis
+        ghosts = [t.decode() for t in await client.zrange(keys[0], 0, -1)]
+        behind = asyncio.create_task(admission.acquire("m", Tenant(id="n"), None))
+        await until((6, 6, 6, 2), 5)
+        # The live gateway renews its tickets' heartbeats (every min(TTL, heartbeat)/3 s).
+        first = await client.zmscore(keys[2], ghosts)
+        await asyncio.sleep(2.0)
+        later = await client.zmscore(keys[2], ghosts)
+        assert all(b > a for a, b in zip(first, later, strict=True)), (first, later)
+        snap = await admission.snapshot("m")
+        assert (snap.depth["standard"], snap.in_use, snap.abandoned_total) == (6, 2, 0)
+
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        killed = time.monotonic()
+        await until((1, 1, 1, 2), heartbeat_s + 3)  # only the request behind waits
+        gone = time.monotonic() - killed
+        lease: Lease = await asyncio.wait_for(behind, lease_ttl_s + 3)
+        took = time.monotonic() - killed
+        print(f"killed gateway process with 5 queued requests: tickets gone after {gone:.2f} s "
+              f"(heartbeat {heartbeat_s:.0f} s), the request behind them admitted after "
+              f"{took:.2f} s (lease TTL {lease_ttl_s:.0f} s)")  # fmt: skip
+        # A waiting request checks its ticket at least every second; each check drops the
+        # expired tickets. Bound: heartbeat + one check period (+ a margin for the poll).
+        assert gone <= heartbeat_s + 1.0 + 1.0
+        assert took <= lease_ttl_s + 1.0 + 1.0
+        snap = await admission.snapshot("m")
+        assert snap.abandoned_total == 5  # dropped, never granted
+        assert snap.expired_total == 2  # its two running streams' leases
+        assert snap.in_use == 1
+        assert await counts() == (0, 0, 0, 1)
+        assert await client.zrange(keys[3], 0, -1) == [lease.ticket.encode()]
+        now_ms = int(time.time() * 1000)
+        actives = [k async for k in client.scan_iter("oss:t:*:active")]
+        assert actives  # the tenant entries were written: they must not count any more
+        for key in actives:
+            for ticket in ghosts:
+                score = await client.zscore(key, ticket)
+                assert score is None or score <= now_ms, (key, ticket, score)
+        await admission.release(lease)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if http is not None:
+            await http.aclose()
+        await admission.stop()
 
 
 async def test_redis_outage_falls_back_locally_and_recovers(tmp_path: Path) -> None:
