@@ -745,6 +745,11 @@ class RayConfig(_Strict):
     """Logical CPUs of the local Ray node: above the real cores so that the controller,
     proxy, gateway and engine replicas can all be placed on a small machine."""
 
+    metrics_export_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the local Ray node's Prometheus endpoint (its metrics agent), where the
+    gateway's metrics appear per replica when ``metrics.ray_export`` is on (as in the
+    cluster, where every Ray pod exports on 8080). None: a port Ray picks."""
+
     include_dashboard: bool = False
     """Start Ray's dashboard."""
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from serving.config import RayConfig, load_config
 
@@ -132,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.serve_app import APP_NAME, build_serve_app
 
+    extra: dict[str, Any] = {}
+    if cfg.ray.metrics_export_port is not None:
+        extra["_metrics_export_port"] = cfg.ray.metrics_export_port
     ray.init(
         address="local",
         num_cpus=cfg.ray.num_cpus,
         include_dashboard=cfg.ray.include_dashboard,
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}},
+        **extra,
     )
     try:
         serve.start(http_options=HTTPOptions(host=cfg.gateway.host, port=cfg.gateway.port))

@@ -45,6 +45,8 @@ class LiveStack:
     config_file: Path
     log_file: Path
     """``oss-serve up``'s log: the supervisor's output and what Ray forwards from the replicas."""
+    ray_metrics_url: str = ""
+    """The local Ray node's Prometheus endpoint, where the stack exports through Ray."""
 
     @property
     def api(self) -> str:
@@ -92,7 +94,7 @@ def smollm_config(**topology: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     config = {
         "models": [
             smollm_config(),
@@ -110,8 +112,12 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         "response_cache": {"enabled": True},
         # A key prefix of its own: the session's queue state never mixes with another stack's.
         "queue": {"key_prefix": f"osstest{port}", "capacity_per_replica": CAPACITY},
+        # the gateway's metrics through Ray's metrics agent, as in the cluster (test_stack.py)
+        "metrics": {"ray_export": True},
+        "ray": {"metrics_export_port": metrics_port},
     }
     with running_stack(tmp_path_factory.mktemp("stack"), config) as stack:
+        stack.ray_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         yield stack
 
 

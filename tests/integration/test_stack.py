@@ -337,3 +337,30 @@ def test_status_command(live_stack: LiveStack) -> None:
     assert SMOLLM in out.stdout
     assert GPT_OSS in out.stdout
     assert "running" in out.stdout
+
+
+def test_gateway_metrics_reach_rays_exporter_under_the_names_the_chart_scrapes(
+    client: openai.OpenAI, live_stack: LiveStack
+) -> None:
+    """With ``metrics.ray_export`` (the chart's setting) the gateway's metrics come out of
+    the real Ray metrics agent, one series per gateway replica, under exactly the names the
+    chart's relabeling and alert rules are written for (``tests/chart/test_blockers.py``
+    derives them; here real Ray shows they hold)."""
+    from serving.metrics import GatewayMetrics
+    from tests.chart.test_blockers import _exported_by_ray
+
+    client.chat.completions.create(model=SMOLLM, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    deadline = time.monotonic() + 90
+    text = ""
+    while time.monotonic() < deadline:  # Ray's agent collects every few seconds
+        text = httpx.get(live_stack.ray_metrics_url, timeout=10).text
+        if "ray_oss_serving_requests_total{" in text and "ray_oss_serving_ttft_seconds_bucket{" in text:
+            break
+        time.sleep(2)
+    exported = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_oss_serving")}
+    assert {"ray_oss_serving_requests_total", "ray_oss_serving_ttft_seconds_bucket"} <= exported, exported
+    predicted = _exported_by_ray(GatewayMetrics([SMOLLM, GPT_OSS], [0.1, 1.0]))
+    assert exported <= predicted, exported - predicted
+    series = [line for line in text.splitlines() if line.startswith("ray_oss_serving_requests_total{")]
+    assert series
+    assert all('replica="' in line and 'deployment="' in line for line in series)  # each replica its own
