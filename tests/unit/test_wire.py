@@ -22,7 +22,7 @@ WIRE = PACKAGE / "wire.py"
 OUR_HEADERS = ("x-oss-serving-", "x-oss-response-cache", "x-oss-engine-", "x-oss-deadline-", "x-request-id")
 ACLOSE_ELSEWHERE = {
     # closes the upstreams' HTTP clients at shutdown (not a stream; errors propagate)
-    "gateway/handoff.py": 1,
+    "gateway/handoff/relay.py": 1,
 }
 
 
