@@ -19,6 +19,8 @@ pytestmark = pytest.mark.integration
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 QUESTION = {"role": "user", "content": "What is the capital of France?"}
+WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+"""The JSON schema of the ``get_weather`` tool the tool-call tests declare."""
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +150,7 @@ def test_gpt_oss_conversation_with_a_function_call_goes_on_from_its_stored_turns
             "type": "function",
             "name": "get_weather",
             "description": "Weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
+            "parameters": WEATHER_PARAMETERS,
         }
     ]
     first = client.responses.create(
@@ -204,11 +202,7 @@ def test_gpt_oss_tool_call_request_is_accepted(client: openai.OpenAI) -> None:
             "function": {
                 "name": "get_weather",
                 "description": "Weather in a city",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"city": {"type": "string"}},
-                    "required": ["city"],
-                },
+                "parameters": WEATHER_PARAMETERS,
             },
         }
     ]
