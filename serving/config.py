@@ -562,6 +562,40 @@ class ResponseCacheConfig(_Strict):
     """Redis key prefix of the cache."""
 
 
+class S3Config(_Strict):
+    """An S3-compatible object store for the Files API's contents (``files.backend: s3``):
+    AWS S3 or the enterprise's own (MinIO, Ceph RGW, ...). Credentials come from the
+    environment variables named here (on the cluster: a Secret mounted as env vars)."""
+
+    endpoint_url: str = ""
+    """The store's URL, e.g. ``https://s3.us-east-1.amazonaws.com`` or ``http://minio:9000``."""
+
+    bucket: str = ""
+    """The bucket (it must exist; the gateway does not create it)."""
+
+    region: str = "us-east-1"
+    """The region the requests are signed for (AWS Signature Version 4)."""
+
+    prefix: str = "oss-serving/files"
+    """Key prefix of every object the gateway writes."""
+
+    addressing_style: Literal["path", "virtual"] = "path"
+    """``path``: ``endpoint/bucket/key`` (MinIO and most stores); ``virtual``:
+    ``bucket.endpoint/key``."""
+
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    """Environment variable holding the access key id."""
+
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    """Environment variable holding the secret access key."""
+
+    session_token_env: str = "AWS_SESSION_TOKEN"
+    """Environment variable holding a session token (temporary credentials), if any."""
+
+    timeout_s: float = Field(default=30.0, gt=0)
+    """Timeout of one request to the store."""
+
+
 class ResponsesConfig(_Strict):
     """Stored Responses (``/v1/responses`` with ``store``, OpenAI's default): the gateway
     keeps each answer and its input in Redis, per tenant, so that ``GET`` / ``DELETE

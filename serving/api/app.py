@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from serving.api.errors import error_response, install_error_handlers, request_id_of
 from serving.api.middleware import RequestIdMiddleware
-from serving.api.protocol import parse_json_body, validate_request
+from serving.gateway.validation import parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.gateway.context import RequestContext
 from serving.gateway.errors import (

@@ -9,7 +9,7 @@ the parameter when it is known and never carries exception class names, tracebac
 file paths or pydantic's documentation links; :func:`is_client_error` says which are the
 request's fault (the classes vLLM's own server answers with 4xx).
 
-Both the gateway (``serving.api.protocol``, before any engine work) and the engine
+Both the gateway (``serving.gateway.validation``, before any engine work) and the engine
 replica (``serving.engine.server``, for what only the engine finds) use it, so it lives
 here, below both.
 """

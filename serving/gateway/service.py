@@ -56,6 +56,7 @@ from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.responses import Conversations, NoStore, Turn
 from serving.gateway.tenants import PriorityClass, Tenant, hash_key
+from serving.gateway.validation import validate_request
 from serving.metrics import GatewayMetrics
 from serving.wire import (
     REQUEST_ID_HEADER,
@@ -352,6 +353,39 @@ class GatewayService:
         except BaseException:
             await flight.close(500, detail="internal error")
             raise
+
+    async def submit(
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        tenant: Tenant,
+        request_id: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Answer:
+        """A request the gateway makes itself (a background response, a batch line),
+        through the same pipeline as one from HTTP: validated, limited, admitted at the
+        priority of ``tenant``. Raises :class:`GatewayError` as :meth:`run` does; a
+        returned stream is the caller's to close."""
+        flight = self.open(request_id, endpoint)
+        flight.tenant = tenant
+        try:
+            model = validate_request(endpoint, body, self._config.max_error_message_chars)
+        except GatewayError as exc:
+            await flight.close(exc.status, detail=exc.message)
+            raise
+        except BaseException:
+            await flight.close(500, detail="internal error")
+            raise
+        ctx = RequestContext(
+            request_id=request_id,
+            endpoint=endpoint,
+            model=model,
+            body=body,
+            headers={k.lower(): v for k, v in (headers or {}).items()},
+            tenant=tenant,
+        )
+        return await self.run(ctx, flight)
 
     async def _run(self, ctx: RequestContext, flight: Flight) -> Answer:
         flight.tenant = ctx.tenant

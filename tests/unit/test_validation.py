@@ -1,4 +1,4 @@
-"""Body limits and request validation (``serving.api.protocol``): every bad body is a 400.
+"""Body limits and request validation (``serving.gateway.validation``): every bad body is a 400.
 
 No services: vLLM's protocol models in process. The three bodies that once got 500/502
 (a deeply nested body, a completions body without ``prompt`` with an odd
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, model_validator
 
-from serving.api import protocol
-from serving.api.protocol import invalid_request, parse_json_body, validate_request
+from serving.gateway import validation as protocol
+from serving.gateway.validation import invalid_request, parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint, EngineJSON
 from serving.engine.request_errors import is_client_error, param_path
