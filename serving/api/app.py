@@ -20,7 +20,6 @@ from starlette.types import Receive, Scope, Send
 
 from serving.api.errors import error_response, install_error_handlers, request_id_of
 from serving.api.middleware import RequestIdMiddleware
-from serving.gateway.validation import parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.gateway.context import RequestContext
 from serving.gateway.errors import (
@@ -33,6 +32,7 @@ from serving.gateway.errors import (
 )
 from serving.gateway.service import GatewayService, ResponseStream
 from serving.gateway.tenants import Tenant
+from serving.gateway.validation import parse_json_body, validate_request
 from serving.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from serving.wire import Endpoint
 
