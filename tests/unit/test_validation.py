@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, model_validator
 
-from serving.gateway import validation as protocol
-from serving.gateway.validation import invalid_request, parse_json_body, validate_request
 from serving.config import GatewayConfig
 from serving.engine.protocol import Endpoint, EngineJSON
 from serving.engine.request_errors import is_client_error, param_path
 from serving.engine.server import _OssServerMixin
+from serving.gateway import validation as protocol
 from serving.gateway.errors import InvalidRequestError
+from serving.gateway.validation import invalid_request, parse_json_body, validate_request
 
 MODEL = "smollm2-135m-instruct"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
