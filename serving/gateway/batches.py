@@ -67,7 +67,7 @@ from serving.gateway.files import FileNotFound, Files, NotEnabledError, StorageU
 from serving.gateway.tenants import PriorityClass, Tenant
 from serving.gateway.validation import parse_json_body
 from serving.metrics import GatewayMetrics
-from serving.tasks import cancel_and_wait
+from serving.tasks import cancel_and_wait, raise_if_cancelling
 from serving.wire import Endpoint, aclose_quietly, dumps
 
 if TYPE_CHECKING:
@@ -414,7 +414,8 @@ class Batches:
             raise StorageUnavailableError() from None
         lines = await asyncio.to_thread(parse_input, data, url, self._gateway)
         del data
-        now = int(time.time())
+        created_ms = int(time.time() * 1000)
+        now = created_ms // 1000
         batch_id = f"batch_{uuid.uuid4().hex}"
         good = [line for line in lines if line.error is None]
         models = {line.model for line in good if line.model}
@@ -427,7 +428,7 @@ class Batches:
             "completion_window": "24h",
             "created_at": str(now),
             "expires_at": str(now + round(self.config.completion_window_s)),
-            "expires_at_ms": str(int(time.time() * 1000 + self.config.completion_window_s * 1000)),
+            "expires_at_ms": str(created_ms + int(self.config.completion_window_s * 1000)),
             "metadata": dumps(metadata) if metadata is not None else "",
             "total": str(len(lines)),
             "remaining": str(len(good)),
@@ -438,8 +439,8 @@ class Batches:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(k.batch(batch_id), mapping=record)
             pipe.hincrby(k.statuses, "validating", 1)
-            pipe.zadd(k.tenant(tenant.id), {batch_id: now * 1000})
-            pipe.zadd(k.active, {batch_id: now * 1000})
+            pipe.zadd(k.tenant(tenant.id), {batch_id: created_ms})
+            pipe.zadd(k.active, {batch_id: created_ms})
             await pipe.execute()
         failure = self._validation_failure(lines)
         if failure:
@@ -883,9 +884,11 @@ class BatchWorker:
             self._loop_task = asyncio.create_task(self._loop(), name="oss-serving-batch-worker")
             self._watch_task = asyncio.create_task(self._watch(), name="oss-serving-batch-watch")
 
-    async def stop(self) -> None:
+    async def stop(self, *, hand_back: bool = True) -> None:
         """Stop claiming, cancel the running lines (unacknowledged: their claims are handed
-        back at once, so another replica takes them over without waiting)."""
+        back at once, so another replica takes them over without waiting). Without
+        ``hand_back`` they stay claimed until ``batch.claim_idle_s`` has passed, as when a
+        replica dies."""
         loop, self._loop_task = self._loop_task, None
         watch, self._watch_task = self._watch_task, None
         await cancel_and_wait(loop)
@@ -895,6 +898,7 @@ class BatchWorker:
             line.task.cancel()
         if running:
             await asyncio.wait([line.task for line in running], timeout=5.0)
+        if running and hand_back:
             idle_ms = int(self.config.claim_idle_s * 1000) * 10
             with contextlib.suppress(*REDIS_DOWN):  # else they are taken over after batch.claim_idle_s
                 await self._batches._keepalive(
@@ -908,6 +912,8 @@ class BatchWorker:
         backoff = _Backoff(max_s=5.0)
         next_autoclaim = 0.0
         while True:
+            # The Redis client can swallow a cancellation that arrives mid-command: stop here.
+            raise_if_cancelling()
             try:
                 free = self.config.concurrency_per_replica - len(self._running)
                 entries: list[_Entry] = []
@@ -929,12 +935,14 @@ class BatchWorker:
                 except TimeoutError:
                     pass
             except REDIS_DOWN as exc:
+                raise_if_cancelling()  # a cancellation the client turned into an error
                 wait = backoff.next()
                 log.debug("batch worker: Redis unavailable (%s); again in %.1f s", exc, wait)
                 await asyncio.sleep(wait)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelling()
                 log.exception("batch worker: unexpected error; continuing")
                 await asyncio.sleep(backoff.next())
 
@@ -993,6 +1001,7 @@ class BatchWorker:
         period = min(self.config.claim_idle_s / 3, 1.0)
         next_sweep = 0.0
         while True:
+            raise_if_cancelling()  # (see _loop)
             await asyncio.sleep(period)
             try:
                 await self._watch_once()
@@ -1000,10 +1009,12 @@ class BatchWorker:
                     next_sweep = time.monotonic() + max(period, min(self.config.claim_idle_s, 10.0))
                     await self._batches.sweep()
             except REDIS_DOWN as exc:
+                raise_if_cancelling()
                 log.debug("batch watch: Redis unavailable (%s)", exc)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                raise_if_cancelling()
                 log.exception("batch watch: unexpected error; continuing")
 
     async def _watch_once(self) -> None:
@@ -1091,9 +1102,11 @@ class BatchWorker:
         """``call()`` until Redis answers (backing off while it is down)."""
         backoff = _Backoff(max_s=5.0)
         while True:
+            raise_if_cancelling()  # (see _loop)
             try:
                 return await call()
             except REDIS_DOWN as exc:
+                raise_if_cancelling()
                 wait = backoff.next()
                 log.debug("batch line: Redis unavailable (%s); again in %.1f s", exc, wait)
                 await asyncio.sleep(wait)

@@ -27,21 +27,26 @@ MODEL = "m"
 KEYS = {"a": "key-a", "b": "key-b"}
 
 
-def batch_config(tmp: Path, prefix: str, **sections: Any) -> Any:
-    """Two tenants with keys, every Redis key and the files directory private to the test."""
-    batch = {"key_prefix": f"{prefix}:batch", "claim_idle_s": 1.0, "poll_interval_s": 0.02}
-    files = {"key_prefix": f"{prefix}:files", "dir": str(tmp / "files")}
-    batch.update(sections.pop("batch", {}))
-    files.update(sections.pop("files", {}))
-    return config_for(
-        [MODEL],
-        auth={"required": True},
-        tenants=[{"id": t, "api_key_sha256": [hash_key(k)]} for t, k in KEYS.items()],
-        queue={"key_prefix": prefix},
-        files=files,
-        batch=batch,
-        **sections,
-    )
+def batch_config(
+    tmp: Path,
+    prefix: str,
+    *,
+    models: tuple[str, ...] | list[str] = (MODEL,),
+    tenants: list[dict[str, Any]] | None = None,
+    **sections: Any,
+) -> Any:
+    """Tenants with keys (``a`` and ``b`` by default), every Redis key and the files
+    directory private to the test; ``sections`` are merged into the defaults."""
+    defaults: dict[str, dict[str, Any]] = {
+        "batch": {"key_prefix": f"{prefix}:batch", "claim_idle_s": 1.0, "poll_interval_s": 0.02},
+        "files": {"key_prefix": f"{prefix}:files", "dir": str(tmp / "files")},
+        "queue": {"key_prefix": prefix},
+        "auth": {"required": True},
+    }
+    for name, values in sections.items():
+        defaults[name] = {**defaults.get(name, {}), **values}
+    seeds = tenants or [{"id": t, "api_key_sha256": [hash_key(k)]} for t, k in KEYS.items()]
+    return config_for(list(models), tenants=seeds, **defaults)
 
 
 @pytest.fixture
@@ -246,7 +251,11 @@ async def test_local_blob_store_put_is_atomic(tmp_path: Path) -> None:
         for _ in range(30):
             assert await store.get("k") in (old, new)
 
-    await asyncio.gather(read(), *(store.put("k", data) for data in (new, old, new)), read())
+    async def write() -> None:
+        for data in (new, old, new):
+            await store.put("k", data)
+
+    await asyncio.gather(read(), write(), read())
     assert await store.get("k") == new
     assert os.listdir(tmp_path) == ["k"]
 
