@@ -23,7 +23,9 @@ __all__ = [
     "BUILTIN_SOURCES",
     "UPSTREAM_API_KEY_ENV",
     "AuthConfig",
+    "BatchConfig",
     "ConfigError",
+    "FilesConfig",
     "GatewayConfig",
     "HandoffConfig",
     "LocalConfig",
@@ -596,6 +598,65 @@ class S3Config(_Strict):
     """Timeout of one request to the store."""
 
 
+class FilesConfig(_Strict):
+    """The Files API (``/v1/files``): the input files of batches and the output and error
+    files the gateway writes for them. Metadata (name, size, owner) lives in Redis, per
+    tenant; contents in a blob store every gateway replica shares (off without Redis)."""
+
+    backend: Literal["local", "s3"] = "local"
+    """``local``: a directory (``dir``), for one machine: every replica on it shares the
+    directory. ``s3``: an S3-compatible object store (``s3``), for a cluster."""
+
+    dir: Path | None = None
+    """The ``local`` backend's directory; ``None``: ``files`` under ``local.state_dir``."""
+
+    max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
+    """Largest file an upload may have (OpenAI's limit for batch files is 200 MB); larger
+    uploads get 413 ``file_too_large``."""
+
+    key_prefix: str = Field(default="oss:files", min_length=1)
+    """Redis key prefix of the file metadata."""
+
+    s3: S3Config = Field(default_factory=S3Config)
+    """The ``s3`` backend's store."""
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
+class BatchConfig(_Strict):
+    """The Batch API (``/v1/batches``): a file of requests run at the lowest admission
+    priority (``batch``) by a worker in every gateway replica, its lines shared through a
+    Redis stream (off without Redis)."""
+
+    enabled: bool = True
+    """Serve ``/v1/files`` and ``/v1/batches`` and run the batch worker (with Redis)."""
+
+    concurrency_per_replica: int = Field(default=8, ge=1, le=1024)
+    """Batch lines one gateway replica runs at once. They are admitted at priority
+    ``batch``, so interactive and standard requests always go first."""
+
+    max_lines: int = Field(default=50_000, ge=1)
+    """Most requests one batch file may have (OpenAI's limit: 50,000); more: the batch
+    fails validation (``too_many_tasks``)."""
+
+    completion_window_s: float = Field(default=24 * 3600.0, gt=0)
+    """How long a batch may run (the ``24h`` completion window): lines not done by then
+    go to the error file with ``batch_expired`` and the batch is ``expired``."""
+
+    claim_idle_s: float = Field(default=60.0, gt=0)
+    """A line whose replica stopped renewing its claim for this long (it died) is taken
+    over by another replica. Claims are renewed every third of it."""
+
+    poll_interval_s: float = Field(default=0.5, gt=0)
+    """How often an idle worker looks for new lines."""
+
+    key_prefix: str = Field(default="oss:batch", min_length=1)
+    """Redis key prefix of batches, their lines and results."""
+
+
 class ResponsesConfig(_Strict):
     """Stored Responses (``/v1/responses`` with ``store``, OpenAI's default): the gateway
     keeps each answer and its input in Redis, per tenant, so that ``GET`` / ``DELETE
@@ -855,6 +916,12 @@ class ServingConfig(_Strict):
 
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     """Stored Responses API objects (``store``, ``previous_response_id``)."""
+
+    files: FilesConfig = Field(default_factory=FilesConfig)
+    """The Files API: where file contents live, size limit."""
+
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """The Batch API: worker concurrency, limits, completion window."""
 
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     """OpenAI-compatible APIs outside the cluster that requests may be handed off to."""

@@ -269,6 +269,28 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # The Batch API (serving/gateway/batches.py).
+        self.batches = Gauge(
+            PREFIX + "batches",
+            "Batches by status (validating, in_progress, finalizing, completed, failed, expired, "
+            "cancelling, cancelled), over all gateways, as last seen by this one.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.batch_lines = Counter(
+            PREFIX + "batch_lines",
+            "Batch lines this gateway finished, by outcome: completed (2xx answer), failed (an error "
+            "answer), invalid (refused at validation), cancelled, expired (skipped), retried (429 or "
+            "503: run again later), duplicate (a line run twice, answered once).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.batch_oldest_line_age = Gauge(
+            PREFIX + "batch_oldest_line_age_seconds",
+            "Age of the oldest batch line not done yet (0: none waiting), over all gateways.",
+            registry=self.registry,
+        )
+
         self.handoff = HandoffMetrics(self.registry, buckets_s)
 
     def model_label(self, model: str | None) -> str:

@@ -18,6 +18,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from serving.api.batch_routes import add_batch_routes
+from serving.api.bodies import read_body
 from serving.api.errors import error_response, install_error_handlers, request_id_of
 from serving.api.middleware import RequestIdMiddleware
 from serving.config import GatewayConfig
@@ -27,7 +29,6 @@ from serving.gateway.errors import (
     InternalError,
     InvalidRequestError,
     ModelNotFoundError,
-    PayloadTooLargeError,
     UnauthorizedError,
 )
 from serving.gateway.service import GatewayService, ResponseStream
@@ -39,21 +40,6 @@ from serving.wire import Endpoint
 __all__ = ["SSEResponse", "create_app", "read_body"]
 
 log = logging.getLogger("oss_serving.api")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class SSEResponse(StreamingResponse):
@@ -180,6 +166,9 @@ def create_app(
         return await service.conversations.input_items(
             tenant.id, response_id, limit=int(raw_limit), order=order, after=query.get("after")
         )
+
+    # Files and batches (serving/gateway/files.py, batches.py): each tenant sees only its own.
+    add_batch_routes(app, service, config)
 
     def operator(request: Request) -> bool:
         return service.open_doors or service.is_operator({k.lower(): v for k, v in request.headers.items()})

@@ -307,6 +307,7 @@ def _chart_properties() -> JSON:
                         "queueWaitP95Seconds": thresholds,
                         "errorRatio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                         "kvCacheUsage": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                        "batchOldestLineSeconds": thresholds,
                     }
                 ),
                 "dashboards": _obj(

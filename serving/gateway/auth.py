@@ -728,6 +728,15 @@ class TenantDirectory:
             raise UnauthorizedError(f"Incorrect API key provided: {shown}. It is unknown or was revoked.")
         return tenant
 
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        """The tenant ``tenant_id`` as the directory knows it now (None: unknown or revoked);
+        for work the gateway does on a tenant's behalf later (batch lines)."""
+        if not self._config.required:
+            return local_tenant() if tenant_id == local_tenant().id else None
+        if tenant_id in self._revoked_tenants:
+            return None
+        return self._tenants.get(tenant_id)
+
     @staticmethod
     def authorize(tenant: Tenant, model: str) -> None:
         if not tenant.may_use(model):

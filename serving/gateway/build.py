@@ -21,7 +21,10 @@ from serving.engine.protocol import EngineClient
 from serving.engine.upstream import UpstreamClient
 from serving.gateway.admission import Admission
 from serving.gateway.auth import TenantDirectory, TenantStore
+from serving.gateway.batches import Batches, BatchesPort, BatchWorker
+from serving.gateway.blobs import BlobStore, LocalBlobStore
 from serving.gateway.failover import Failover
+from serving.gateway.files import Files, FilesOff, FilesPort
 from serving.gateway.flight import Flights
 from serving.gateway.handoff import (
     Counters,
@@ -158,7 +161,8 @@ def build_gateway(
     handoff = _handoff(cfg, shared, metrics, health, admission, tenant_label, env, upstream_clients or {})
     caching = PromptCaching(cfg.routing, cfg.response_cache, metrics, shared)
 
-    return GatewayService(
+    files, batches = _batch_api(cfg, shared, metrics, env)
+    service = GatewayService(
         cfg.gateway,
         cfg.queue,
         engines,
@@ -175,8 +179,33 @@ def build_gateway(
         limits=RequestLimits(cfg.models, chars_per_token=cfg.handoff.chars_per_token),
         failover=failover,
         conversations=_conversations(cfg, shared),
+        files=files,
+        batches=batches,
         created_unix=created_unix,
     )
+    if isinstance(files, Files):
+        service.attach(files)  # closes the blob store at shutdown
+    if isinstance(batches, Batches):  # every replica runs lines of every batch
+        service.attach(BatchWorker(batches, service.submit, auth.tenant))
+    return service
+
+
+def _batch_api(
+    cfg: ServingConfig, redis: Any | None, metrics: GatewayMetrics, environ: Mapping[str, str]
+) -> tuple[FilesPort, BatchesPort | None]:
+    """The Files and Batch APIs, over the shared Redis and blob store (off without Redis:
+    nothing else every replica sees)."""
+    if redis is None or not cfg.batch.enabled:
+        return FilesOff(cfg.files), None
+    blobs: BlobStore
+    if cfg.files.backend == "s3":
+        from serving.gateway.s3 import S3BlobStore  # type: ignore[import-not-found]
+
+        blobs = S3BlobStore(cfg.files.s3, environ)
+    else:
+        blobs = LocalBlobStore(cfg.files.dir or cfg.local.state_dir / "files")
+    files = Files(redis, blobs, cfg.files)
+    return files, Batches(redis, files, cfg.batch, cfg.gateway, metrics)
 
 
 def _conversations(cfg: ServingConfig, redis: Any | None) -> Conversations:

@@ -33,12 +33,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serving.config import GatewayConfig, QueueConfig, ResponsesConfig
+from serving.config import FilesConfig, GatewayConfig, QueueConfig, ResponsesConfig
 from serving.engine.protocol import EngineClient, EngineJSON, EngineSSE
 from serving.engine.request_errors import clean_message
 from serving.engine.routing_hints import ROUTED_REPLICA
 from serving.gateway.admission import Lease, QueueSnapshot
 from serving.gateway.auth import TenantDirectory
+from serving.gateway.batches import BatchesOff, BatchesPort
 from serving.gateway.context import RequestContext
 from serving.gateway.errors import (
     EngineFailedError,
@@ -48,6 +49,7 @@ from serving.gateway.errors import (
     ModelNotFoundError,
 )
 from serving.gateway.failover import Failover, StreamSplice
+from serving.gateway.files import FilesOff, FilesPort
 from serving.gateway.flight import Flight, Flights
 from serving.gateway.health import EngineHealth
 from serving.gateway.isolation import CacheIsolation
@@ -108,6 +110,14 @@ class AdmissionPort(Protocol):
     def set_capacity(self, model: str, capacity: int) -> None: ...
 
     async def snapshot(self, model: str) -> QueueSnapshot: ...
+
+
+class Companion(Protocol):
+    """A background part started and stopped with the service (the batch worker)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class Unlimited:
@@ -239,8 +249,13 @@ class GatewayService:
         limits: RequestLimits | None = None,
         failover: Failover | None = None,
         conversations: Conversations | None = None,
+        files: FilesPort | None = None,
+        batches: BatchesPort | None = None,
         created_unix: int | None = None,
     ) -> None:
+        self.files: FilesPort = files or FilesOff(FilesConfig())
+        self.batches: BatchesPort = batches or BatchesOff()
+        self._companions: list[Companion] = []
         self._failover = failover or Failover([], metrics)
         self.conversations = conversations or Conversations(NoStore(), ResponsesConfig(), enabled=False)
         self._config = config
@@ -269,9 +284,22 @@ class GatewayService:
         await self._auth.start()
         await self.admission.start()
         await self.health.start()
+        for companion in self._companions:
+            await companion.start()
+
+    def attach(self, companion: Companion) -> None:
+        """Start and stop ``companion`` with the service."""
+        self._companions.append(companion)
+
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        """The tenant ``tenant_id`` as the directory knows it now (None: unknown or revoked)."""
+        return self._auth.tenant(tenant_id)
 
     async def stop(self) -> None:
-        """Graceful shutdown: stop probing, cancel queued tickets, close what is open."""
+        """Graceful shutdown: stop the companions (batch lines handed back), stop probing,
+        cancel queued tickets, close what is open."""
+        for companion in reversed(self._companions):
+            await companion.stop()
         await self.health.stop()
         await self.admission.stop()
         await self.flights.close_all()

@@ -137,6 +137,7 @@ def test_alert_rules_pass_promtool(rendered_scenarios: dict[str, Rendered], tmp_
         "OssServingReplicasDown",
         "OssServingKVCacheSaturated",
         "OssServingRedisDegraded",
+        "OssServingBatchLinesWaiting",
     }
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump(spec), encoding="utf-8")
@@ -145,4 +146,4 @@ def test_alert_rules_pass_promtool(rendered_scenarios: dict[str, Rendered], tmp_
         [PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 5 rules found" in proc.stdout + proc.stderr
+    assert "SUCCESS: 6 rules found" in proc.stdout + proc.stderr
