@@ -768,6 +768,19 @@ class Batches:
             millis = _s(first[0][0]).partition("-")[0]
             age = max(0.0, now - int(millis) / 1000) if millis.isdigit() else 0.0
         self.metrics.batch_oldest_line_age.set(age)
+        await self._forget_dead_consumers()
+
+    async def _forget_dead_consumers(self) -> None:
+        """Every replica start adds a consumer to the group: the ones idle for long with
+        nothing pending (replicas gone) are removed (one with pending lines never is)."""
+        idle_ms = max(3600.0, 10 * self.config.claim_idle_s) * 1000
+        try:
+            consumers = await self._redis.xinfo_consumers(self.keys.stream, GROUP)
+        except ResponseError:
+            return  # no stream or group yet
+        for consumer in consumers:
+            if int(consumer.get("pending", 1)) == 0 and int(consumer.get("idle", 0)) > idle_ms:
+                await self._redis.xgroup_delconsumer(self.keys.stream, GROUP, consumer["name"])
 
 
 def _metadata_pair(key: Any, value: Any) -> bool:

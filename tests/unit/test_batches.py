@@ -373,6 +373,7 @@ async def test_list_newest_first_with_a_cursor(gateways: Any) -> None:
 
 # ------------------------------------------------------------------ cancel and expiry
 async def test_cancel_mid_batch_stops_running_lines_and_keeps_the_partial_output(gateways: Any) -> None:
+    """Cancelled through another replica: the one running the lines sees it in Redis."""
     engine = LineEngine(delay_s=60.0, fast=5)
     gw = await gateways(engine, batch={"concurrency_per_replica": 4})
     sdk = gw.sdk(KEYS["a"])
@@ -382,7 +383,9 @@ async def test_cancel_mid_batch_stops_running_lines_and_keeps_the_partial_output
     snapshot = await gw.service.admission.snapshot(MODEL)
     assert snapshot.in_use == 4
     await until(lambda: gw.metric("oss_serving_batch_oldest_line_age_seconds") > 0)
-    cancelling = await sdk.batches.cancel(batch.id)
+    other = await gateways(LineEngine())  # the cancel goes through another replica,
+    await worker_of(other).stop()  # which runs no line itself
+    cancelling = await other.sdk(KEYS["a"]).batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     assert cancelling.cancelling_at is not None
     done = await wait_for(sdk, batch.id, "cancelled", within_s=10)
