@@ -678,8 +678,13 @@ class Batches:
         answered = {_s(c) for c in out} | {_s(c) for c in err}
         outputs = sorted(_ranked(v) for v in out.values())
         errors = sorted([_ranked(v) for v in err.values()] + [_ranked(v) for v in invalid.values()])
+        numbers = {number for number, _ in outputs} | {number for number, _ in errors}
         cancelled = status == "cancelling"
-        missing = [line for line in lines if line.error is None and line.custom_id not in answered]
+        missing = [
+            line
+            for line in lines
+            if line.error is None and line.custom_id not in answered and line.number not in numbers
+        ]
         code, message = (
             ("batch_cancelled", "This request could not be executed before the batch was cancelled.")
             if cancelled
