@@ -678,8 +678,13 @@ class Batches:
         answered = {_s(c) for c in out} | {_s(c) for c in err}
         outputs = sorted(_ranked(v) for v in out.values())
         errors = sorted([_ranked(v) for v in err.values()] + [_ranked(v) for v in invalid.values()])
+        numbers = {number for number, _ in outputs} | {number for number, _ in errors}
         cancelled = status == "cancelling"
-        missing = [line for line in lines if line.error is None and line.custom_id not in answered]
+        missing = [
+            line
+            for line in lines
+            if line.error is None and line.custom_id not in answered and line.number not in numbers
+        ]
         code, message = (
             ("batch_cancelled", "This request could not be executed before the batch was cancelled.")
             if cancelled
@@ -768,6 +773,19 @@ class Batches:
             millis = _s(first[0][0]).partition("-")[0]
             age = max(0.0, now - int(millis) / 1000) if millis.isdigit() else 0.0
         self.metrics.batch_oldest_line_age.set(age)
+        await self._forget_dead_consumers()
+
+    async def _forget_dead_consumers(self) -> None:
+        """Every replica start adds a consumer to the group: the ones idle for long with
+        nothing pending (replicas gone) are removed (one with pending lines never is)."""
+        idle_ms = max(3600.0, 10 * self.config.claim_idle_s) * 1000
+        try:
+            consumers = await self._redis.xinfo_consumers(self.keys.stream, GROUP)
+        except ResponseError:
+            return  # no stream or group yet
+        for consumer in consumers:
+            if int(consumer.get("pending", 1)) == 0 and int(consumer.get("idle", 0)) > idle_ms:
+                await self._redis.xgroup_delconsumer(self.keys.stream, GROUP, consumer["name"])
 
 
 def _metadata_pair(key: Any, value: Any) -> bool:

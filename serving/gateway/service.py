@@ -291,10 +291,6 @@ class GatewayService:
         """Start and stop ``companion`` with the service."""
         self._companions.append(companion)
 
-    def tenant(self, tenant_id: str) -> Tenant | None:
-        """The tenant ``tenant_id`` as the directory knows it now (None: unknown or revoked)."""
-        return self._auth.tenant(tenant_id)
-
     async def stop(self) -> None:
         """Graceful shutdown: stop the companions (batch lines handed back), stop probing,
         cancel queued tickets, close what is open."""

@@ -373,6 +373,7 @@ async def test_list_newest_first_with_a_cursor(gateways: Any) -> None:
 
 # ------------------------------------------------------------------ cancel and expiry
 async def test_cancel_mid_batch_stops_running_lines_and_keeps_the_partial_output(gateways: Any) -> None:
+    """Cancelled through another replica: the one running the lines sees it in Redis."""
     engine = LineEngine(delay_s=60.0, fast=5)
     gw = await gateways(engine, batch={"concurrency_per_replica": 4})
     sdk = gw.sdk(KEYS["a"])
@@ -382,7 +383,9 @@ async def test_cancel_mid_batch_stops_running_lines_and_keeps_the_partial_output
     snapshot = await gw.service.admission.snapshot(MODEL)
     assert snapshot.in_use == 4
     await until(lambda: gw.metric("oss_serving_batch_oldest_line_age_seconds") > 0)
-    cancelling = await sdk.batches.cancel(batch.id)
+    other = await gateways(LineEngine())  # the cancel goes through another replica,
+    await worker_of(other).stop()  # which runs no line itself
+    cancelling = await other.sdk(KEYS["a"]).batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     assert cancelling.cancelling_at is not None
     done = await wait_for(sdk, batch.id, "cancelled", within_s=10)
@@ -569,3 +572,51 @@ async def test_interactive_requests_overtake_waiting_batch_lines(gateways: Any) 
     assert engine.prompts[1] == "interactive"  # right after the line that was running
     assert took < 0.4 + 0.4 + 0.3  # the running line's rest, its own run, slack: never behind the three
     await wait_for(sdk, batch.id, "completed", within_s=20)
+
+
+# ------------------------------------------------------------------ the unexpected
+async def test_an_unexpected_failure_of_a_line_is_an_error_entry_not_a_line_run_forever(
+    gateways: Any,
+) -> None:
+    gw = await gateways()
+    worker = worker_of(gw)
+    submit_line = worker._submit
+    calls = collections.Counter[str]()
+
+    async def flaky(endpoint: Endpoint, body: dict[str, Any], tenant: Any, request_id: str) -> Any:
+        prompt = body["messages"][-1]["content"]
+        calls[prompt] += 1
+        if prompt == "prompt boom":
+            raise RuntimeError("a bug")
+        return await submit_line(endpoint, body, tenant, request_id)
+
+    worker._submit = flaky
+    sdk = gw.sdk(KEYS["a"])
+    batch = await submit(sdk, [line("ok"), line("boom"), line("ok-2")])
+    done = await wait_for(sdk, batch.id, "completed")
+    output = await lines_of(sdk, done.output_file_id)
+    errors = await lines_of(sdk, done.error_file_id)
+    assert [x["custom_id"] for x in output] == ["ok", "ok-2"]
+    assert [(x["error"]["code"], x["error"]["line"]) for x in errors] == [("internal_error", 2)]
+    assert calls["prompt boom"] == 1  # answered with its error, not run again
+    assert done.request_counts is not None
+    assert done.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+
+
+async def test_an_input_file_deleted_mid_batch_fails_its_remaining_lines(gateways: Any) -> None:
+    engine = LineEngine(delay_s=0.3)
+    gw = await gateways(engine, batch={"concurrency_per_replica": 2})
+    sdk = gw.sdk(KEYS["a"])
+    upload = await sdk.files.create(
+        file=("in.jsonl", jsonl([line(f"d{i}") for i in range(10)])), purpose="batch"
+    )
+    batch = await sdk.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+    await until(lambda: len(engine.prompts) >= 2)
+    await sdk.files.delete(upload.id)
+    done = await wait_for(sdk, batch.id, "completed")
+    output = await lines_of(sdk, done.output_file_id)
+    errors = await lines_of(sdk, done.error_file_id)
+    assert 2 <= len(output) < 10
+    assert {x["error"]["code"] for x in errors} == {"input_file_deleted"}
+    numbers = sorted(int(x["custom_id"][1:]) + 1 for x in output) + sorted(x["error"]["line"] for x in errors)
+    assert sorted(numbers) == list(range(1, 11))  # every line once, answered or failed
