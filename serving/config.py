@@ -564,48 +564,15 @@ class ResponseCacheConfig(_Strict):
     """Redis key prefix of the cache."""
 
 
-class S3Config(_Strict):
-    """An S3-compatible object store for the Files API's contents (``files.backend: s3``):
-    AWS S3 or the enterprise's own (MinIO, Ceph RGW, ...). Credentials come from the
-    environment variables named here (on the cluster: a Secret mounted as env vars)."""
-
-    endpoint_url: str = ""
-    """The store's URL, e.g. ``https://s3.us-east-1.amazonaws.com`` or ``http://minio:9000``."""
-
-    bucket: str = ""
-    """The bucket (it must exist; the gateway does not create it)."""
-
-    region: str = "us-east-1"
-    """The region the requests are signed for (AWS Signature Version 4)."""
-
-    prefix: str = "oss-serving/files"
-    """Key prefix of every object the gateway writes."""
-
-    addressing_style: Literal["path", "virtual"] = "path"
-    """``path``: ``endpoint/bucket/key`` (MinIO and most stores); ``virtual``:
-    ``bucket.endpoint/key``."""
-
-    access_key_env: str = "AWS_ACCESS_KEY_ID"
-    """Environment variable holding the access key id."""
-
-    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
-    """Environment variable holding the secret access key."""
-
-    session_token_env: str = "AWS_SESSION_TOKEN"
-    """Environment variable holding a session token (temporary credentials), if any."""
-
-    timeout_s: float = Field(default=30.0, gt=0)
-    """Timeout of one request to the store."""
-
-
 class FilesConfig(_Strict):
     """The Files API (``/v1/files``): the input files of batches and the output and error
     files the gateway writes for them. Metadata (name, size, owner) lives in Redis, per
     tenant; contents in a blob store every gateway replica shares (off without Redis)."""
 
-    backend: Literal["local", "s3"] = "local"
-    """``local``: a directory (``dir``), for one machine: every replica on it shares the
-    directory. ``s3``: an S3-compatible object store (``s3``), for a cluster."""
+    backend: Literal["local"] = "local"
+    """``local``: a directory (``dir``) every gateway replica must share: on one machine
+    any directory, on a cluster a volume every gateway pod mounts (ReadWriteMany). An
+    S3-compatible backend is not built yet (``serving/gateway/blobs.py`` is its interface)."""
 
     dir: Path | None = None
     """The ``local`` backend's directory; ``None``: ``files`` under ``local.state_dir``."""
@@ -616,9 +583,6 @@ class FilesConfig(_Strict):
 
     key_prefix: str = Field(default="oss:files", min_length=1)
     """Redis key prefix of the file metadata."""
-
-    s3: S3Config = Field(default_factory=S3Config)
-    """The ``s3`` backend's store."""
 
     @field_validator("dir")
     @classmethod

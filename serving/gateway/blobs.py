@@ -1,10 +1,11 @@
 """Where the Files API keeps file contents: one interface, a backend per deployment.
 
 Batch input files, and the output and error files the gateway writes, live in storage
-that every gateway replica shares: a directory for one machine (``LocalBlobStore``), or
-an S3-compatible object store, the enterprise's own (``S3BlobStore`` in
-:mod:`serving.gateway.s3`). File metadata (names, sizes, owners) lives in Redis
-(:mod:`serving.gateway.files`); a blob store only keeps bytes under a key.
+that every gateway replica shares: a directory (``LocalBlobStore``), on one machine or
+on a volume every gateway pod mounts. An S3-compatible backend is not built yet: it
+implements :class:`BlobStore` and is picked in ``build.py``. File metadata (names,
+sizes, owners) lives in Redis (:mod:`serving.gateway.files`); a blob store only keeps
+bytes under a key.
 """
 
 from __future__ import annotations

@@ -197,13 +197,7 @@ def _batch_api(
     nothing else every replica sees)."""
     if redis is None or not cfg.batch.enabled:
         return FilesOff(cfg.files), None
-    blobs: BlobStore
-    if cfg.files.backend == "s3":
-        from serving.gateway.s3 import S3BlobStore  # type: ignore[import-not-found]
-
-        blobs = S3BlobStore(cfg.files.s3, environ)
-    else:
-        blobs = LocalBlobStore(cfg.files.dir or cfg.local.state_dir / "files")
+    blobs: BlobStore = LocalBlobStore(cfg.files.dir or cfg.local.state_dir / "files")
     files = Files(redis, blobs, cfg.files)
     return files, Batches(redis, files, cfg.batch, cfg.gateway, metrics)
 

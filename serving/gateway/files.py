@@ -2,7 +2,7 @@
 
 A file is two things: its metadata (OpenAI's ``file`` object: id, name, size, purpose,
 creation time) in Redis, per tenant, and its bytes in the shared :class:`BlobStore`
-(a directory for one machine, an S3-compatible store for a cluster: ``files.backend``).
+(a directory every gateway replica shares: ``files.dir``).
 Every gateway replica sees every file. A tenant sees only its own: another tenant's id
 is a 404, as if it did not exist (the metadata keys carry the tenant id).
 
