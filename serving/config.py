@@ -646,6 +646,29 @@ class ResponsesConfig(_Strict):
     key_prefix: str = Field(default="oss:resp", min_length=1)
     """Redis key prefix of the store."""
 
+    background: bool = True
+    """Accept ``background: true`` (it needs the store): the request is answered at once with
+    a ``queued`` response and runs in the gateway replica that took it, through the same
+    admission as any other; ``GET`` shows its status, ``POST .../cancel`` aborts it, and its
+    events can be streamed (and resumed with ``starting_after``) through any replica."""
+
+    max_background_per_tenant: int = Field(default=100, ge=1)
+    """Background responses a tenant may have queued or in progress at once; one more gets
+    a 429 ``too_many_background_responses``."""
+
+    background_queue_timeout_s: float = Field(default=600.0, gt=0)
+    """How long a background response may keep getting 429 (the tenant's rate limits) or 503
+    (no engine ready, the queue full) before it fails; until then it is tried again with
+    backoff, and stays ``queued``."""
+
+    background_orphan_after_s: float = Field(default=30.0, ge=1.0)
+    """A background response whose gateway replica stopped sending heartbeats (it died) for
+    this long is marked ``failed`` by another replica. Heartbeats go every sixth of this."""
+
+    background_events_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    """How long a background response's stream events are kept (for ``starting_after``)
+    after the last one was written."""
+
 
 class MetricsConfig(_Strict):
     """Prometheus metrics of the gateway."""

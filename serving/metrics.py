@@ -291,6 +291,15 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # Background responses (serving/gateway/background.py).
+        self.background = Counter(
+            PREFIX + "background_responses",
+            "Background responses this gateway ran, by outcome: completed, incomplete, failed, "
+            "cancelled, lost (its replica died: failed by this one's sweeper), refused (429 at creation).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
         self.handoff = HandoffMetrics(self.registry, buckets_s)
 
     def model_label(self, model: str | None) -> str:

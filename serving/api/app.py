@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,22 +50,22 @@ class SSEResponse(StreamingResponse):
 
     def __init__(self, stream: ResponseStream, headers: dict[str, str]) -> None:
         super().__init__(
-            self._encode(stream),
+            _encoded(stream),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
         self.stream = stream
-
-    @staticmethod
-    async def _encode(stream: ResponseStream) -> Any:
-        async for text in stream:
-            yield text.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await asyncio.shield(self.stream.aclose())
+
+
+async def _encoded(chunks: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    async for text in chunks:
+        yield text.encode()
 
 
 def create_app(
@@ -128,28 +129,39 @@ def create_app(
     def caller(request: Request) -> Tenant:
         return service.authenticate({k.lower(): v for k, v in request.headers.items()})
 
-    # Stored responses (serving/gateway/responses.py): each tenant sees only its own.
-    @app.get("/v1/responses/{response_id}")
-    async def retrieve_response(response_id: str, request: Request) -> dict[str, Any]:
+    # Stored responses (serving/gateway/responses.py), background ones (background.py):
+    # each tenant sees only its own.
+    @app.get("/v1/responses/{response_id}", response_model=None)
+    async def retrieve_response(response_id: str, request: Request) -> dict[str, Any] | Response:
         tenant = caller(request)
-        if request.query_params.get("stream", "false").lower() not in ("false", "0", ""):
+        query = request.query_params
+        if query.get("stream", "false").lower() in ("false", "0", ""):
+            return await service.conversations.retrieve(tenant.id, response_id)
+        raw_after = query.get("starting_after", "-1")
+        try:
+            after = int(raw_after)
+        except ValueError:
+            after = -2
+        if after < -1:
             raise InvalidRequestError(
-                "Streaming a stored response is not supported (it is not a background response).",
-                param="stream",
-                code="unsupported_parameter",
+                "'starting_after' must be an event's sequence_number (an integer, 0 or more).",
+                param="starting_after",
+                code="invalid_value",
             )
-        return await service.conversations.retrieve(tenant.id, response_id)
+        events = await service.background.events(tenant.id, response_id, after)
+        return StreamingResponse(
+            _encoded(events),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
-        return await service.conversations.delete(caller(request).id, response_id)
+        return await service.background.delete(caller(request).id, response_id)
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel_response(response_id: str, request: Request) -> dict[str, Any]:
-        await service.conversations.retrieve(caller(request).id, response_id)  # 404 if not its own
-        raise InvalidRequestError(
-            "Only responses created with background can be cancelled.", code="not_background"
-        )
+        return await service.background.cancel(caller(request).id, response_id)
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def response_input_items(response_id: str, request: Request) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from serving.engine.protocol import EngineClient
 from serving.engine.upstream import UpstreamClient
 from serving.gateway.admission import Admission
 from serving.gateway.auth import TenantDirectory, TenantStore
+from serving.gateway.background import Background
 from serving.gateway.batches import Batches, BatchesPort, BatchWorker
 from serving.gateway.blobs import BlobStore, LocalBlobStore
 from serving.gateway.failover import Failover
@@ -162,6 +163,7 @@ def build_gateway(
     caching = PromptCaching(cfg.routing, cfg.response_cache, metrics, shared)
 
     files, batches = _batch_api(cfg, shared, metrics, env)
+    conversations = _conversations(cfg, shared)
     service = GatewayService(
         cfg.gateway,
         cfg.queue,
@@ -178,7 +180,7 @@ def build_gateway(
         admin_keys=operator_keys(cfg, env),
         limits=RequestLimits(cfg.models, chars_per_token=cfg.handoff.chars_per_token),
         failover=failover,
-        conversations=_conversations(cfg, shared),
+        conversations=conversations,
         files=files,
         batches=batches,
         created_unix=created_unix,
@@ -187,6 +189,17 @@ def build_gateway(
         service.attach(files)  # closes the blob store at shutdown
     if isinstance(batches, Batches):  # every replica runs lines of every batch
         service.attach(BatchWorker(batches, service.submit, auth.tenant))
+    if shared is not None and conversations.enabled and cfg.responses.background:
+        background = Background(
+            shared,
+            RedisResponseStore(shared, cfg.responses),
+            conversations,
+            cfg.responses,
+            metrics,
+            service.submit,
+        )
+        service.background = background
+        service.attach(background)  # watches cancels, heartbeats, sweeps orphans
     return service
 
 

@@ -151,14 +151,14 @@ class RedisResponseStore:
         self._redis = redis
         self._config = config
 
-    def _key(self, tenant: str, response_id: str) -> str:
+    def key(self, tenant: str, response_id: str) -> str:
         return f"{self._config.key_prefix}:{tenant}:{response_id}"
 
-    def _index(self, tenant: str) -> str:
+    def index(self, tenant: str) -> str:
         return f"{self._config.key_prefix}:{tenant}"
 
     async def get(self, tenant: str, response_id: str) -> StoredResponse | None:
-        raw = await self._redis.get(self._key(tenant, response_id))
+        raw = await self._redis.get(self.key(tenant, response_id))
         return StoredResponse.decode(raw) if raw is not None else None
 
     async def put(self, tenant: str, stored: StoredResponse) -> bool:
@@ -176,9 +176,9 @@ class RedisResponseStore:
             return False
         ttl_ms = int(self._config.ttl_s * 1000)
         now = int(time.time() * 1000)
-        index = self._index(tenant)
+        index = self.index(tenant)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key(tenant, response_id), raw, px=ttl_ms)
+            pipe.set(self.key(tenant, response_id), raw, px=ttl_ms)
             pipe.zadd(index, {response_id: now + ttl_ms})
             pipe.zremrangebyscore(index, "-inf", now)
             pipe.pexpire(index, ttl_ms)
@@ -187,13 +187,13 @@ class RedisResponseStore:
 
     async def delete(self, tenant: str, response_id: str) -> bool:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._key(tenant, response_id))
-            pipe.zrem(self._index(tenant), response_id)
+            pipe.delete(self.key(tenant, response_id))
+            pipe.zrem(self.index(tenant), response_id)
             deleted, _ = await pipe.execute()
         return bool(deleted)
 
     async def count(self, tenant: str) -> int:
-        return int(await self._redis.zcount(self._index(tenant), int(time.time() * 1000), "+inf"))
+        return int(await self._redis.zcount(self.index(tenant), int(time.time() * 1000), "+inf"))
 
 
 @dataclass
@@ -209,6 +209,10 @@ class Turn:
     """The conversation before this turn (replayed at the head of ``input``)."""
     input: list[dict[str, Any]]
     """This turn's own input items, with ids."""
+    response_id: str | None = None
+    """The id the answer is shown with (a background response's, given at creation)."""
+    background: bool = False
+    """A background response: stored by its runner (``background.py``), not here."""
 
 
 def _item_id(prefix: str) -> str:
@@ -266,17 +270,25 @@ class Conversations:
     # ------------------------------------------------------------ before the request runs
     async def prepare(self, ctx: RequestContext) -> Turn | None:
         """Replay the previous response's conversation into ``ctx.body``, check the quota;
-        the request's :class:`Turn`, or None when the store has nothing to do with it."""
+        the request's :class:`Turn`, or None when the store has nothing to do with it.
+        A turn already set on ``ctx`` (a background response's) is replayed as it is."""
         if ctx.endpoint is not Endpoint.responses:
             return None
+        turn = ctx.turn if isinstance(ctx.turn, Turn) else await self.turn(ctx)
+        if turn is None:
+            return None
+        engine_body = {k: v for k, v in ctx.body.items() if k not in ("previous_response_id", "background")}
+        if turn.previous_response_id or turn.client_store:
+            engine_body["input"] = for_backend([*turn.context, *turn.input])
+        engine_body["store"] = False  # the gateway keeps it; no engine or provider does
+        ctx.body = engine_body
+        return turn
+
+    async def turn(self, ctx: RequestContext) -> Turn | None:
+        """The request's :class:`Turn`: its previous response read (404 when the tenant has
+        none by that id), the storage quota checked; None when the store is off and the
+        request does not need it."""
         body = ctx.body
-        if body.get("background") is True:
-            raise InvalidRequestError(
-                "Background responses are not supported on this deployment yet; send the "
-                "request without 'background' (streamed, if it is long).",
-                param="background",
-                code="unsupported_parameter",
-            )
         client_store = body.get("store") is not False
         previous = body.get("previous_response_id")
         if previous is not None and not isinstance(previous, str):
@@ -305,21 +317,21 @@ class Conversations:
         except REDIS_DOWN:
             raise StoreUnavailableError() from None
         own = input_items(body.get("input"))
-        engine_body = {k: v for k, v in body.items() if k != "previous_response_id"}
-        if previous or client_store:
-            engine_body["input"] = for_backend([*context, *own])
-        engine_body["store"] = False  # the gateway keeps it; no engine or provider does
-        ctx.body = engine_body
         return Turn(client_store, client_store, previous or None, context, own)
 
     # ------------------------------------------------------------ after it ran
     def present(self, turn: Turn, response: dict[str, Any]) -> dict[str, Any]:
         """The response as the client's request would have it (``store``, the previous id)."""
-        return {**response, "store": turn.client_store, "previous_response_id": turn.previous_response_id}
+        shown = {**response, "store": turn.client_store, "previous_response_id": turn.previous_response_id}
+        if turn.response_id is not None:
+            shown["id"] = turn.response_id
+        if turn.background:
+            shown["background"] = True
+        return shown
 
     async def keep(self, turn: Turn, tenant: str, response: Mapping[str, Any]) -> None:
         """Store the answer (fails open: a Redis error is logged, the answer still goes out)."""
-        if not turn.store or response.get("status") not in _STORED_STATUSES:
+        if not turn.store or turn.background or response.get("status") not in _STORED_STATUSES:
             return
         try:
             await self._store.put(tenant, StoredResponse(dict(response), turn.input, turn.context))
@@ -415,12 +427,18 @@ class Conversations:
         return stored
 
 
+def limit_error(message: str, code: str, kind: str = "requests") -> GatewayError:
+    """A 429 for a tenant over one of the store's bounds (``code`` says which)."""
+    error = RateLimitError(message, limit="requests")
+    error.code = code
+    error.type = kind
+    return error
+
+
 def _quota_exceeded(tenant: str, limit: int) -> GatewayError:
-    error = RateLimitError(
+    return limit_error(
         f"Tenant '{tenant}' already stores {limit} responses (responses.max_stored_per_tenant): "
         "delete some, wait for them to expire, or send 'store': false.",
-        limit="requests",
+        "storage_quota_exceeded",
+        "storage",
     )
-    error.code = "storage_quota_exceeded"
-    error.type = "storage"
-    return error

@@ -39,6 +39,7 @@ from serving.engine.request_errors import clean_message
 from serving.engine.routing_hints import ROUTED_REPLICA
 from serving.gateway.admission import Lease, QueueSnapshot
 from serving.gateway.auth import TenantDirectory
+from serving.gateway.background import BackgroundOff, BackgroundPort
 from serving.gateway.batches import BatchesOff, BatchesPort
 from serving.gateway.context import RequestContext
 from serving.gateway.errors import (
@@ -258,6 +259,8 @@ class GatewayService:
         self._companions: list[Companion] = []
         self._failover = failover or Failover([], metrics)
         self.conversations = conversations or Conversations(NoStore(), ResponsesConfig(), enabled=False)
+        self.background: BackgroundPort = BackgroundOff(self.conversations)
+        """Background responses; ``build.py`` sets :class:`~serving.gateway.background.Background`."""
         self._config = config
         self._queue_config = queue_config
         self._engines = dict(engines)
@@ -386,11 +389,13 @@ class GatewayService:
         request_id: str,
         *,
         headers: Mapping[str, str] | None = None,
+        turn: Turn | None = None,
     ) -> Answer:
         """A request the gateway makes itself (a background response, a batch line),
         through the same pipeline as one from HTTP: validated, limited, admitted at the
-        priority of ``tenant``. Raises :class:`GatewayError` as :meth:`run` does; a
-        returned stream is the caller's to close."""
+        priority of ``tenant``; ``turn``, a Responses turn already read (a background
+        response's). Raises :class:`GatewayError` as :meth:`run` does; a returned stream
+        is the caller's to close."""
         flight = self.open(request_id, endpoint)
         flight.tenant = tenant
         try:
@@ -408,6 +413,7 @@ class GatewayService:
             body=body,
             headers={k.lower(): v for k, v in (headers or {}).items()},
             tenant=tenant,
+            turn=turn,
         )
         return await self.run(ctx, flight)
 
@@ -421,6 +427,8 @@ class GatewayService:
             raise ModelNotFoundError(ctx.virtual_model or ctx.model)
         self._auth.authorize(ctx.tenant, ctx.model)
         ctx.cache_scope = self._isolation.salt(ctx.tenant.id)
+        if self.background.wants(ctx):  # stored as queued and answered now; runs as a task
+            return await self._background(ctx, flight)
         # the previous response's conversation replayed into the input (stored responses)
         ctx.turn = await self.conversations.prepare(ctx)
         # 3: the tenant's limits, before anything may spend capacity (local or upstream)
@@ -479,6 +487,14 @@ class GatewayService:
         )
         relay = self._relay(first, run, flight, ctx, granted, engine)
         return Answer(stream=ResponseStream(caching.stream(relay), flight))
+
+    async def _background(self, ctx: RequestContext, flight: Flight) -> Answer:
+        """A background response: the queued response (JSON), or its event stream."""
+        created = await self.background.create(ctx)
+        if isinstance(created, dict):
+            await flight.close(200)
+            return Answer(json=EngineJSON(200, created))
+        return Answer(stream=ResponseStream(created, flight))
 
     async def _finish_turn(self, turn: Turn, ctx: RequestContext, answer: Answer) -> None:
         """A Responses answer as the client's request would have it, stored (when asked)

@@ -324,17 +324,3 @@ async def test_the_openai_sdk_calls_work_unchanged(
         await a1.responses.retrieve(first.id)
     with pytest.raises(openai.NotFoundError):
         await two.sdk(KEYS["b"]).responses.retrieve(nxt.id)
-
-
-async def test_background_is_a_clear_400(pair: tuple[TestGateway, TestGateway, ResponsesEngine]) -> None:
-    one, _, engine = pair
-    calls = len(engine.bodies)
-    resp = await one.http.post(
-        "/v1/responses", json={"model": MODEL, "input": "x", "background": True}, headers=auth("a")
-    )
-    assert resp.status_code == 400
-    assert (resp.json()["error"]["param"], resp.json()["error"]["code"]) == (
-        "background",
-        "unsupported_parameter",
-    )
-    assert len(engine.bodies) == calls
