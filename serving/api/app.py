@@ -131,12 +131,13 @@ def create_app(
 
     # Stored responses (serving/gateway/responses.py), background ones (background.py):
     # each tenant sees only its own.
-    @app.get("/v1/responses/{response_id}", response_model=None)
-    async def retrieve_response(response_id: str, request: Request) -> dict[str, Any] | Response:
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str, request: Request) -> Response:
         tenant = caller(request)
         query = request.query_params
         if query.get("stream", "false").lower() in ("false", "0", ""):
-            return await service.conversations.retrieve(tenant.id, response_id)
+            stored = await service.conversations.retrieve(tenant.id, response_id)
+            return JSONResponse(stored, headers=service.identity_headers())
         raw_after = query.get("starting_after", "-1")
         try:
             after = int(raw_after)
@@ -152,7 +153,7 @@ def create_app(
         return StreamingResponse(
             _encoded(events),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **service.identity_headers()},
         )
 
     @app.delete("/v1/responses/{response_id}")
@@ -160,8 +161,9 @@ def create_app(
         return await service.background.delete(caller(request).id, response_id)
 
     @app.post("/v1/responses/{response_id}/cancel")
-    async def cancel_response(response_id: str, request: Request) -> dict[str, Any]:
-        return await service.background.cancel(caller(request).id, response_id)
+    async def cancel_response(response_id: str, request: Request) -> JSONResponse:
+        cancelled = await service.background.cancel(caller(request).id, response_id)
+        return JSONResponse(cancelled, headers=service.identity_headers())
 
     @app.get("/v1/responses/{response_id}/input_items")
     async def response_input_items(response_id: str, request: Request) -> dict[str, Any]:

@@ -197,6 +197,7 @@ def build_gateway(
             cfg.responses,
             metrics,
             service.submit,
+            owner=service.gateway_id,
         )
         service.background = background
         service.attach(background)  # watches cancels, heartbeats, sweeps orphans

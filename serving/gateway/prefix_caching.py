@@ -60,6 +60,10 @@ class PromptCaching:
             else None
         )
 
+    def identity_headers(self) -> dict[str, str]:
+        """``x-oss-serving-gateway`` for answers that reach no engine (with decision headers on)."""
+        return {GATEWAY_HEADER: self.gateway_id} if self._decision_headers else {}
+
     def begin(self, ctx: RequestContext) -> PromptCachingRequest:
         return PromptCachingRequest(self, ctx)
 

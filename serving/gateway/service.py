@@ -488,8 +488,18 @@ class GatewayService:
         relay = self._relay(first, run, flight, ctx, granted, engine)
         return Answer(stream=ResponseStream(caching.stream(relay), flight))
 
+    def identity_headers(self) -> dict[str, str]:
+        """This gateway replica's name (``routing.decision_headers``), for answers that
+        reach no engine: stored and background responses."""
+        return self._prompt_caching.identity_headers()
+
+    @property
+    def gateway_id(self) -> str:
+        return self._prompt_caching.gateway_id
+
     async def _background(self, ctx: RequestContext, flight: Flight) -> Answer:
         """A background response: the queued response (JSON), or its event stream."""
+        ctx.response_headers.update(self.identity_headers())
         created = await self.background.create(ctx)
         if isinstance(created, dict):
             await flight.close(200)

@@ -26,18 +26,22 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import openai
 import psutil
 import pytest
 
+from serving.gateway.tenants import hash_key
 from tests.integration.conftest import SMOLLM, LiveStack, _free_port, running_stack, smollm_config
 from tests.integration.replica_processes import signal_tree
 
 pytestmark = pytest.mark.integration
 OWN_STACK = True  # runs before the session's shared stack (conftest.py)
 
+KEY, OTHER_KEY = "key-alpha", "key-beta"  # two tenants: each sees only its own responses
+OPS = {"Authorization": "Bearer key-ops"}  # the operator key: the detailed /health
 IMBALANCE = 1  # load wins once the affine replica runs more than one request more than the other
 IDLE_S = 6.0  # the engines' idle timeout: a replica silent for this long has stalled
 
@@ -64,7 +68,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
             }
         ],
         "gateway": {"port": port, "num_replicas": 2, "health_check_interval_s": 1.0},
-        "auth": {"required": False},
+        "auth": {"required": True, "admin_key_sha256": [hash_key("key-ops")]},
+        "tenants": [
+            {"id": "alpha", "api_key_sha256": [hash_key(KEY)]},
+            {"id": "beta", "api_key_sha256": [hash_key(OTHER_KEY)]},
+        ],
         "queue": {"key_prefix": f"osstest{port}"},
         "routing": {
             "key_prefix": f"osstest{port}:prefix",
@@ -95,7 +103,18 @@ def _both_gateways_ready(live: LiveStack, timeout_s: float = 180) -> None:
 
 @pytest.fixture(scope="module")
 def client(stack: LiveStack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.api, api_key="local", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=stack.api, api_key=KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def other_tenant(stack: LiveStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.api, api_key=OTHER_KEY, max_retries=0, timeout=60)
+
+
+def engine_report(live: LiveStack) -> dict[str, Any]:
+    """The detailed ``/health`` of the model (operator key): replicas, engine requests."""
+    report: dict[str, Any] = httpx.get(live.base_url + "/health", headers=OPS, timeout=10).json()
+    return report["models"][SMOLLM]
 
 
 def long_system() -> str:
@@ -236,7 +255,7 @@ def two_live_replicas(live: LiveStack, timeout_s: float = 420) -> dict[str, int]
     Ray Serve starts a replacement) and the model serves."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        report = httpx.get(live.base_url + "/health", timeout=10).json()["models"][SMOLLM]
+        report = engine_report(live)
         alive = {
             r: int(v["pid"])
             for r, v in report["replicas"].items()
@@ -298,7 +317,7 @@ def sixteen_streams_survive(stack: LiveStack, client: openai.OpenAI, sig: signal
         clear = 0
         while clear < 8:
             assert time.monotonic() < deadline, "the resumed replica stayed out of routing"
-            report = httpx.get(stack.base_url + "/health", timeout=10).json()["models"][SMOLLM]
+            report = engine_report(stack)
             clear = clear + 1 if not report["replicas_avoided"] else 0
             time.sleep(0.25)
 
@@ -335,6 +354,121 @@ def test_a_stored_response_is_continued_through_the_other_gateway(client: openai
         client.responses.retrieve(ids[0])
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=SMOLLM, input="again", max_output_tokens=2, previous_response_id=ids[0])
+
+
+def _poll(client: openai.OpenAI, rid: str, until: set[str], timeout_s: float = 120) -> tuple[Any, set[str]]:
+    """Retrieve ``rid`` until its status is in ``until``; it, and the gateways that answered."""
+    gateways: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        raw = client.responses.with_raw_response.retrieve(rid)
+        gateways.add(raw.headers["x-oss-serving-gateway"])
+        got = raw.parse()
+        if got.status in until:
+            return got, gateways
+        assert got.status in ("queued", "in_progress"), got.status
+        assert time.monotonic() < deadline, f"{rid} still {got.status}"
+        time.sleep(0.1)
+
+
+def test_a_background_response_is_polled_and_streamed_through_both_gateways(
+    client: openai.OpenAI, other_tenant: openai.OpenAI
+) -> None:
+    """``background: true`` on real vLLM: answered at once (queued), then polled to the
+    end through both gateway replicas, whichever of them runs it; streamed, and the stream
+    resumed after a sequence number through any replica; another tenant sees none of it."""
+    raw = client.responses.with_raw_response.create(
+        model=SMOLLM, input="Say hello.", max_output_tokens=16, temperature=0, background=True
+    )
+    created = raw.parse()
+    assert created.status == "queued"
+    assert created.background is True
+    owner = raw.headers["x-oss-serving-gateway"]
+    done, gateways = _poll(client, created.id, {"completed", "incomplete"})
+    assert done.id == created.id
+    assert done.output_text
+    assert done.usage is not None
+    assert done.usage.output_tokens > 0
+    for _ in range(20):  # the proxy spreads the polls over both gateway replicas
+        if len(gateways) == 2:
+            break
+        gateways |= _poll(client, created.id, {"completed", "incomplete"})[1]
+    assert len(gateways) == 2, f"every poll landed on one gateway: {gateways}"
+    assert owner in gateways
+
+    events = list(
+        client.responses.create(
+            model=SMOLLM,
+            input="Count to five.",
+            max_output_tokens=24,
+            temperature=0,
+            background=True,
+            stream=True,
+        )
+    )
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.queued"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    sid = events[0].response.id  # type: ignore[union-attr]
+    for _ in range(4):  # through either replica, the same events after the third
+        resumed = list(client.responses.retrieve(sid, stream=True, starting_after=3))
+        assert [e.model_dump() for e in resumed] == [e.model_dump() for e in events[4:]]
+    deltas = "".join(getattr(e, "delta", "") for e in events if e.type == "response.output_text.delta")
+    assert deltas == client.responses.retrieve(sid).output_text
+
+    for call in (
+        lambda: other_tenant.responses.retrieve(created.id),
+        lambda: other_tenant.responses.cancel(created.id),
+        lambda: list(other_tenant.responses.retrieve(sid, stream=True, starting_after=0)),
+        lambda: other_tenant.responses.input_items.list(created.id),
+        lambda: other_tenant.responses.delete(created.id),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert client.responses.retrieve(created.id).status == done.status  # still there, still its
+
+
+def test_a_background_response_cancelled_mid_generation_aborts_the_engine_request(
+    stack: LiveStack, client: openai.OpenAI, other_tenant: openai.OpenAI
+) -> None:
+    """Cancelled through whichever gateway replica the proxy picks while real vLLM
+    generates it: it is ``cancelled`` at once, the engine request is aborted (the engines
+    report no unfinished request), and nothing more is generated."""
+    assert _settled(stack) == 0
+    created = client.responses.create(
+        model=SMOLLM,
+        input="Write a very long story about a lighthouse keeper and the sea.",
+        max_output_tokens=1500,
+        temperature=0.8,
+        background=True,
+    )
+    running, _ = _poll(client, created.id, {"in_progress", "completed", "incomplete"})
+    assert running.status == "in_progress", "it finished before it could be cancelled"
+    deadline = time.monotonic() + 30
+    while engine_report(stack)["engine_unfinished_requests"] == 0:  # probed every second
+        assert time.monotonic() < deadline, "the engine never reported the request"
+        time.sleep(0.2)
+    with pytest.raises(openai.NotFoundError):
+        other_tenant.responses.cancel(created.id)
+    cancelled = client.responses.cancel(created.id)
+    assert cancelled.status == "cancelled"
+    stopped = time.monotonic()
+    assert _settled(stack) == 0, "the engine request was not aborted"
+    print(f"\nthe engines were idle {time.monotonic() - stopped:.1f} s after the cancel")
+    assert client.responses.retrieve(created.id).status == "cancelled"
+    assert client.responses.cancel(created.id).status == "cancelled"  # again: as it is
+    with pytest.raises(openai.BadRequestError):  # a response that is not a background one
+        client.responses.cancel(client.responses.create(model=SMOLLM, input="hi", max_output_tokens=2).id)
+
+
+def _settled(live: LiveStack, timeout_s: float = 30) -> int:
+    """The engines' unfinished requests once there are none (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        unfinished = int(engine_report(live)["engine_unfinished_requests"] or 0)
+        if unfinished == 0 or time.monotonic() > deadline:
+            return unfinished
+        time.sleep(0.25)
 
 
 def test_sixteen_streams_survive_a_replica_paused_under_them(stack: LiveStack, client: openai.OpenAI) -> None:
