@@ -59,7 +59,7 @@ from serving.gateway.responses import (
 from serving.gateway.tenants import Tenant
 from serving.metrics import GatewayMetrics
 from serving.tasks import cancel_and_wait, raise_if_cancelling
-from serving.wire import Endpoint, aclose_stream, dumps, error_fields, sse_data_events
+from serving.wire import Endpoint, aclose_stream, dumps, error_event, error_fields, sse_data_events
 
 if TYPE_CHECKING:
     from serving.gateway.service import Answer
@@ -74,6 +74,8 @@ WATCH_S = 0.25
 """How often a replica checks whether its running responses were cancelled elsewhere."""
 POLL_S = 0.05
 """How often a stream reader looks for new events while there are none."""
+READER_REDIS_DOWN_S = 10.0
+"""A stream reader that cannot reach Redis for this long ends with an error event (503)."""
 SWEEP_EVERY = 8
 """The sweeper runs every this many heartbeats."""
 RETRY_MAX_S = 10.0
@@ -594,13 +596,19 @@ class Background:
         key = self._keys.events(tenant, response_id)
         last = f"0-{after + 1}" if after >= 0 else "0-0"
         idle_since = time.monotonic()
+        down_since: float | None = None
         while True:
             run = self._runs.get(response_id)
             wake = run.wake if run is not None else None  # taken before reading: no event missed
             try:
                 entries = await self._redis.xrange(key, min=f"({last}", max="+", count=200)
+                down_since = None
             except REDIS_DOWN:
                 entries = None
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > READER_REDIS_DOWN_S:
+                    yield error_event(StoreUnavailableError().body(None), endpoint=Endpoint.responses)
+                    return
             for entry_id, fields in entries or ():
                 last = _text(entry_id)
                 data = {_text(k): v for k, v in fields.items()}

@@ -450,3 +450,28 @@ async def test_the_openai_sdk_calls_work_unchanged(redis_client: Any) -> None:
     finally:
         for g in (one, two):
             await g.close()
+
+
+async def test_a_reader_that_loses_redis_ends_with_a_503_event(
+    pair: tuple[TestGateway, TestGateway], engine: SlowResponses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one, two = pair
+    engine.gate.clear()
+    rid = (await one.http.post("/v1/responses", json=BODY, headers=auth("a"))).json()["id"]
+    reader = two.service.background
+    assert isinstance(reader, Background)
+    monkeypatch.setattr("serving.gateway.background.READER_REDIS_DOWN_S", 0.2)
+
+    class Down:
+        def __getattr__(self, name: str) -> Any:
+            async def fail(*args: Any, **kwargs: Any) -> Any:
+                raise ConnectionError("Redis went away")
+
+            return fail
+
+    events = await reader.events("a", rid, 0)
+    reader._redis = Down()
+    text = "".join([part async for part in events])
+    assert "store_unavailable" in text
+    assert text.startswith("event: error\n")
+    engine.gate.set()
