@@ -63,7 +63,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
                 **smollm_config(min_replicas=2, max_replicas=2),
                 # float32: a continuation's prefill and the undisturbed decode agree to the
                 # last token at temperature 0 (in bfloat16 near ties flip between the two)
-                "engine_kwargs": {"max_model_len": 2048, "dtype": "float32"},
+                "engine_kwargs": {"max_model_len": 2048, "dtype": "float32", "enforce_eager": True},
                 "failover": {"idle_timeout_s": IDLE_S, "announce_migration": True, "quarantine_s": 60},
             }
         ],
