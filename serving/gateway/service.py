@@ -59,7 +59,7 @@ from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.responses import Conversations, NoStore, Turn
 from serving.gateway.tenants import PriorityClass, Tenant, hash_key
-from serving.gateway.validation import validate_request
+from serving.gateway.validation import preload, validate_request
 from serving.metrics import GatewayMetrics
 from serving.wire import (
     REQUEST_ID_HEADER,
@@ -280,10 +280,12 @@ class GatewayService:
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Refresh tenants, start admission's maintenance and the health probes."""
+        """Import vLLM's request models, refresh tenants, start admission's maintenance
+        and the health probes."""
         if self._started:
             return
         self._started = True
+        await asyncio.to_thread(preload)  # vLLM's request models: not on the first request
         await self._auth.start()
         await self.admission.start()
         await self.health.start()

@@ -57,6 +57,15 @@ def _model_for(endpoint: Endpoint) -> type[BaseModel]:
     return ResponsesRequest  # type: ignore[no-any-return]
 
 
+def preload() -> None:
+    """Import vLLM's protocol models now (several seconds: they pull in torch), so that a
+    fresh gateway's first request of each kind does not pay for it on the event loop."""
+    for endpoint in Endpoint:
+        _model_for(endpoint)
+    from vllm.entrypoints.openai.responses.protocol import ResponsesResponse  # noqa: F401
+    from vllm.sampling_params import SamplingParams  # noqa: F401
+
+
 # ---------------------------------------------------------------------------------------
 # Parsing
 
