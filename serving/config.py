@@ -484,6 +484,12 @@ class QueueConfig(_Strict):
     max_grants_per_release: int = Field(default=32, ge=1)
     """Waiting requests granted together when capacity frees (batched admission)."""
 
+    batch_reserve_share: float = Field(default=0.25, ge=0.0, lt=1.0)
+    """Share of each model's capacity that ``batch``-priority requests (batch lines) never
+    take, at least one slot when the capacity is 2 or more (0: none kept). A batch then
+    fills the rest of the capacity, and an interactive or standard request that arrives
+    meanwhile finds a free slot at once instead of waiting for a batch line to end."""
+
     poll_interval_s: float = Field(default=0.05, gt=0)
     """How often a waiting request re-checks its ticket besides the grant notifications."""
 

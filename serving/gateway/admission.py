@@ -310,9 +310,18 @@ class RedisQueue:
                 lua.LANE,
                 self.heartbeat_ms,
                 max(1, weight),
+                self._batch_limit(model) if tenant.priority is PriorityClass.batch else 0,
             ],
         )
         return int(status), int(position)
+
+    def _batch_limit(self, model: str) -> int:
+        """The slots of ``model`` that batch-priority requests may fill (``batch_reserve_share``)."""
+        capacity = self._capacity(model)
+        share = self._config.batch_reserve_share
+        if capacity < 2 or share <= 0:
+            return capacity
+        return capacity - max(1, math.floor(capacity * share))
 
     async def check(self, ticket: str, model: str, tenant: str) -> int:
         return int(

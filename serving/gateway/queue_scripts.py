@@ -113,8 +113,10 @@ local function admit(W, M, L, LT, V, R, S, HB, LW, now, cap, ttl, maxg, channel)
     local hb = redis.call('ZSCORE', HB, t)
     local gone = hb and tonumber(hb) <= now  -- a dead ticket the bounded sweep left
     local late = meta.d and meta.d > 0 and now > meta.d
-    local w = math.min(math.max(tonumber(meta.w or 1) or 1, 1), cap)  -- heavier than all: alone
-    if not gone and not late and used + w > cap then break end  -- the head waits for its slots
+    local lim = cap  -- a batch-lane ticket may use only the capacity not kept for the others
+    if meta.b and meta.b > 0 then lim = math.min(cap, meta.b) end
+    local w = math.min(math.max(tonumber(meta.w or 1) or 1, 1), lim)  -- heavier than all: alone
+    if not gone and not late and used + w > lim then break end  -- the head waits for its slots
     redis.call('ZREM', W, t)
     redis.call('HDEL', M, t)
     redis.call('ZREM', HB, t)
@@ -147,7 +149,7 @@ end
 """
 
 # ARGV: ticket tenant rank weight drop_ms now_ms capacity ttl_ms max_grants
-#       tenant_limit channel lane heartbeat_ms slots
+#       tenant_limit channel lane heartbeat_ms slots batch_limit
 # -> {status, position, depth}: status 1 granted, 0 waiting, -1 tenant concurrency limit
 ENQUEUE = (
     _ADMIT
@@ -161,6 +163,7 @@ local cap, ttl, maxg = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local limit, channel, lanew = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
 local hbms = tonumber(ARGV[13])
 local slots = math.max(tonumber(ARGV[14] or '1') or 1, 1)
+local blim = tonumber(ARGV[15] or '0') or 0  -- > 0: the slots a batch-lane ticket may fill
 local LW = KEYS[11]
 redis.call('ZREMRANGEBYSCORE', TA, '-inf', now)
 if limit > 0 and redis.call('ZCARD', TA) >= limit then return {-1, 0, redis.call('ZCARD', W)} end
@@ -174,7 +177,9 @@ local start = math.max(vnow, last)
 -- A ticket of k slots costs its tenant k turns of its fair share.
 redis.call('HSET', V, tenant .. ':' .. lane, start + math.min(slots, cap) / weight)
 redis.call('ZADD', W, rank * lanew + start, ticket)
-redis.call('HSET', M, ticket, cjson.encode({t = tenant, d = drop, s = start, r = rank, w = slots}))
+local meta = {t = tenant, d = drop, s = start, r = rank, w = slots}
+if blim > 0 then meta.b = blim end
+redis.call('HSET', M, ticket, cjson.encode(meta))
 redis.call('ZADD', HB, now + hbms, ticket)
 admit(W, M, L, LT, V, R, S, HB, LW, now, cap, ttl, maxg, channel)
 if redis.call('ZSCORE', L, ticket) then

@@ -365,3 +365,37 @@ async def test_stop_fails_local_waiters() -> None:
     assert err.value.code == "shutting_down"
     assert holder.released
     assert admission.local_queue.snapshot("m").in_use == 0
+
+
+async def test_batch_lines_leave_a_share_of_the_capacity_to_other_requests(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    """Capacity 4, ``batch_reserve_share`` 0.25: batch-priority requests fill 3 slots and
+    wait for the fourth; an interactive request arriving then is admitted at once; with
+    the share at 0 a batch takes every slot."""
+    from serving.gateway.tenants import PriorityClass
+
+    gw = Gateway(redis_client, prefix, capacity=4)
+    batch = Tenant(id="bulk", priority=PriorityClass.batch)
+    held = [await gw.admission.acquire("m", batch, None) for _ in range(3)]
+    fourth = asyncio.create_task(gw.admission.acquire("m", batch, None))
+    await asyncio.sleep(0.2)
+    assert not fourth.done()  # the last slot is kept for the others
+    assert len(await gw.leases()) == 3
+    chat = await asyncio.wait_for(
+        gw.admission.acquire("m", Tenant(id="chat", priority=PriorityClass.interactive), None), 1.0
+    )
+    assert chat.waited_s < 0.5
+    await gw.admission.release(chat)
+    await gw.admission.release(held.pop())  # a batch slot frees: the waiting line takes it
+    lease = await asyncio.wait_for(fourth, 2.0)
+    for lease_ in (*held, lease):
+        await gw.admission.release(lease_)
+    await gw.admission.stop()
+
+    full = Gateway(redis_client, prefix + "x", capacity=4, batch_reserve_share=0.0)
+    all_four = [await asyncio.wait_for(full.admission.acquire("m", batch, None), 1.0) for _ in range(4)]
+    assert len(await full.leases()) == 4
+    for lease_ in all_four:
+        await full.admission.release(lease_)
+    await full.admission.stop()
