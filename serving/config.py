@@ -40,6 +40,7 @@ __all__ = [
     "ResponseCacheConfig",
     "ResponsesConfig",
     "RoutingConfig",
+    "S3Config",
     "ServingConfig",
     "TenantSeed",
     "TopologyConfig",
@@ -66,6 +67,9 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
 class ModelFamily(StrEnum):
@@ -570,18 +574,81 @@ class ResponseCacheConfig(_Strict):
     """Redis key prefix of the cache."""
 
 
+class S3Config(_Strict):
+    """An S3-compatible object store for the Files API's contents (``files.backend: s3``):
+    AWS S3 or the enterprise's own (MinIO, Ceph RGW, ...). Requests are signed with AWS
+    Signature Version 4; the keys come from the environment variables named here (on a
+    cluster: a Secret, ``secrets.s3`` in the chart), never from this file."""
+
+    endpoint_url: str = Field(default="", pattern=r"^(https?://[^/?#\s]+(/[^?#\s]*)?)?$")
+    """The store's URL, e.g. ``http://minio.storage:9000`` or
+    ``https://rgw.example.internal``; empty: AWS S3 of ``region``
+    (``https://s3.<region>.amazonaws.com``)."""
+
+    bucket: str = Field(default="", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,254})?$")
+    """The bucket (it must exist; the gateway does not create it). Required with
+    ``files.backend: s3``."""
+
+    region: str = Field(default="us-east-1", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """The region requests are signed for (MinIO and Ceph RGW accept ``us-east-1`` unless
+    configured otherwise)."""
+
+    prefix: str = Field(default="", pattern=r"^[^\\\x00]*$")
+    """Key prefix of every object the gateway writes (e.g. ``oss-serving/files``, to share a
+    bucket); empty: none. Leading and trailing ``/`` are dropped."""
+
+    addressing: Literal["path", "virtual"] = "path"
+    """``path``: ``<endpoint>/<bucket>/<key>`` (MinIO, Ceph RGW and most stores);
+    ``virtual``: ``<bucket>.<endpoint host>/<key>`` (AWS's virtual-hosted style; the
+    bucket name must then be a valid host name label)."""
+
+    timeout_s: float = Field(default=30.0, gt=0)
+    """Timeout of each phase of one request to the store (connecting, sending a chunk,
+    waiting for the next chunk of the answer), not of the whole transfer."""
+
+    ca_file: Path | None = None
+    """CA bundle (PEM) to verify the store's TLS certificate with, for a store behind an
+    internal CA; ``None``: the default bundle (certifi's)."""
+
+    access_key_env: str = Field(default="AWS_ACCESS_KEY_ID", pattern=_ENV_NAME)
+    """Environment variable holding the access key id."""
+
+    secret_key_env: str = Field(default="AWS_SECRET_ACCESS_KEY", pattern=_ENV_NAME)
+    """Environment variable holding the secret access key."""
+
+    session_token_env: str = Field(default="AWS_SESSION_TOKEN", pattern=_ENV_NAME)
+    """Environment variable holding a session token (temporary credentials); unset or
+    empty: none is sent."""
+
+    @field_validator("prefix")
+    @classmethod
+    def _strip_slashes(cls, value: str) -> str:
+        prefix = value.strip("/")
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise ValueError("files.s3.prefix may not have empty, '.' or '..' segments")
+        return prefix
+
+    @field_validator("ca_file")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+
 class FilesConfig(_Strict):
     """The Files API (``/v1/files``): the input files of batches and the output and error
     files the gateway writes for them. Metadata (name, size, owner) lives in Redis, per
     tenant; contents in a blob store every gateway replica shares (off without Redis)."""
 
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "s3"] = "local"
     """``local``: a directory (``dir``) every gateway replica must share: on one machine
-    any directory, on a cluster a volume every gateway pod mounts (ReadWriteMany). An
-    S3-compatible backend is not built yet (``serving/gateway/blobs.py`` is its interface)."""
+    any directory, on a cluster a volume every gateway pod mounts (ReadWriteMany).
+    ``s3``: an S3-compatible object store (``s3``): AWS S3, MinIO, Ceph RGW."""
 
     dir: Path | None = None
     """The ``local`` backend's directory; ``None``: ``files`` under ``local.state_dir``."""
+
+    s3: S3Config = Field(default_factory=S3Config)
+    """The ``s3`` backend's store (``bucket`` is required with it)."""
 
     max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024)
     """Largest file an upload may have (OpenAI's limit for batch files is 200 MB); larger
@@ -594,6 +661,20 @@ class FilesConfig(_Strict):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> FilesConfig:
+        if self.backend == "s3":
+            if not self.s3.bucket:
+                raise ValueError(
+                    "files.backend is s3 but files.s3.bucket is empty: name the bucket that "
+                    "keeps the file contents"
+                )
+            if self.dir is not None:
+                raise ValueError("files.dir is the local backend's directory, but files.backend is s3")
+        elif self.s3 != S3Config():
+            raise ValueError("files.s3 is set but files.backend is not s3")
+        return self
 
 
 class BatchConfig(_Strict):
@@ -697,7 +778,6 @@ class MetricsConfig(_Strict):
 #: Environment variable the Helm chart fills from a Secret with the upstream API key.
 UPSTREAM_API_KEY_ENV = "OSS_SERVING_UPSTREAM_API_KEY"
 
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _UPSTREAM_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 

@@ -252,6 +252,15 @@ def _chart_properties() -> JSON:
                 "huggingface": _obj({**_SECRET_REF, "token": _str()}),
                 "upstream": _obj({**_SECRET_REF, "apiKey": _str()}),
                 "redis": _obj(dict(_SECRET_REF)),
+                "s3": _obj(
+                    {
+                        "existingSecret": _K8S_NAME,
+                        "accessKeyIdKey": _str(minLength=1),
+                        "secretAccessKeyKey": _str(minLength=1),
+                        "sessionTokenKey": _str(),
+                    },
+                    description="The Files API's S3 store keys (files.backend: s3), from an existing Secret.",
+                ),
             }
         ),
         "weights": _obj(

@@ -369,6 +369,11 @@ def _secret_refs(values: JSON) -> list[tuple[str, str, str]]:
         refs.append(("redis", redis["external"]["existingSecret"], redis["external"]["passwordKey"]))
     elif redis.get("mode", "bundled") == "bundled" and secrets.get("redis", {}).get("existingSecret"):
         refs.append(("redis", secrets["redis"]["existingSecret"], secrets["redis"]["key"]))
+    s3 = secrets.get("s3", {})
+    if s3.get("existingSecret"):
+        for field in ("accessKeyIdKey", "secretAccessKeyKey", "sessionTokenKey"):
+            if s3.get(field):
+                refs.append(("s3", s3["existingSecret"], s3[field]))
     return refs
 
 

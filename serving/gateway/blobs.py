@@ -1,11 +1,12 @@
 """Where the Files API keeps file contents: one interface, a backend per deployment.
 
 Batch input files, and the output and error files the gateway writes, live in storage
-that every gateway replica shares: a directory (``LocalBlobStore``), on one machine or
-on a volume every gateway pod mounts. An S3-compatible backend is not built yet: it
-implements :class:`BlobStore` and is picked in ``build.py``. File metadata (names,
-sizes, owners) lives in Redis (:mod:`serving.gateway.files`); a blob store only keeps
-bytes under a key.
+that every gateway replica shares (``files.backend``): a directory (``LocalBlobStore``),
+on one machine or on a volume every gateway pod mounts, or an S3-compatible object
+store, AWS S3 or the enterprise's own (``S3BlobStore`` in
+:mod:`serving.gateway.s3_blobs`). ``build.py`` picks one. File metadata (names, sizes,
+owners) lives in Redis (:mod:`serving.gateway.files`); a blob store only keeps bytes
+under a key.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["BlobNotFoundError", "BlobStore", "BlobStoreError", "LocalBlobStore"]
+__all__ = ["BlobNotFoundError", "BlobStore", "BlobStoreError", "LocalBlobStore", "check_key"]
 
 
 class BlobStoreError(Exception):
@@ -28,8 +29,8 @@ class BlobNotFoundError(BlobStoreError):
 
 
 class BlobStore(Protocol):
-    """Bytes under keys (``/``-separated, no leading slash). Every method is async and
-    never blocks the event loop; errors are :class:`BlobStoreError`."""
+    """Bytes under keys (``/``-separated, no leading slash, see :func:`check_key`). Every
+    method is async and never blocks the event loop; errors are :class:`BlobStoreError`."""
 
     async def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key``, replacing what was there, atomically (a reader
@@ -53,6 +54,16 @@ class BlobStore(Protocol):
         ...
 
 
+def check_key(key: str) -> list[str]:
+    """The segments of a valid key: not empty, no empty, ``.`` or ``..`` segment (so no
+    leading, trailing or doubled ``/``), no backslash or NUL. :class:`BlobStoreError`
+    otherwise. Every backend checks keys the same way, so a key is valid everywhere."""
+    parts = key.split("/")
+    if not key or "\\" in key or "\x00" in key or any(part in ("", ".", "..") for part in parts):
+        raise BlobStoreError(f"invalid blob key {key[:200]!r}")
+    return parts
+
+
 class LocalBlobStore:
     """Blobs as files under ``root``: the backend for one machine (every gateway replica on
     it shares the directory).
@@ -70,14 +81,8 @@ class LocalBlobStore:
 
     def path(self, key: str) -> Path:
         """The file of ``key``; :class:`BlobStoreError` when the key would leave the root."""
-        parts = key.split("/")
-        if (
-            not key
-            or "\\" in key
-            or "\x00" in key
-            or any(part in ("", ".", "..") for part in parts)
-            or parts[-1].startswith(".tmp-")
-        ):
+        parts = check_key(key)
+        if parts[-1].startswith(".tmp-"):
             raise BlobStoreError(f"invalid blob key {key[:200]!r}")
         path = self.root.joinpath(*parts)
         resolved = path.resolve()

@@ -5,8 +5,8 @@ The Ray Serve deployment (``serving.serve_app``), the local mode and every test 
 that are off become do-nothing objects (:class:`~serving.gateway.service.Unlimited`
 admission, :class:`~serving.gateway.handoff.NoHandoff`), so the pipeline has no ``None``
 checks. The environment is read here, at build time, from the mapping passed in (never
-at import): the tenants file, the upstreams' API keys; the Redis client (and its password)
-comes from :mod:`serving.redis_conn`, re-exported here.
+at import): the tenants file, the upstreams' API keys, the S3 blob store's keys; the
+Redis client (and its password) comes from :mod:`serving.redis_conn`, re-exported here.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from serving.gateway.prefix_caching import PromptCaching
 from serving.gateway.ratelimit import RateLimiter
 from serving.gateway.redis_guard import RedisGuard
 from serving.gateway.responses import Conversations, NoStore, RedisResponseStore, ResponseStore
+from serving.gateway.s3_blobs import S3BlobStore
 from serving.gateway.service import AdmissionPort, GatewayService, HandoffPort, Unlimited
 from serving.gateway.tenants import hash_key
 from serving.metrics import GatewayMetrics, export_through_ray
@@ -208,10 +209,14 @@ def _batch_api(
     cfg: ServingConfig, redis: Any | None, metrics: GatewayMetrics, environ: Mapping[str, str]
 ) -> tuple[FilesPort, BatchesPort | None]:
     """The Files and Batch APIs, over the shared Redis and blob store (off without Redis:
-    nothing else every replica sees)."""
+    nothing else every replica sees). The ``s3`` backend's keys are read from ``environ``."""
     if redis is None or not cfg.batch.enabled:
         return FilesOff(cfg.files), None
-    blobs: BlobStore = LocalBlobStore(cfg.files.dir or cfg.local.state_dir / "files")
+    blobs: BlobStore
+    if cfg.files.backend == "s3":
+        blobs = S3BlobStore.from_config(cfg.files.s3, environ)
+    else:
+        blobs = LocalBlobStore(cfg.files.dir or cfg.local.state_dir / "files")
     files = Files(redis, blobs, cfg.files)
     return files, Batches(redis, files, cfg.batch, cfg.gateway, metrics)
 

@@ -2,9 +2,10 @@
 
 A file is two things: its metadata (OpenAI's ``file`` object: id, name, size, purpose,
 creation time) in Redis, per tenant, and its bytes in the shared :class:`BlobStore`
-(a directory every gateway replica shares: ``files.dir``).
-Every gateway replica sees every file. A tenant sees only its own: another tenant's id
-is a 404, as if it did not exist (the metadata keys carry the tenant id).
+(``files.backend``: a directory every gateway replica shares, ``files.dir``, or an
+S3-compatible object store, ``files.s3``). Every gateway replica sees every file. A
+tenant sees only its own: another tenant's id is a 404, as if it did not exist (the
+metadata keys carry the tenant id).
 
 Keys (``files.key_prefix``): ``<prefix>:<tenant>:<id>`` holds one file's object (JSON);
 ``<prefix>:<tenant>`` is the tenant's index (a sorted set of ids by creation time, in

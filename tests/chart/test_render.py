@@ -447,7 +447,23 @@ def test_existing_secrets_are_referenced_not_created(rendered_scenarios: dict[st
         # optional entries of the existing tenants Secret
         "OSS_SERVING_OPERATOR_KEY": "oss-tenants",
         "OSS_SERVING_CACHE_SALT_SECRET": "oss-tenants",
+        # the Files API's S3 store, under the names config.files.s3 gives (or the defaults)
+        "AWS_ACCESS_KEY_ID": "object-store",
+        "OBJECT_STORE_SECRET": "object-store",
+        "AWS_SESSION_TOKEN": "object-store",
     }
+    keys = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in env if "valueFrom" in e}
+    assert (keys["AWS_ACCESS_KEY_ID"], keys["OBJECT_STORE_SECRET"], keys["AWS_SESSION_TOKEN"]) == (
+        "access-key-id",
+        "secret-access-key",
+        "session-token",
+    )
+    cfg = parse_config(yaml.safe_load(rendered.one("ConfigMap", "-config")["data"]["config.yaml"]))
+    assert (cfg.batch.enabled, cfg.files.backend, cfg.files.s3.bucket) == (True, "s3", "oss-serving-files")
+    default_env = rendered_scenarios["default"].one("RayService")["spec"]["rayClusterConfig"][
+        "headGroupSpec"
+    ]["template"]["spec"]["containers"][0]["env"]
+    assert not [e for e in default_env if e["name"].startswith("AWS_")]  # no secrets.s3: none
 
 
 def test_no_secret_in_configmaps_or_notes(rendered_scenarios: dict[str, Rendered]) -> None:

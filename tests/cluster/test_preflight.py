@@ -147,12 +147,17 @@ def test_referenced_secrets_must_exist_with_their_keys() -> None:
             "apiKeys": {"existingSecret": "oss-tenants"},
             "huggingface": {"existingSecret": "hf-token"},
             "upstream": {"existingSecret": "upstream-openai"},
+            "s3": {"existingSecret": "hf-token"},
         }
     )
     findings = run_preflight(RecordedReader(), values, "serving")
     secret_findings = [f for f in findings if f.check.startswith("secret:")]
     messages = {f.message for f in secret_findings if f.level == "error"}
     assert "Secret serving/upstream-openai (upstream) does not exist: create it first" in messages
+    # the S3 store's keys: both looked for (the session token only when a key is named)
+    assert "Secret serving/hf-token (s3) has no key 'access-key-id' (keys: token)" in messages
+    assert "Secret serving/hf-token (s3) has no key 'secret-access-key' (keys: token)" in messages
+    assert not [m for m in messages if "session" in m]
     assert (
         "Secret serving/oss-tenants (apiKeys (helm test)) has no key 'admin-api-key' (keys: tenants.yaml)"
         in messages

@@ -273,6 +273,27 @@ Input: dict root, extraEnv (the worker group's, appended after ray.extraEnv).
       name: {{ . }}
       key: {{ $root.Values.secrets.upstream.key }}
 {{- end }}
+{{- with .Values.secrets.s3.existingSecret }}
+{{- $s3 := default dict (default dict $root.Values.config.files).s3 }}
+# The Files API's S3 store: its keys, under the names config.files.s3 gives them.
+- name: {{ $s3.access_key_env | default "AWS_ACCESS_KEY_ID" }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $root.Values.secrets.s3.accessKeyIdKey }}
+- name: {{ $s3.secret_key_env | default "AWS_SECRET_ACCESS_KEY" }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $root.Values.secrets.s3.secretAccessKeyKey }}
+{{- with $root.Values.secrets.s3.sessionTokenKey }}
+- name: {{ $s3.session_token_env | default "AWS_SESSION_TOKEN" }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.secrets.s3.existingSecret }}
+      key: {{ . }}
+{{- end }}
+{{- end }}
 {{- if .Values.weights.cache.enabled }}
 - name: HF_HUB_OFFLINE
   value: "1"
