@@ -82,7 +82,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     }
     with running_stack(tmp_path_factory.mktemp("routed"), config) as live:
         _both_gateways_ready(live)
+        _warm(live)
         yield live
+
+
+def _warm(live: LiveStack, timeout_s: float = 120) -> None:
+    """A few requests through both gateways to both fresh engines, then wait until no
+    replica is kept out of routing: a first request that a busy machine held past the
+    idle timeout would otherwise leave its replica quarantined under the routing tests."""
+    warm = openai.OpenAI(base_url=live.api, api_key=KEY, max_retries=2, timeout=120)
+    for i in range(6):
+        warm.chat.completions.create(
+            model=SMOLLM, max_tokens=2, messages=[{"role": "user", "content": f"Warm up {i}."}]
+        )
+    deadline = time.monotonic() + timeout_s
+    while engine_report(live)["replicas_avoided"]:
+        assert time.monotonic() < deadline, "a replica stayed out of routing after the warm-up"
+        time.sleep(0.5)
 
 
 def _both_gateways_ready(live: LiveStack, timeout_s: float = 180) -> None:
@@ -322,7 +338,9 @@ def sixteen_streams_survive(stack: LiveStack, client: openai.OpenAI, sig: signal
             time.sleep(0.25)
 
 
-def test_a_stored_response_is_continued_through_the_other_gateway(client: openai.OpenAI) -> None:
+def test_a_stored_response_is_continued_through_the_other_gateway(
+    client: openai.OpenAI, other_tenant: openai.OpenAI
+) -> None:
     """Stored responses live in the shared Redis, not in an engine: a conversation whose
     turns land on both gateway replicas (and whichever engine replica) goes on with
     ``previous_response_id``, each turn replaying the whole conversation to real vLLM."""
@@ -349,11 +367,79 @@ def test_a_stored_response_is_continued_through_the_other_gateway(client: openai
     assert f"number {len(ids) - 1}" in json.dumps(items[0].model_dump())
     for _ in range(4):  # the proxy spreads these over both gateway replicas
         assert client.responses.retrieve(ids[0]).id == ids[0]
+    for call in (  # another tenant: as if none of it existed
+        lambda: other_tenant.responses.retrieve(ids[0]),
+        lambda: other_tenant.responses.input_items.list(ids[0]),
+        lambda: other_tenant.responses.delete(ids[0]),
+        lambda: other_tenant.responses.create(
+            model=SMOLLM, input="go on", max_output_tokens=2, previous_response_id=ids[-1]
+        ),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
     client.responses.delete(ids[0])
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(ids[0])
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model=SMOLLM, input="again", max_output_tokens=2, previous_response_id=ids[0])
+
+
+def test_a_function_call_and_its_output_round_trip_through_both_gateways(client: openai.OpenAI) -> None:
+    """The form agents send: a turn whose input carries a function call and its output,
+    with tools, continued by ``previous_response_id`` until turns landed on both gateway
+    replicas; every turn replays the call and its output to real vLLM (the second-turn
+    failure of vllm#33089 does not happen), and the stored items come back as sent."""
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        }
+    ]
+    raw = client.responses.with_raw_response.create(
+        model=SMOLLM,
+        tools=tools,
+        max_output_tokens=8,
+        temperature=0,
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "name": "get_weather",
+                "arguments": '{"city": "Paris"}',
+            },
+            {"type": "function_call_output", "call_id": "call_1", "output": '{"sky": "clear", "c": 21}'},
+        ],
+    )
+    first = raw.parse()
+    gateways = [raw.headers["x-oss-serving-gateway"]]
+    assert first.status in ("completed", "incomplete")
+    kinds = [i.type for i in client.responses.input_items.list(first.id, order="asc")]
+    assert kinds == ["message", "function_call", "function_call_output"]
+    previous = first.id
+    for turn in range(8):
+        raw = client.responses.with_raw_response.create(
+            model=SMOLLM,
+            tools=tools,
+            max_output_tokens=8,
+            temperature=0,
+            input=f"And on day {turn + 2}?",
+            previous_response_id=previous,
+        )
+        reply = raw.parse()
+        assert reply.status in ("completed", "incomplete")
+        assert reply.previous_response_id == previous
+        gateways.append(raw.headers["x-oss-serving-gateway"])
+        previous = reply.id
+        if len(set(gateways)) == 2:
+            break
+    assert len(set(gateways)) == 2, f"every turn landed on one gateway: {gateways}"
 
 
 def _poll(client: openai.OpenAI, rid: str, until: set[str], timeout_s: float = 120) -> tuple[Any, set[str]]:
