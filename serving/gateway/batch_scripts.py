@@ -46,7 +46,8 @@ LINE_DONE = """
 -- stream entry acknowledged and deleted, the batch's remaining count decremented once
 -- (only by the call that deleted the entry). A batch already final gets no result.
 -- KEYS: 1 stream, 2 batch, 3 output results, 4 error results
--- ARGV: 1 group, 2 entry id, 3 custom_id, 4 'o' | 'e' | '' (nothing to write), 5 value
+-- ARGV: 1 group, 2 entry id, 3 custom_id, 4 'o' | 'e' | '' (nothing to write), 5 value,
+--       6-9 the answer's tokens: input, output, cached input, reasoning (added once)
 -- -> {wrote (1 written, 2 already answered, 0 nothing), remaining (-1: no batch), status}
 local st = redis.call('HGET', KEYS[2], 'status')
 local wrote = 0
@@ -55,6 +56,11 @@ if ARGV[4] ~= '' and (st == 'in_progress' or st == 'cancelling') then
     local target = KEYS[4]
     if ARGV[4] == 'o' then target = KEYS[3] end
     redis.call('HSET', target, ARGV[3], ARGV[5])
+    local names = {'usage_in', 'usage_out', 'usage_cached', 'usage_reasoning'}
+    for i = 1, 4 do
+      local n = tonumber(ARGV[5 + i] or '0') or 0
+      if n > 0 then redis.call('HINCRBY', KEYS[2], names[i], n) end
+    end
     wrote = 1
   else
     wrote = 2

@@ -582,6 +582,14 @@ class Batches:
         obj["request_counts"] = {"total": int(h.get("total") or 0), "completed": completed, "failed": failed}
         obj["metadata"] = metadata
         obj["model"] = h.get("model") or None
+        tokens = [int(h.get(f"usage_{k}") or 0) for k in ("in", "out", "cached", "reasoning")]
+        obj["usage"] = {
+            "input_tokens": tokens[0],
+            "input_tokens_details": {"cached_tokens": tokens[2]},
+            "output_tokens": tokens[1],
+            "output_tokens_details": {"reasoning_tokens": tokens[3]},
+            "total_tokens": tokens[0] + tokens[1],
+        }
         return obj
 
     async def _move(
@@ -630,11 +638,12 @@ class Batches:
         self, entry_id: str, batch_id: str, custom_id: str, target: str, value: str
     ) -> tuple[int, int]:
         """Record one line (``target`` ``o``, ``e`` or ``''`` for none) and release its entry:
-        (1 written / 2 already answered / 0 nothing, the batch's remaining lines)."""
+        (1 written / 2 already answered / 0 nothing, the batch's remaining lines). The
+        answer's tokens are added to the batch's ``usage`` with it, once."""
         k = self.keys
         wrote, left, _ = await self._line_done(
             keys=[k.stream, k.batch(batch_id), k.out(batch_id), k.err(batch_id)],
-            args=[GROUP, entry_id, custom_id, target, value],
+            args=[GROUP, entry_id, custom_id, target, value, *_line_tokens(value)],
         )
         return int(wrote), int(left)
 
@@ -1189,6 +1198,41 @@ class BatchWorker:
             return error.status, error.body(request_id), None
         assert answer.json is not None
         return answer.json.status, answer.json.body, None
+
+
+def _line_tokens(value: str) -> tuple[int, int, int, int]:
+    """Input, output, cached input and reasoning tokens of a recorded line's answer (its
+    ``usage``, in the chat/completions or the Responses shape; zeros when it has none)."""
+    _, _, text = value.partition(" ")
+    try:
+        line = json.loads(text)
+        usage = line["response"]["body"]["usage"]
+    except (ValueError, KeyError, TypeError):
+        return 0, 0, 0, 0
+    if not isinstance(usage, dict):
+        return 0, 0, 0, 0
+
+    def count(key: str, details: str | None = None, inner: str = "") -> int:
+        if details is None:
+            value = usage.get(key)
+        else:
+            nested = usage.get(details)
+            value = nested.get(inner) if isinstance(nested, dict) else None
+        return value if isinstance(value, int) and value > 0 else 0
+
+    if "input_tokens" in usage:  # Responses
+        return (
+            count("input_tokens"),
+            count("output_tokens"),
+            count("", "input_tokens_details", "cached_tokens"),
+            count("", "output_tokens_details", "reasoning_tokens"),
+        )
+    return (
+        count("prompt_tokens"),
+        count("completion_tokens"),
+        count("", "prompt_tokens_details", "cached_tokens"),
+        count("", "completion_tokens_details", "reasoning_tokens"),
+    )
 
 
 def _retryable(exc: GatewayError) -> bool:

@@ -187,6 +187,8 @@ async def test_a_batch_of_300_lines_completes_every_custom_id_answered_once(gate
     done = await wait_for(sdk, batch.id, "completed")
     assert done.request_counts is not None
     assert done.request_counts.model_dump() == {"total": 300, "completed": 300, "failed": 0}
+    assert done.usage is not None  # each answer: 5 prompt tokens, 3 completion tokens
+    assert (done.usage.input_tokens, done.usage.output_tokens, done.usage.total_tokens) == (1500, 900, 2400)
     assert done.in_progress_at is not None
     assert done.finalizing_at is not None
     assert done.completed_at is not None
@@ -484,6 +486,8 @@ async def test_a_stopped_replica_s_running_lines_are_taken_over_and_answered_onc
     assert exactly_once(output) == {f"k{i}": 1 for i in range(30)}
     assert len(survivor.prompts) == 30  # the three claimed lines too
     assert done.error_file_id is None
+    assert done.usage is not None  # the lines run twice are counted once
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (30 * 5, 30 * 3)
 
 
 async def test_redis_restarted_mid_batch_completes_exactly_once(tmp_path: Path, prefix: str) -> None:
@@ -620,3 +624,23 @@ async def test_an_input_file_deleted_mid_batch_fails_its_remaining_lines(gateway
     assert {x["error"]["code"] for x in errors} == {"input_file_deleted"}
     numbers = sorted(int(x["custom_id"][1:]) + 1 for x in output) + sorted(x["error"]["line"] for x in errors)
     assert sorted(numbers) == list(range(1, 11))  # every line once, answered or failed
+
+
+def test_a_lines_tokens_are_read_from_either_usage_shape() -> None:
+    from serving.gateway.batches import _line_tokens
+
+    def recorded(usage: Any) -> str:
+        answer = {"status_code": 200, "body": {"usage": usage}}
+        return "7 " + json.dumps({"custom_id": "c", "response": answer})
+
+    chat = {"prompt_tokens": 10, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 8},
+            "completion_tokens_details": {"reasoning_tokens": 3}}  # fmt: skip
+    responses = {"input_tokens": 9, "output_tokens": 5, "input_tokens_details": {"cached_tokens": 2},
+                 "output_tokens_details": {"reasoning_tokens": 1}}  # fmt: skip
+    assert _line_tokens(recorded(chat)) == (10, 4, 8, 3)
+    assert _line_tokens(recorded(responses)) == (9, 5, 2, 1)
+    assert _line_tokens(recorded({"prompt_tokens": -1, "prompt_tokens_details": [1]})) == (0, 0, 0, 0)
+    assert _line_tokens(recorded(None)) == (0, 0, 0, 0)
+    assert _line_tokens("3 not json") == (0, 0, 0, 0)
+    error_line = "4 " + json.dumps({"custom_id": None, "response": None, "error": {"code": "x"}})
+    assert _line_tokens(error_line) == (0, 0, 0, 0)
