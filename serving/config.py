@@ -752,6 +752,11 @@ class ResponsesConfig(_Strict):
     """A background response whose gateway replica stopped sending heartbeats (it died) for
     this long is marked ``failed`` by another replica. Heartbeats go every sixth of this."""
 
+    background_drain_s: float = Field(default=10.0, ge=0)
+    """A gateway replica stopping gracefully gives its running background responses this
+    long to finish before it fails them; its queued ones (not at an engine yet) are run by
+    another replica."""
+
     background_events_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     """How long a background response's stream events are kept (for ``starting_after``)
     after the last one was written."""

@@ -295,7 +295,8 @@ class GatewayMetrics:
         self.background = Counter(
             PREFIX + "background_responses",
             "Background responses this gateway ran, by outcome: completed, incomplete, failed, "
-            "cancelled, lost (its replica died: failed by this one's sweeper), refused (429 at creation).",
+            "cancelled, lost (its replica died mid-generation: failed by this one's sweeper), adopted "
+            "(queued on a replica that died or stopped: run here), refused (429 at creation).",
             ["outcome"],
             registry=self.registry,
         )

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -76,7 +77,7 @@ POLL_S = 0.05
 """How often a stream reader looks for new events while there are none."""
 READER_REDIS_DOWN_S = 10.0
 """A stream reader that cannot reach Redis for this long ends with an error event (503)."""
-SWEEP_EVERY = 8
+SWEEP_EVERY = 2
 """The sweeper runs every this many heartbeats."""
 RETRY_MAX_S = 10.0
 STOPPED = "The gateway replica running this response stopped."
@@ -98,7 +99,8 @@ _DEFAULTS: dict[str, Any] = {"parallel_tool_calls": True, "tool_choice": "auto",
 
 # KEYS: state, record, index, events, live, active
 # ARGV: expected status ('' when creating), new status, record, ttl ms, now ms, response id,
-#       live member, events ttl ms, first event ('' for none), owner ('' keeps it)
+#       live member, events ttl ms, first event ('' for none), owner ('' keeps it),
+#       the request to run ('' keeps it: what another replica needs to adopt it)
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if ARGV[1] == '' then
@@ -113,6 +115,7 @@ redis.call('ZADD', KEYS[3], now + ttl, ARGV[6])
 redis.call('PEXPIRE', KEYS[3], ttl)
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'owner', ARGV[10]) end
+if ARGV[11] and ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'request', ARGV[11]) end
 redis.call('PEXPIRE', KEYS[1], ttl)
 if ARGV[9] ~= '' then redis.call('XADD', KEYS[4], '0-1', 'data', ARGV[9]) end
 local s = ARGV[2]
@@ -137,6 +140,15 @@ for i = 2, #ARGV, 2 do
   redis.call('XADD', KEYS[2], ARGV[i], 'data', ARGV[i + 1])
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: state, live; ARGV: owner seen, new owner, live member, now ms
+_ADOPT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 return 1
 """
 
@@ -283,10 +295,12 @@ class Background:
         config: ResponsesConfig,
         metrics: GatewayMetrics,
         submit: Submit,
+        tenant_of: Callable[[str], Tenant | None],
         *,
         owner: str | None = None,
     ) -> None:
         self._redis = redis
+        self._tenant_of = tenant_of
         self._conversations = conversations
         self._config = config
         self._metrics = metrics
@@ -294,6 +308,7 @@ class Background:
         self._keys = _Keys(store, config.key_prefix)
         self._transition = redis.register_script(_TRANSITION)
         self._append = redis.register_script(_APPEND)
+        self._adopt = redis.register_script(_ADOPT)
         self.owner = owner or uuid.uuid4().hex[:12]
         self._runs: dict[str, _Run] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -304,13 +319,26 @@ class Background:
             self._loop_task = asyncio.create_task(self._maintain(), name="background-responses")
 
     async def stop(self) -> None:
-        """Stop the watch and fail what still runs here (no replica would finish it)."""
+        """Graceful shutdown: the responses still waiting for the engine are handed to the
+        other replicas (their heartbeat set to 0: the next sweep adopts them); the running
+        ones get ``background_drain_s`` to finish, then fail (no replica would finish them)."""
         task, self._loop_task = self._loop_task, None
         await cancel_and_wait(task)
-        runs = list(self._runs.values())
-        for run in runs:
+        queued = [run for run in self._runs.values() if run.status == "queued"]
+        for run in queued:
             await cancel_and_wait(run.task)
-        for run in runs:
+        with contextlib.suppress(*REDIS_DOWN):
+            if queued:
+                await self._redis.zadd(
+                    self._keys.live, {_member(r.tenant.id, r.id): 0 for r in queued}, xx=True
+                )
+        running = [run.task for run in self._runs.values() if run.task is not None and not run.task.done()]
+        if running:
+            await asyncio.wait(running, timeout=self._config.background_drain_s)
+        left = [run for run in self._runs.values() if run not in queued]
+        for run in left:
+            await cancel_and_wait(run.task)
+        for run in left:
             with contextlib.suppress(*REDIS_DOWN):
                 await self._fail(run, "server_error", STOPPED, tries=1)
         self._runs.clear()
@@ -351,19 +379,25 @@ class Background:
         queued = self._conversations.present(turn, _queued_response(ctx.body, ctx.model))
         run = _Run(tenant, turn, StoredResponse(queued, turn.input, turn.context))
         event = {"type": "response.queued", "sequence_number": 0, "response": queued}
+        body = {k: v for k, v in ctx.body.items() if k not in ("background", "previous_response_id")}
+        body["stream"] = True
+        request = dumps({"body": body, "request_id": ctx.request_id})
         try:
-            created = await self._move(run, "", "queued", first_event=_sse(event), owner=self.owner)
+            created = await self._move(
+                run, "", "queued", first_event=_sse(event), owner=self.owner, request=request
+            )
         except REDIS_DOWN:
             raise StoreUnavailableError() from None
         if not created:  # an id collision: never in practice
             raise StoreUnavailableError()
-        body = {k: v for k, v in ctx.body.items() if k not in ("background", "previous_response_id")}
-        body["stream"] = True
-        self._runs[run.id] = run
-        run.task = asyncio.create_task(self._run(run, body, ctx.request_id), name=f"background-{run.id}")
+        self._start(run, body, ctx.request_id)
         if ctx.body.get("stream") is True:
             return self._follow(tenant.id, run.id, -1)
         return queued
+
+    def _start(self, run: _Run, body: dict[str, Any], request_id: str) -> None:
+        self._runs[run.id] = run
+        run.task = asyncio.create_task(self._run(run, body, request_id), name=f"background-{run.id}")
 
     # ----------------------------------------------------------------- the run
     async def _run(self, run: _Run, body: dict[str, Any], request_id: str) -> None:
@@ -494,16 +528,21 @@ class Background:
         return False
 
     async def _move(
-        self, run: _Run, expected: str, status: str, *, first_event: str = "", owner: str = ""
+        self,
+        run: _Run,
+        expected: str,
+        status: str,
+        *,
+        first_event: str = "",
+        owner: str = "",
+        request: str = "",
     ) -> bool:
         """Move ``run``'s state from ``expected`` to ``status`` with its stored response."""
         if status != "queued":
             run.stored.response["status"] = status
         tenant = run.tenant.id
-        moved = await self._transition(
-            keys=self._state_keys(tenant, run.id),
-            args=self._transition_args(tenant, run.id, expected, status, run.stored, first_event, owner),
-        )
+        args = self._transition_args(tenant, run.id, expected, status, run.stored, first_event, owner)
+        moved = await self._transition(keys=self._state_keys(tenant, run.id), args=[*args, request])
         if moved:
             run.status = status
         return bool(moved)
@@ -691,6 +730,39 @@ class Background:
                 pipe.zadd(self._keys.active(run.tenant.id), {run.id: now}, xx=True)
             await pipe.execute()
 
+    async def _adopted(self, tenant_id: str, response_id: str, stored: StoredResponse) -> bool:
+        """Take over a queued response whose replica is gone (or handed it over at its
+        stop): True when it runs here now."""
+        state = self._keys.state(tenant_id, response_id)
+        owner, raw = await self._redis.hmget(state, ["owner", "request"])
+        tenant = self._tenant_of(tenant_id)
+        if raw is None or tenant is None:
+            return False  # nothing to run it with (or the tenant is gone): it fails
+        try:
+            request = json.loads(raw)
+            body, request_id = dict(request["body"]), str(request["request_id"])
+        except (ValueError, KeyError, TypeError):
+            return False
+        seen = _text(owner) if owner is not None else ""
+        member = _member(tenant_id, response_id)
+        now = int(time.time() * 1000)
+        if not await self._adopt(keys=[state, self._keys.live], args=[seen, self.owner, member, now]):
+            return True  # another replica took it (or it moved on): not ours to fail
+        response = stored.response
+        turn = Turn(
+            store=False,
+            client_store=True,
+            previous_response_id=response.get("previous_response_id"),
+            context=stored.context,
+            input=stored.input,
+            response_id=response_id,
+            background=True,
+        )
+        self._start(_Run(tenant, turn, stored), body, request_id)
+        self._metrics.background.labels(outcome="adopted").inc()
+        log.info("background response %s of tenant %s: adopted from replica %s", response_id, tenant_id, seen)
+        return True
+
     async def sweep(self) -> int:
         """Fail the background responses whose replica stopped its heartbeats; how many."""
         cutoff = int(time.time() * 1000) - self._orphan_ms()
@@ -708,6 +780,8 @@ class Background:
             if stored is None or status is None or status in TERMINAL:
                 await self._redis.zrem(self._keys.live, member)
                 continue
+            if status == "queued" and await self._adopted(tenant, response_id, stored):
+                continue  # it had not reached an engine: it runs here now
             stored.response["status"] = "failed"
             stored.response["error"] = {
                 "code": "server_error",

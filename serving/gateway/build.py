@@ -198,6 +198,7 @@ def build_gateway(
             cfg.responses,
             metrics,
             service.submit,
+            auth.tenant,
             owner=service.gateway_id,
         )
         service.background = background

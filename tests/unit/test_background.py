@@ -81,9 +81,9 @@ class SlowResponses(FakeEngine):
                 delta = {"type": "response.output_text.delta", "sequence_number": i + 1, "delta": f" w{i}"}
                 yield EngineSSE(f"event: response.output_text.delta\ndata: {json.dumps(delta)}\n\n")
             final = {"type": "response.completed", "sequence_number": self.words + 1, "response": response}
-            yield EngineSSE(f"event: response.completed\ndata: {json.dumps(final)}\n\n")
-            done = True
+            done = True  # (the reader may close the stream as soon as it has the last event)
             self.finished += 1
+            yield EngineSSE(f"event: response.completed\ndata: {json.dumps(final)}\n\n")
         finally:
             if not done:
                 self.closed += 1
@@ -342,19 +342,89 @@ async def test_a_replica_that_dies_leaves_its_response_to_the_other_replicas_swe
             await g.close()
 
 
-async def test_a_replica_stopped_fails_its_running_responses(redis_client: Any) -> None:
+async def test_a_replica_stopped_drains_then_fails_its_running_responses(redis_client: Any) -> None:
+    """Stopped gracefully: a running response that ends within ``background_drain_s``
+    completes; one that does not is failed at the end of the drain."""
     engine = SlowResponses(words=10_000, tick_s=0.01)
-    one, two = await _pair(redis_client, engine)
+    one, two = await _pair(redis_client, engine, background_drain_s=0.5)
     try:
-        rid = (await one.http.post("/v1/responses", json=BODY, headers=auth("a"))).json()["id"]
+        long = (await one.http.post("/v1/responses", json=BODY, headers=auth("a"))).json()["id"]
         await engine.started.wait()
+        engine.words = 20  # the next one ends in about 0.2 s
+        engine.started.clear()
+        short = (await one.http.post("/v1/responses", json=BODY, headers=auth("a"))).json()["id"]
+        await engine.started.wait()
+        started = time.monotonic()
         await one.service.stop()
-        failed = await _poll(two, rid, {"failed"})
+        assert time.monotonic() - started < 3
+        assert (await _poll(two, short, {"completed"}))["status"] == "completed"
+        failed = await _poll(two, long, {"failed"})
         assert failed["error"]["code"] == "server_error"
         assert engine.closed == 1
     finally:
         await one.http.aclose()
         await two.close()
+
+
+async def test_queued_responses_of_a_stopped_replica_run_on_another(redis_client: Any) -> None:
+    """Still waiting for an engine when their replica stops gracefully: handed over, the
+    other replica's next sweep adopts them and they complete there, once."""
+    engine = SlowResponses()
+    engine.gate.clear()
+    one, two = await _pair(redis_client, engine)
+    try:
+        ids = [
+            (await one.http.post("/v1/responses", json=BODY, headers=auth("a"))).json()["id"]
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.1)
+        await one.service.stop()
+        for rid in ids:
+            assert (await _poll(two, rid, {"queued"}))["status"] == "queued"
+        engine.gate.set()
+        survivor = two.service.background
+        assert isinstance(survivor, Background)
+        assert await survivor.sweep() == 0  # adopted, not failed
+        for rid in ids:
+            done = await _poll(two, rid, {"completed"})
+            assert done["id"] == rid
+        assert two.metric("oss_serving_background_responses_total", outcome="adopted") == 3
+        assert engine.finished == 3
+        whole = await two.http.get(f"/v1/responses/{ids[0]}?stream=true", headers=auth("a"))
+        events = _events(whole.text)
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[0]["type"] == "response.queued"
+        assert events[-1]["type"] == "response.completed"
+    finally:
+        await one.http.aclose()
+        await two.close()
+
+
+async def test_a_queued_response_of_a_dead_replica_is_adopted_after_its_heartbeats_stop(
+    redis_client: Any,
+) -> None:
+    engine = SlowResponses()
+    engine.gate.clear()
+    one, two = await _pair(redis_client, engine)
+    try:
+        rid = (await one.http.post("/v1/responses", json=BODY, headers=auth("a"))).json()["id"]
+        dead = one.service.background
+        assert isinstance(dead, Background)
+        for task in [dead._loop_task, *(r.task for r in dead._runs.values())]:  # killed: no word
+            assert task is not None
+            task.cancel()
+        await asyncio.sleep(0.05)
+        survivor = two.service.background
+        assert isinstance(survivor, Background)
+        await survivor.sweep()
+        assert survivor.running == 0  # its heartbeats are still fresh
+        engine.gate.set()
+        await asyncio.sleep(1.2)  # background_orphan_after_s
+        await survivor.sweep()
+        assert (await _poll(two, rid, {"completed"}))["status"] == "completed"
+    finally:
+        for g in (one, two):
+            await g.close()
 
 
 async def test_bad_input_and_the_tenants_limit(redis_client: Any) -> None:
