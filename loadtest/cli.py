@@ -448,6 +448,54 @@ def plan(**opts: Any) -> None:
     click.echo(json.dumps({k: result[k] for k in ("replicas", "gpus", "gpus_per_replica")}))
 
 
+def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
+    """Run the designed calibration experiment (``calibrate.design``) against the endpoint,
+    saving each level under ``conc_<N>/``; returns its :class:`CalibrationPoint` s."""
+    from loadtest.calibrate import CalibrationPoint, design_configs
+
+    points = []
+    d = cfg.calibrate.design
+    console.print(
+        f"calibration design: prompts {d.input_tokens} x outputs {d.output_tokens} tokens, "
+        f"closed loop at concurrency {d.concurrency}"
+    )
+    with _progress(cfg.output.progress, console) as prog:
+        runner = make_runner(cfg, None, prog)
+        for pc in design_configs(cfg):
+            raw = runner(pc)
+            result = _save_run(cfg.output.dir / f"conc_{pc.load.concurrency}", pc, raw)
+            m = result["metrics"]
+            console.print(
+                f"concurrency {pc.load.concurrency}: {m['completed']}/{m['total']} completed, "
+                f"{m['request_throughput']:.3f} req/s{'' if result['valid'] else ' [INVALID RUN]'}"
+            )
+            points.append(CalibrationPoint(float(pc.load.concurrency), raw.records, raw.samples))
+    return points
+
+
+def print_fit(console: Console, report: Any) -> None:
+    """The fitted coefficients with their standard errors, and the identification warnings."""
+    t = Table(
+        title=f"fit (decode R^2 {report.decode_r2:.3f}, {report.decode_samples} TPOT rows, "
+        f"{report.prefill_samples} first-token rows)"
+    )
+    for col in ("coefficient", "value", "standard error", "relative"):
+        t.add_column(col, justify="left" if col == "coefficient" else "right")
+    for name, value in report.coefficients.items():
+        se = report.standard_errors[name]
+        rse = report.relative_se(name)
+        flag = "[yellow]" if name in report.poorly_identified else ""
+        t.add_row(
+            f"{flag}{name}",
+            f"{value:.4g}",
+            "-" if math.isnan(se) else f"{se:.2g}",
+            "-" if not math.isfinite(rse) else f"{rse:.0%}",
+        )
+    console.print(t)
+    for note in report.notes:
+        console.print(f"[yellow]warning:[/yellow] {note}")
+
+
 @main.command()
 @_common
 @_sweep_opts
@@ -458,7 +506,14 @@ def plan(**opts: Any) -> None:
 @click.option("--num-kv-blocks", type=int, help="KV blocks (default: scraped vllm:cache_config_info).")
 @click.option("--profile-out", type=click.Path(dir_okay=False), default="profile.yaml", show_default=True)
 def calibrate(**opts: Any) -> None:
-    """Fit a simulated-engine profile from a sweep against a real endpoint."""
+    """Fit a simulated-engine profile against a real endpoint.
+
+    Without a workload or rates, runs the designed experiment of ``calibrate.design``
+    (prompt length x output length x concurrency); with --workload/--input-tokens/
+    --output-tokens or --rates/--start-rate (or ``sweep.rates`` in the config), a rate
+    sweep of that workload. Writes the profile and, next to it, ``<name>.fit.json`` with
+    each coefficient's standard error; warns about poorly identified coefficients.
+    """
     from loadtest.calibrate import CalibrationPoint, fit_profile
     from loadtest.results import load_run_records
     from loadtest.scrape import Sample
@@ -479,18 +534,29 @@ def calibrate(**opts: Any) -> None:
             if (sub / "server_metrics.jsonl").exists():
                 with (sub / "server_metrics.jsonl").open(encoding="utf-8") as fh:
                     samples = [Sample(**json.loads(line)) for line in fh if line.strip()]
-            points.append(CalibrationPoint(result["target_rate"] or math.nan, load_run_records(sub), samples))
+            level = result["target_rate"] or result.get("concurrency") or math.nan
+            points.append(CalibrationPoint(level, load_run_records(sub), samples))
     else:
         if opts["profile_path"]:
             raise click.UsageError("calibrate fits a real endpoint: drop --profile")
-        res, _ = do_sweep(cfg, None, console)
-        points = [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in res.points]
-    report = fit_profile(points, cfg.calibrate, name=f"calibrated:{cfg.target.model}")
-    Path(opts["profile_out"]).write_text(
-        yaml.safe_dump(report.profile.model_dump(mode="json"), sort_keys=False)
-    )
-    console.print(yaml.safe_dump(report.to_dict(), sort_keys=False))
-    console.print(f"profile written to {opts['profile_out']}")
+        chosen = [
+            opts.get(k) for k in ("workload_path", "input_tokens", "output_tokens", "rates", "start_rate")
+        ]
+        if any(chosen) or cfg.sweep.rates:
+            res, _ = do_sweep(cfg, None, console)
+            points = [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in res.points]
+        else:
+            points = do_design(cfg, console)
+    try:
+        report = fit_profile(points, cfg.calibrate, name=f"calibrated:{cfg.target.model}")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out = Path(opts["profile_out"])
+    out.write_text(yaml.safe_dump(report.profile.model_dump(mode="json"), sort_keys=False))
+    fit_json = out.with_name(out.stem + ".fit.json")
+    fit_json.write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+    print_fit(console, report)
+    console.print(f"profile written to {out}, fit with standard errors to {fit_json}")
 
 
 @main.command("sim-engine", context_settings={"ignore_unknown_options": True}, add_help_option=False)
