@@ -387,8 +387,22 @@ def slo(**opts: Any) -> None:
 @click.option("--max-unavailable", type=int)
 @click.option("--max-surge", type=int)
 @click.option("--max-utilization", type=float)
+@click.option(
+    "--validation",
+    "validation_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="validation.json of `oss-loadtest validate` for this profile: its error becomes the margin.",
+)
+@click.option(
+    "--refuse-outside", is_flag=True, help="Refuse (exit 2) a workload outside the validated ranges."
+)
 def plan(**opts: Any) -> None:
-    """Replicas and GPUs for a target load and SLOs (from measured results or a profile)."""
+    """Replicas and GPUs for a target load and SLOs (from measured results or a profile).
+
+    A plan on a profile gives away a margin for the simulator's error: the largest
+    absolute saturation-throughput error of --validation (usable = predicted x
+    max_utilization x (1 - margin)), or ``plan.unvalidated_margin`` without one.
+    """
     from loadtest.plan import capacity_plan
 
     extra = {
@@ -404,6 +418,12 @@ def plan(**opts: Any) -> None:
     }
     cfg = _config_or_exit(opts, extra)
     console = Console(stderr=True)
+    margin, margin_source = 0.0, "measured capacity: no simulation margin"
+    extra_notes: list[str] = []
+    if opts.get("profile_path"):
+        margin, margin_source, extra_notes = _plan_margin(cfg, opts.get("validation_path"), opts, console)
+    elif opts.get("validation_path"):
+        console.print("[yellow]warning:[/yellow] --validation ignored: a measured capacity needs no margin")
     if opts.get("from_path"):
         doc = json.loads(Path(opts["from_path"]).read_text(encoding="utf-8"))
         capacity, source, slos = (
@@ -427,9 +447,10 @@ def plan(**opts: Any) -> None:
     else:
         raise click.UsageError("give --from slo.json (measured) or --profile PROFILE (simulated)")
     try:
-        result = capacity_plan(cfg.plan, capacity, source, slos)
+        result = capacity_plan(cfg.plan, capacity, source, slos, margin, margin_source)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    result["assumptions"].extend(extra_notes)
     cfg.output.dir.mkdir(parents=True, exist_ok=True)
     (cfg.output.dir / "capacity_plan.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     console.print(
@@ -443,9 +464,42 @@ def plan(**opts: Any) -> None:
             f"cost {c['per_hour']:.2f}/hour, {c['per_month']:.0f}/month, "
             f"{c['per_million_requests']:.2f}/M requests"
         )
+    console.print(f"margin {result['margin']:.1%}: {result['margin_source']}")
     for a in result["assumptions"]:
         console.print(f"  - {a}")
-    click.echo(json.dumps({k: result[k] for k in ("replicas", "gpus", "gpus_per_replica")}))
+    click.echo(json.dumps({k: result[k] for k in ("replicas", "gpus", "gpus_per_replica", "margin")}))
+
+
+def _plan_margin(
+    cfg: LoadTestConfig, validation_path: str | None, opts: dict[str, Any], console: Console
+) -> tuple[float, str, list[str]]:
+    """(margin, where it came from, notes for the plan's assumptions) of a profile plan;
+    warns, or refuses with --refuse-outside, for a workload outside the validated ranges."""
+    from loadtest.validation import (
+        margin_from_validation,
+        outside_validated_range,
+        ttft_error_summary,
+        workload_lengths,
+    )
+
+    if validation_path is None:
+        m = cfg.plan.unvalidated_margin
+        why = f"default plan.unvalidated_margin {m:.0%}, UNVALIDATED: no --validation table given"
+        return m, why, ["the margin is a default, not a measured error: run `oss-loadtest validate`"]
+    doc = json.loads(Path(validation_path).read_text(encoding="utf-8"))
+    try:
+        margin = margin_from_validation(doc, validation_path)
+    except (ValueError, KeyError) as exc:
+        raise click.UsageError(f"--validation: {exc}") from exc
+    notes = [ttft_error_summary(doc)]
+    outside = outside_validated_range(doc, workload_lengths(cfg.workload), cfg.plan.range_tolerance)
+    for why in outside:
+        msg = f"the planned workload is outside what was validated: {why}"
+        if opts.get("refuse_outside"):
+            raise click.UsageError(msg + " (--refuse-outside)")
+        console.print(f"[yellow]warning:[/yellow] {msg}")
+        notes.append(f"WARNING: {msg}; the margin may not cover it")
+    return margin.value, margin.source, notes
 
 
 def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
@@ -557,6 +611,97 @@ def calibrate(**opts: Any) -> None:
     fit_json.write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
     print_fit(console, report)
     console.print(f"profile written to {out}, fit with standard errors to {fit_json}")
+
+
+@main.command()
+@_common
+@_sweep_opts
+@click.option(
+    "--set",
+    "set_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Validation set YAML (default: loadtest/validation_set.yaml).",
+)
+@click.option("--only", multiple=True, help="Run only this workload of the set (repeat).")
+def validate(**opts: Any) -> None:
+    """Sweep held-out workloads for real and with --profile in virtual time; print the error
+    table and write validation.json (what `plan --validation` reads)."""
+    from loadtest.validation import (
+        load_validation_set,
+        margin_from_validation,
+        validation_document,
+        validation_row,
+    )
+
+    if not opts.get("profile_path"):
+        raise click.UsageError("validate needs --profile: the calibrated profile to check")
+    cfg = _config_or_exit(opts, _sweep_extra(opts))
+    if 50.0 not in cfg.metrics.percentiles:
+        cfg.metrics.percentiles = [*cfg.metrics.percentiles, 50.0]
+    try:
+        vset = load_validation_set(opts.get("set_path"))
+    except (ValidationError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    workloads = [w for w in vset.workloads if not opts["only"] or w.name in opts["only"]]
+    if not workloads:
+        raise click.UsageError(f"none of {list(opts['only'])} is in the set {vset.name}")
+    console = Console(stderr=True)
+    rows = []
+    all_valid = True
+    for spec in workloads:
+        sweeps = []
+        for kind, profile in (("measured", None), ("predicted", opts["profile_path"])):
+            wc = cfg.model_copy(deep=True)
+            wc.workload = spec
+            wc.output.dir = cfg.output.dir / spec.name / kind
+            console.print(f"[bold]{spec.name}[/bold]: {kind}")
+            res, results = do_sweep(wc, profile, console)
+            all_valid = all_valid and all(r["valid"] for r in results)
+            sweeps.append(res)
+        rows.append(validation_row(spec, *sweeps))
+    doc = validation_document(vset.name, opts["profile_path"], rows)
+    cfg.output.dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.output.dir / "validation.json"
+    path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    _print_validation(console, doc)
+    try:
+        m = margin_from_validation(doc, str(path))
+        console.print(f"plan margin from this table: {m.value:.1%} ({m.source})")
+    except ValueError as exc:
+        console.print(f"[yellow]warning:[/yellow] {exc}")
+    console.print(f"error table in {path}")
+    if not all_valid:
+        raise SystemExit(EXIT_INVALID)
+
+
+def _print_validation(console: Console, doc: dict[str, Any]) -> None:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.1%}"
+
+    def num(x: float | None, scale: float = 1.0, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x * scale, fmt)
+
+    t = Table(title=f"validation of {doc['profile']} on {doc['set']}")
+    for col in ("workload", "in tok", "out tok", "sat. req/s meas.", "pred.", "error"):
+        t.add_column(col, justify="left" if col == "workload" else "right")
+    for col in ("TTFT p50 ms meas.", "pred.", "error"):
+        t.add_column(col, justify="right")
+    for r in doc["rows"]:
+        m, p = r["measured"], r["predicted"]
+        t.add_row(
+            r["workload"] + ("" if m["saturated"] else " *"),
+            f"{r['input_tokens']:.0f}",
+            f"{r['output_tokens']:.0f}",
+            num(m["saturation_rps"]),
+            num(p["saturation_rps"]),
+            pct(r["saturation_error"]),
+            num(m["ttft_p50_lowest_rate_s"], 1e3, ".0f"),
+            num(p["ttft_p50_lowest_rate_s"], 1e3, ".0f"),
+            pct(r["ttft_p50_error"]),
+        )
+    console.print(t)
+    if any(not r["measured"]["saturated"] for r in doc["rows"]):
+        console.print("* the measured sweep never saturated: its throughput error is at the highest rate")
 
 
 @main.command("sim-engine", context_settings={"ignore_unknown_options": True}, add_help_option=False)

@@ -214,6 +214,12 @@ class PlanConfig(_Strict):
     """Price of one GPU-hour; gives the cost."""
     use_lower_bound: bool = True
     """Plan on the lower end of the capacity's confidence interval."""
+    unvalidated_margin: float = Field(default=0.25, ge=0, lt=1)
+    """Margin of a plan on a simulated profile without a validation table: a round
+    default, not a measured error (``oss-loadtest validate`` gives the measured one)."""
+    range_tolerance: float = Field(default=0.25, ge=0)
+    """A planned workload whose mean prompt or output length lies more than this fraction
+    outside the validated range is reported (or refused with ``--refuse-outside``)."""
 
 
 class CalibrationDesign(_Strict):
