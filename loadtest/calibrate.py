@@ -6,16 +6,21 @@ Only what the client saw is needed (plus ``vllm:cache_config_info`` when scraped
    window (first to last output chunk) spans ``n - 1`` engine steps. The sequences
    decoding alongside it and the KV tokens they held are rebuilt from all requests of
    the same point, and so are the uncached prompt tokens of requests that started
-   during the window (their prefill stalls everyone's steps). Per request:
+   during the window (their prefill stalls everyone's steps; a request whose first
+   token came within half a step of this one's was prefilled in the same step, before
+   the window). Per request:
    ``TPOT = step_base + step_per_seq * running + step_per_kv_token * kv
-   + prefill_per_token * prefill_tokens_in_window / (n - 1)``. At the lowest rate each
+   + prefill_per_token * prefill_tokens_in_window / (n - 1)``. At the lowest load each
    request also gives ``TTFT(from send) = request_overhead + step_base + step_per_seq
-   + prefill_per_token * uncached_prompt``. All rows are solved together by least
+   + step_per_kv_token * prompt + prefill_per_token * uncached_prompt`` (the prompt is
+   in the KV cache during its own prefill step). All rows are solved together by least
    squares with non-negative coefficients (a term that comes out negative is dropped
    and the rest refitted), so the prefill cost is pinned by both its effect on first
-   tokens and its stalls of other requests' decoding.
+   tokens and its stalls of other requests' decoding. The fit is done twice: the
+   second time each set of rows (TPOT, first-token) is weighted by the inverse of its
+   residual spread in the first, since first tokens are far noisier than TPOTs.
 2. **Fit quality and uncertainty.** ``decode_r2`` is the R^2 of the TPOT rows. Each
-   coefficient gets a standard error from the residual variance of all rows and
+   coefficient gets a standard error from the residual variance of all (weighted) rows and
    ``(X^T X)^-1`` of the columns the non-negativity step kept (columns that the data
    cannot tell apart, a rank-deficient design, get an infinite one). The analytic form
    is used rather than a bootstrap over requests: it is deterministic, costs one matrix
