@@ -642,9 +642,10 @@ def validate(**opts: Any) -> None:
         vset = load_validation_set(opts.get("set_path"))
     except (ValidationError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
+    unknown = set(opts["only"]) - {w.name for w in vset.workloads}
+    if unknown:
+        raise click.UsageError(f"not in the set {vset.name}: {sorted(unknown)}")
     workloads = [w for w in vset.workloads if not opts["only"] or w.name in opts["only"]]
-    if not workloads:
-        raise click.UsageError(f"none of {list(opts['only'])} is in the set {vset.name}")
     console = Console(stderr=True)
     rows = []
     all_valid = True
@@ -682,8 +683,9 @@ def _print_validation(console: Console, doc: dict[str, Any]) -> None:
         return "-" if x is None else format(x * scale, fmt)
 
     t = Table(title=f"validation of {doc['profile']} on {doc['set']}")
-    for col in ("workload", "in tok", "out tok", "sat. req/s meas.", "pred.", "error"):
-        t.add_column(col, justify="left" if col == "workload" else "right")
+    t.add_column("workload", no_wrap=True)
+    for col in ("in tok", "out tok", "sat. req/s meas.", "pred.", "error"):
+        t.add_column(col, justify="right")
     for col in ("TTFT p50 ms meas.", "pred.", "error"):
         t.add_column(col, justify="right")
     for r in doc["rows"]:

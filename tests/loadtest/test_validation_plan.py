@@ -189,6 +189,9 @@ def test_validate_end_to_end_against_the_simulated_engine(tmp_path: Path) -> Non
         assert (out / row["workload"] / "predicted" / "sweep.json").exists()
     for name in names:
         assert name in r.output
+    bad = CliRunner().invoke(main, [*args, "--only", "no-such-workload"])
+    assert bad.exit_code == 2
+    assert "no-such-workload" in bad.output
     assert "plan margin from this table" in r.output
     # the table round-trips into plan
     args = [
