@@ -172,3 +172,10 @@ def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Pat
     assert set(fit["coefficients"]) == set(COEFFICIENTS)
     assert "standard_error" in fit["coefficients"]["step_base_s"]
     assert yaml.safe_load((tmp_path / "p.yaml").read_text())["max_num_seqs"] == 8
+    # the saved design folder fits again to the same coefficients (levels read back)
+    again = ["calibrate", "--from-sweep", str(tmp_path / "cal"), "--max-num-seqs", "8"]
+    r = CliRunner().invoke(main, [*again, "--profile-out", str(tmp_path / "q.yaml")])
+    assert r.exit_code == 0, r.output
+    refit = json.loads((tmp_path / "q.fit.json").read_text())
+    for name in COEFFICIENTS:
+        assert refit["coefficients"][name]["value"] == pytest.approx(fit["coefficients"][name]["value"])
