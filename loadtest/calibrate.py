@@ -6,15 +6,37 @@ Only what the client saw is needed (plus ``vllm:cache_config_info`` when scraped
    window (first to last output chunk) spans ``n - 1`` engine steps. The sequences
    decoding alongside it and the KV tokens they held are rebuilt from all requests of
    the same point, and so are the uncached prompt tokens of requests that started
-   during the window (their prefill stalls everyone's steps). Per request:
+   during the window (their prefill stalls everyone's steps; a request whose first
+   token came within half a step of this one's was prefilled in the same step, before
+   the window). Per request:
    ``TPOT = step_base + step_per_seq * running + step_per_kv_token * kv
-   + prefill_per_token * prefill_tokens_in_window / (n - 1)``. At the lowest rate each
+   + prefill_per_token * prefill_tokens_in_window / (n - 1)``. At the lowest load each
    request also gives ``TTFT(from send) = request_overhead + step_base + step_per_seq
-   + prefill_per_token * uncached_prompt``. All rows are solved together by least
+   + step_per_kv_token * prompt + prefill_per_token * uncached_prompt`` (the prompt is
+   in the KV cache during its own prefill step). All rows are solved together by least
    squares with non-negative coefficients (a term that comes out negative is dropped
    and the rest refitted), so the prefill cost is pinned by both its effect on first
-   tokens and its stalls of other requests' decoding.
-2. **Fit quality.** ``decode_r2`` is the R^2 of the TPOT rows.
+   tokens and its stalls of other requests' decoding. The fit is done twice: the
+   second time each set of rows (TPOT, first-token) is weighted by the inverse of its
+   residual spread in the first, since first tokens are far noisier than TPOTs.
+2. **Fit quality and uncertainty.** ``decode_r2`` is the R^2 of the TPOT rows. Each
+   coefficient gets a standard error from the residual variance of all (weighted) rows and
+   ``(X^T X)^-1`` of the columns the non-negativity step kept (columns that the data
+   cannot tell apart, a rank-deficient design, get an infinite one). The analytic form
+   is used rather than a bootstrap over requests: it is deterministic, costs one matrix
+   inverse instead of hundreds of refits with the row rebuilding, and its job here is
+   to flag a coefficient the experiment did not pin down, not to give exact intervals.
+   Its caveats: the rows are not independent (the running sequences and KV tokens of a
+   row are rebuilt from requests that overlap it) and first-token rows are noisier than
+   TPOT rows, so the errors are approximate, on the optimistic side. A coefficient is
+   **poorly identified** (a note, printed by ``calibrate``) when its relative standard
+   error exceeds ``max_relative_se``, when the non-negativity step dropped it, or when
+   the regressor that identifies it takes fewer than ``min_levels`` distinct levels
+   (lengths within 10% of each other are one level): concurrency (the mean running
+   sequences of the TPOT rows) for ``step_per_seq_s``; output length for
+   ``step_per_seq_s`` and ``step_per_kv_token_s`` (with one output length the context
+   grows the same way in every decode window, and the costs that dominate long outputs
+   are extrapolated); prompt length at the lowest load for ``prefill_per_token_s``.
 3. **Capacity.** KV blocks and block size from the scraped cache configuration (or the
    configuration), ``max_num_seqs`` from the configuration; the chat template's tokens
    from ``usage.prompt_tokens`` minus the tokens the prompt was built with.
@@ -22,23 +44,47 @@ Only what the client saw is needed (plus ``vllm:cache_config_info`` when scraped
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from loadtest.config import CalibrateConfig
+from loadtest.config import CalibrateConfig, CalibrationDesign, LoadTestConfig
 from loadtest.records import RequestRecord
 from loadtest.scrape import Sample
 from loadtest.sim import EngineProfile
+from loadtest.workload import LengthDist, RequestClass, WorkloadSpec
 
-__all__ = ["CalibrationPoint", "FitReport", "fit_profile"]
+__all__ = [
+    "COEFFICIENTS",
+    "CalibrationPoint",
+    "FitReport",
+    "NonnegFit",
+    "count_levels",
+    "design_configs",
+    "design_workload",
+    "fit_profile",
+    "lstsq_nonneg",
+]
+
+#: The fitted step-model coefficients, in the order of the design matrix's columns.
+COEFFICIENTS = (
+    "request_overhead_s",
+    "step_base_s",
+    "step_per_seq_s",
+    "step_per_kv_token_s",
+    "prefill_per_token_s",
+)
 
 
 @dataclass
 class CalibrationPoint:
-    """One sweep point: its records and scraped samples."""
+    """One sweep point: its records and scraped samples.
+
+    ``rate`` is the point's load level: the offered rate, or the clients of a closed-loop
+    point; the lowest level gives the first-token rows of the fit."""
 
     rate: float
     records: list[RequestRecord]
@@ -47,20 +93,44 @@ class CalibrationPoint:
 
 @dataclass
 class FitReport:
-    """The fitted profile and how well the decode model explains the data."""
+    """The fitted profile, how well the decode model explains the data, and how well each
+    coefficient is pinned down."""
 
     profile: EngineProfile
     decode_r2: float
     decode_samples: int
     prefill_samples: int
     notes: list[str]
+    coefficients: dict[str, float] = field(default_factory=dict)
+    """Fitted value of each of :data:`COEFFICIENTS`."""
+    standard_errors: dict[str, float] = field(default_factory=dict)
+    """Standard error of each coefficient (``inf`` when not identified, ``nan`` when dropped)."""
+    poorly_identified: dict[str, list[str]] = field(default_factory=dict)
+    """Coefficient -> why it is poorly identified (empty when every one is pinned down)."""
+
+    def relative_se(self, name: str) -> float:
+        """Standard error over the value (``inf`` for a zero or unidentified value)."""
+        value, se = self.coefficients[name], self.standard_errors[name]
+        return se / abs(value) if value != 0 and math.isfinite(se) else math.inf
 
     def to_dict(self) -> dict[str, Any]:
+        def num(x: float) -> float | None:
+            return x if math.isfinite(x) else None
+
         return {
             "profile": self.profile.model_dump(mode="json"),
             "decode_r2": self.decode_r2,
             "decode_samples": self.decode_samples,
             "prefill_samples": self.prefill_samples,
+            "coefficients": {
+                k: {
+                    "value": v,
+                    "standard_error": num(self.standard_errors[k]),
+                    "relative_standard_error": num(self.relative_se(k)),
+                }
+                for k, v in self.coefficients.items()
+            },
+            "poorly_identified": self.poorly_identified,
             "notes": self.notes,
         }
 
@@ -108,18 +178,63 @@ def _cache_config(samples: Sequence[Sample]) -> dict[str, str]:
     return {}
 
 
-def _lstsq_nonneg(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+@dataclass
+class NonnegFit:
+    """Non-negative least squares with standard errors."""
+
+    coef: np.ndarray
+    se: np.ndarray
+    """Standard errors: ``nan`` for dropped columns, ``inf`` for kept ones the data cannot
+    separate from the others."""
+    dropped: list[int]
+    """Columns forced to 0 by the non-negativity step."""
+    dof: int
+
+
+def lstsq_nonneg(x: np.ndarray, y: np.ndarray) -> NonnegFit:
     """Least squares with non-negative coefficients: the most negative column is dropped
-    and the rest refitted until none is negative (an active-set approximation)."""
-    cols = list(range(x.shape[1]))
-    full = np.zeros(x.shape[1])
+    and the rest refitted until none is negative (an active-set approximation); standard
+    errors from ``s^2 (X_a^T X_a)^-1`` on the kept columns ``X_a``."""
+    k = x.shape[1]
+    cols = list(range(k))
+    dropped: list[int] = []
+    coef = np.zeros(k)
     while cols:
-        coef, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
-        if (coef >= 0).all():
-            full[cols] = coef
-            return full
-        cols.pop(int(np.argmin(coef)))
-    return full
+        c, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+        if (c >= 0).all():
+            coef[cols] = c
+            break
+        dropped.append(cols.pop(int(np.argmin(c))))
+    se = np.full(k, math.nan)
+    dof = x.shape[0] - len(cols)
+    if not cols:
+        return NonnegFit(coef, se, dropped, dof)
+    resid = y - x @ coef
+    s2 = float(resid @ resid) / dof if dof > 0 else math.inf
+    xa = x[:, cols]
+    scale = np.linalg.norm(xa, axis=0)
+    scale[scale == 0] = 1.0
+    xs = xa / scale
+    _, sv, vt = np.linalg.svd(xs, full_matrices=False)
+    null = vt[sv <= sv.max() * 1e-9] if sv.size and sv.max() > 0 else vt
+    unidentified = (np.abs(null) > 1e-6).any(axis=0) if len(null) else np.zeros(len(cols), bool)
+    cov = np.linalg.pinv(xs.T @ xs) * s2
+    kept = np.sqrt(np.maximum(np.diag(cov), 0.0)) / scale
+    kept[unidentified] = math.inf
+    se[cols] = kept
+    return NonnegFit(coef, se, dropped, dof)
+
+
+def count_levels(values: Sequence[float], rel: float = 0.1) -> int:
+    """Distinct levels of ``values``: sorted, a new level starts more than ``rel`` above
+    the start of the current one (so 512 and 515 tokens are one level)."""
+    levels = 0
+    start = -math.inf
+    for v in sorted(values):
+        if v > start * (1 + rel) + 1e-12 or levels == 0:
+            levels += 1
+            start = v
+    return levels
 
 
 def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], list[float]]:
@@ -140,16 +255,53 @@ def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], li
             frac = np.clip((ts[:, None] - firsts[None, :]) / np.maximum(lasts - firsts, 1e-9)[None, :], 0, 1)
             running = float(active.sum(axis=1).mean())
             kv = float((active * (prompts[None, :] + frac * ns[None, :])).sum(axis=1).mean())
-            started = (firsts > q.first) & (firsts <= q.last)
+            # requests whose first token came in the same step as this one's (within half
+            # a step: streams of one step arrive a little apart) were prefilled before
+            # its window; those in the step of its last token stalled the window
+            half = 0.5 * (q.last - q.first) / (q.n - 1)
+            started = (firsts > q.first + half) & (firsts <= q.last + half)
             rows.append([0.0, 1.0, running, kv, float(uncs[started].sum()) / (q.n - 1)])
             ys.append((q.last - q.first) / (q.n - 1))
     return rows, ys
 
 
+def _identification(
+    fit: NonnegFit,
+    coefs: dict[str, float],
+    ses: dict[str, float],
+    levels: dict[str, int],
+    cfg: CalibrateConfig,
+) -> dict[str, list[str]]:
+    why: dict[str, list[str]] = {}
+    for j, name in enumerate(COEFFICIENTS):
+        if j in fit.dropped:
+            why.setdefault(name, []).append("dropped by the non-negativity step (fitted as 0)")
+            continue
+        value, se = coefs[name], ses[name]
+        if not math.isfinite(se):
+            why.setdefault(name, []).append("not separable from the other terms in this data")
+        elif value == 0 or se / abs(value) > cfg.max_relative_se:
+            rse = "inf" if value == 0 else f"{se / abs(value):.0%}"
+            why.setdefault(name, []).append(f"relative standard error {rse} > {cfg.max_relative_se:.0%}")
+    needs = {
+        "step_per_seq_s": [("concurrency", "running sequences"), ("output", "output lengths")],
+        "step_per_kv_token_s": [("output", "output lengths")],
+        "prefill_per_token_s": [("prompt", "prompt lengths at the lowest load")],
+    }
+    for name, factors in needs.items():
+        for key, label in factors:
+            if levels[key] < cfg.min_levels:
+                why.setdefault(name, []).append(
+                    f"{label} take {levels[key]} distinct level(s), fewer than {cfg.min_levels}"
+                )
+    return why
+
+
 def fit_profile(
     points: Sequence[CalibrationPoint], cfg: CalibrateConfig, name: str = "calibrated"
 ) -> FitReport:
-    """Fit an :class:`EngineProfile` to the points of a sweep."""
+    """Fit an :class:`EngineProfile` to the points of a sweep (or of the designed
+    experiment), with a standard error per coefficient."""
     notes: list[str] = []
     points = sorted(points, key=lambda p: p.rate)
     per_point = [_usable(p.records) for p in points]
@@ -157,22 +309,38 @@ def fit_profile(
         raise ValueError("too few completed streamed requests with 2+ tokens to fit a profile")
     rows, ys = _decode_rows(per_point)
     low = next(p for p in per_point if p)
-    unc = np.asarray([q.uncached for q in low], dtype=float)
-    if not (unc.std() > 0.05 * max(unc.mean(), 1.0) and len(low) >= 5):
-        notes.append(
-            "prompt lengths barely vary at the lowest rate: prefill cost rests on decode stalls only"
-        )
-    ttft_rows = [[1.0, 1.0, 1.0, 0.0, float(q.uncached)] for q in low]
+    ttft_rows = [[1.0, 1.0, 1.0, float(q.prompt), float(q.uncached)] for q in low]
     ttft_ys = [q.first - q.sent for q in low]
     x = np.asarray(rows + ttft_rows)
     y = np.asarray(ys + ttft_ys)
-    coef = _lstsq_nonneg(x, y)
+    fit = lstsq_nonneg(x, y)
+    # two blocks of rows with their own noise (TPOT and first-token rows): refit with each
+    # block weighted by the inverse of its residual spread, so that the standard errors
+    # of the terms pinned by the first-token rows are not set by the quieter TPOT rows
+    resid = y - x @ fit.coef
+    spread = [float(np.sqrt(np.mean(part**2))) for part in (resid[: len(rows)], resid[len(rows) :])]
+    floor = max(max(spread) * 1e-6, 1e-12)
+    w = np.concatenate(
+        [np.full(len(rows), 1 / max(spread[0], floor)), np.full(len(ttft_rows), 1 / max(spread[1], floor))]
+    )
+    fit = lstsq_nonneg(x * w[:, None], y * w)
+    coef = fit.coef
     xd, yd = np.asarray(rows), np.asarray(ys)
     ss_res = float(((yd - xd @ coef) ** 2).sum())
     ss_tot = float(((yd - yd.mean()) ** 2).sum())
     r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 1.0
     n_rows = len(ys)
-    overhead, base, per_seq, per_kv, slope = (float(c) for c in coef)
+    coefs = {k: float(c) for k, c in zip(COEFFICIENTS, coef, strict=True)}
+    ses = {k: float(e) for k, e in zip(COEFFICIENTS, fit.se, strict=True)}
+    levels = {
+        "concurrency": count_levels([r[2] for r in rows]),
+        "output": count_levels([q.n for p in per_point for q in p]),
+        "prompt": count_levels([q.uncached for q in low]),
+    }
+    why = _identification(fit, coefs, ses, levels, cfg)
+    for coefficient, reasons in why.items():
+        notes.append(f"{coefficient} is poorly identified: {'; '.join(reasons)}")
+    overhead, base, per_seq, per_kv, slope = (coefs[k] for k in COEFFICIENTS)
     cache = next((c for c in (_cache_config(p.samples) for p in points) if c), {})
     blocks = cfg.num_kv_blocks or (int(cache["num_gpu_blocks"]) if cache.get("num_gpu_blocks") else None)
     block_size = int(cache.get("block_size") or cfg.block_size)
@@ -199,4 +367,34 @@ def fit_profile(
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         chat_template_tokens=max(0, int(np.median(template))) if template else 0,
     )
-    return FitReport(profile, r2, n_rows, len(low), notes)
+    return FitReport(profile, r2, n_rows, len(low), notes, coefs, ses, why)
+
+
+def design_workload(design: CalibrationDesign, seed: int = 0) -> WorkloadSpec:
+    """One class per (prompt length, output length) cell of the design, equal weights."""
+    classes = [
+        RequestClass(
+            name=f"in{i}-out{o}", input_tokens=LengthDist(value=i), output_tokens=LengthDist(value=o)
+        )
+        for i in design.input_tokens
+        for o in design.output_tokens
+    ]
+    return WorkloadSpec(name="calibration-design", seed=seed, classes=classes)
+
+
+def design_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
+    """The runs of the designed calibration: the design's mix as a closed loop at each
+    concurrency level (``cfg.calibrate.design``), seeds differing by level."""
+    d = cfg.calibrate.design
+    cells = len(d.input_tokens) * len(d.output_tokens)
+    out = []
+    for k, c in enumerate(d.concurrency):
+        pc = cfg.model_copy(deep=True)
+        pc.workload = design_workload(d, seed=cfg.load.seed + k)
+        pc.load.arrival = "concurrency"
+        pc.load.concurrency = c
+        pc.load.num_requests = max(c * d.requests_per_client, cells * d.requests_per_cell)
+        pc.load.max_duration_s = d.max_duration_s
+        pc.load.seed = cfg.load.seed + k
+        out.append(pc)
+    return out

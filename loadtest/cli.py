@@ -387,8 +387,22 @@ def slo(**opts: Any) -> None:
 @click.option("--max-unavailable", type=int)
 @click.option("--max-surge", type=int)
 @click.option("--max-utilization", type=float)
+@click.option(
+    "--validation",
+    "validation_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="validation.json of `oss-loadtest validate` for this profile: its error becomes the margin.",
+)
+@click.option(
+    "--refuse-outside", is_flag=True, help="Refuse (exit 2) a workload outside the validated ranges."
+)
 def plan(**opts: Any) -> None:
-    """Replicas and GPUs for a target load and SLOs (from measured results or a profile)."""
+    """Replicas and GPUs for a target load and SLOs (from measured results or a profile).
+
+    A plan on a profile gives away a margin for the simulator's error: the largest
+    absolute saturation-throughput error of --validation (usable = predicted x
+    max_utilization x (1 - margin)), or ``plan.unvalidated_margin`` without one.
+    """
     from loadtest.plan import capacity_plan
 
     extra = {
@@ -404,6 +418,12 @@ def plan(**opts: Any) -> None:
     }
     cfg = _config_or_exit(opts, extra)
     console = Console(stderr=True)
+    margin, margin_source = 0.0, "measured capacity: no simulation margin"
+    extra_notes: list[str] = []
+    if opts.get("profile_path"):
+        margin, margin_source, extra_notes = _plan_margin(cfg, opts.get("validation_path"), opts, console)
+    elif opts.get("validation_path"):
+        console.print("[yellow]warning:[/yellow] --validation ignored: a measured capacity needs no margin")
     if opts.get("from_path"):
         doc = json.loads(Path(opts["from_path"]).read_text(encoding="utf-8"))
         capacity, source, slos = (
@@ -427,9 +447,10 @@ def plan(**opts: Any) -> None:
     else:
         raise click.UsageError("give --from slo.json (measured) or --profile PROFILE (simulated)")
     try:
-        result = capacity_plan(cfg.plan, capacity, source, slos)
+        result = capacity_plan(cfg.plan, capacity, source, slos, margin, margin_source)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
+    result["assumptions"].extend(extra_notes)
     cfg.output.dir.mkdir(parents=True, exist_ok=True)
     (cfg.output.dir / "capacity_plan.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     console.print(
@@ -443,9 +464,90 @@ def plan(**opts: Any) -> None:
             f"cost {c['per_hour']:.2f}/hour, {c['per_month']:.0f}/month, "
             f"{c['per_million_requests']:.2f}/M requests"
         )
+    console.print(f"margin {result['margin']:.1%}: {result['margin_source']}")
     for a in result["assumptions"]:
         console.print(f"  - {a}")
-    click.echo(json.dumps({k: result[k] for k in ("replicas", "gpus", "gpus_per_replica")}))
+    click.echo(json.dumps({k: result[k] for k in ("replicas", "gpus", "gpus_per_replica", "margin")}))
+
+
+def _plan_margin(
+    cfg: LoadTestConfig, validation_path: str | None, opts: dict[str, Any], console: Console
+) -> tuple[float, str, list[str]]:
+    """(margin, where it came from, notes for the plan's assumptions) of a profile plan;
+    warns, or refuses with --refuse-outside, for a workload outside the validated ranges."""
+    from loadtest.validation import (
+        margin_from_validation,
+        outside_validated_range,
+        ttft_error_summary,
+        workload_lengths,
+    )
+
+    if validation_path is None:
+        m = cfg.plan.unvalidated_margin
+        why = f"default plan.unvalidated_margin {m:.0%}, UNVALIDATED: no --validation table given"
+        return m, why, ["the margin is a default, not a measured error: run `oss-loadtest validate`"]
+    doc = json.loads(Path(validation_path).read_text(encoding="utf-8"))
+    try:
+        margin = margin_from_validation(doc, validation_path)
+    except (ValueError, KeyError) as exc:
+        raise click.UsageError(f"--validation: {exc}") from exc
+    notes = [ttft_error_summary(doc)]
+    outside = outside_validated_range(doc, workload_lengths(cfg.workload), cfg.plan.range_tolerance)
+    for why in outside:
+        msg = f"the planned workload is outside what was validated: {why}"
+        if opts.get("refuse_outside"):
+            raise click.UsageError(msg + " (--refuse-outside)")
+        console.print(f"[yellow]warning:[/yellow] {msg}")
+        notes.append(f"WARNING: {msg}; the margin may not cover it")
+    return margin.value, margin.source, notes
+
+
+def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
+    """Run the designed calibration experiment (``calibrate.design``) against the endpoint,
+    saving each level under ``conc_<N>/``; returns its :class:`CalibrationPoint` s."""
+    from loadtest.calibrate import CalibrationPoint, design_configs
+
+    points = []
+    d = cfg.calibrate.design
+    console.print(
+        f"calibration design: prompts {d.input_tokens} x outputs {d.output_tokens} tokens, "
+        f"closed loop at concurrency {d.concurrency}"
+    )
+    with _progress(cfg.output.progress, console) as prog:
+        runner = make_runner(cfg, None, prog)
+        for pc in design_configs(cfg):
+            raw = runner(pc)
+            result = _save_run(cfg.output.dir / f"conc_{pc.load.concurrency}", pc, raw)
+            m = result["metrics"]
+            console.print(
+                f"concurrency {pc.load.concurrency}: {m['completed']}/{m['total']} completed, "
+                f"{m['request_throughput']:.3f} req/s{'' if result['valid'] else ' [INVALID RUN]'}"
+            )
+            points.append(CalibrationPoint(float(pc.load.concurrency), raw.records, raw.samples))
+    return points
+
+
+def print_fit(console: Console, report: Any) -> None:
+    """The fitted coefficients with their standard errors, and the identification warnings."""
+    t = Table(
+        title=f"fit (decode R^2 {report.decode_r2:.3f}, {report.decode_samples} TPOT rows, "
+        f"{report.prefill_samples} first-token rows)"
+    )
+    for col in ("coefficient", "value", "standard error", "relative"):
+        t.add_column(col, justify="left" if col == "coefficient" else "right")
+    for name, value in report.coefficients.items():
+        se = report.standard_errors[name]
+        rse = report.relative_se(name)
+        flag = "[yellow]" if name in report.poorly_identified else ""
+        t.add_row(
+            f"{flag}{name}",
+            f"{value:.4g}",
+            "-" if math.isnan(se) else f"{se:.2g}",
+            "-" if not math.isfinite(rse) else f"{rse:.0%}",
+        )
+    console.print(t)
+    for note in report.notes:
+        console.print(f"[yellow]warning:[/yellow] {note}")
 
 
 @main.command()
@@ -458,7 +560,14 @@ def plan(**opts: Any) -> None:
 @click.option("--num-kv-blocks", type=int, help="KV blocks (default: scraped vllm:cache_config_info).")
 @click.option("--profile-out", type=click.Path(dir_okay=False), default="profile.yaml", show_default=True)
 def calibrate(**opts: Any) -> None:
-    """Fit a simulated-engine profile from a sweep against a real endpoint."""
+    """Fit a simulated-engine profile against a real endpoint.
+
+    Without a workload or rates, runs the designed experiment of ``calibrate.design``
+    (prompt length x output length x concurrency); with --workload/--input-tokens/
+    --output-tokens or --rates/--start-rate (or ``sweep.rates`` in the config), a rate
+    sweep of that workload. Writes the profile and, next to it, ``<name>.fit.json`` with
+    each coefficient's standard error; warns about poorly identified coefficients.
+    """
     from loadtest.calibrate import CalibrationPoint, fit_profile
     from loadtest.results import load_run_records
     from loadtest.scrape import Sample
@@ -479,18 +588,122 @@ def calibrate(**opts: Any) -> None:
             if (sub / "server_metrics.jsonl").exists():
                 with (sub / "server_metrics.jsonl").open(encoding="utf-8") as fh:
                     samples = [Sample(**json.loads(line)) for line in fh if line.strip()]
-            points.append(CalibrationPoint(result["target_rate"] or math.nan, load_run_records(sub), samples))
+            level = result["target_rate"] or result.get("concurrency") or math.nan
+            points.append(CalibrationPoint(level, load_run_records(sub), samples))
     else:
         if opts["profile_path"]:
             raise click.UsageError("calibrate fits a real endpoint: drop --profile")
-        res, _ = do_sweep(cfg, None, console)
-        points = [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in res.points]
-    report = fit_profile(points, cfg.calibrate, name=f"calibrated:{cfg.target.model}")
-    Path(opts["profile_out"]).write_text(
-        yaml.safe_dump(report.profile.model_dump(mode="json"), sort_keys=False)
+        chosen = [
+            opts.get(k) for k in ("workload_path", "input_tokens", "output_tokens", "rates", "start_rate")
+        ]
+        if any(chosen) or cfg.sweep.rates:
+            res, _ = do_sweep(cfg, None, console)
+            points = [CalibrationPoint(p.rate, p.raw.records, p.raw.samples) for p in res.points]
+        else:
+            points = do_design(cfg, console)
+    try:
+        report = fit_profile(points, cfg.calibrate, name=f"calibrated:{cfg.target.model}")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out = Path(opts["profile_out"])
+    out.write_text(yaml.safe_dump(report.profile.model_dump(mode="json"), sort_keys=False))
+    fit_json = out.with_name(out.stem + ".fit.json")
+    fit_json.write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+    print_fit(console, report)
+    console.print(f"profile written to {out}, fit with standard errors to {fit_json}")
+
+
+@main.command()
+@_common
+@_sweep_opts
+@click.option(
+    "--set",
+    "set_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Validation set YAML (default: loadtest/validation_set.yaml).",
+)
+@click.option("--only", multiple=True, help="Run only this workload of the set (repeat).")
+def validate(**opts: Any) -> None:
+    """Sweep held-out workloads for real and with --profile in virtual time; print the error
+    table and write validation.json (what `plan --validation` reads)."""
+    from loadtest.validation import (
+        load_validation_set,
+        margin_from_validation,
+        validation_document,
+        validation_row,
     )
-    console.print(yaml.safe_dump(report.to_dict(), sort_keys=False))
-    console.print(f"profile written to {opts['profile_out']}")
+
+    if not opts.get("profile_path"):
+        raise click.UsageError("validate needs --profile: the calibrated profile to check")
+    cfg = _config_or_exit(opts, _sweep_extra(opts))
+    if 50.0 not in cfg.metrics.percentiles:
+        cfg.metrics.percentiles = [*cfg.metrics.percentiles, 50.0]
+    try:
+        vset = load_validation_set(opts.get("set_path"))
+    except (ValidationError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    unknown = set(opts["only"]) - {w.name for w in vset.workloads}
+    if unknown:
+        raise click.UsageError(f"not in the set {vset.name}: {sorted(unknown)}")
+    workloads = [w for w in vset.workloads if not opts["only"] or w.name in opts["only"]]
+    console = Console(stderr=True)
+    rows = []
+    all_valid = True
+    for spec in workloads:
+        sweeps = []
+        for kind, profile in (("measured", None), ("predicted", opts["profile_path"])):
+            wc = cfg.model_copy(deep=True)
+            wc.workload = spec
+            wc.output.dir = cfg.output.dir / spec.name / kind
+            console.print(f"[bold]{spec.name}[/bold]: {kind}")
+            res, results = do_sweep(wc, profile, console)
+            all_valid = all_valid and all(r["valid"] for r in results)
+            sweeps.append(res)
+        rows.append(validation_row(spec, *sweeps))
+    doc = validation_document(vset.name, opts["profile_path"], rows)
+    cfg.output.dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.output.dir / "validation.json"
+    path.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    _print_validation(console, doc)
+    try:
+        m = margin_from_validation(doc, str(path))
+        console.print(f"plan margin from this table: {m.value:.1%} ({m.source})")
+    except ValueError as exc:
+        console.print(f"[yellow]warning:[/yellow] {exc}")
+    console.print(f"error table in {path}")
+    if not all_valid:
+        raise SystemExit(EXIT_INVALID)
+
+
+def _print_validation(console: Console, doc: dict[str, Any]) -> None:
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.1%}"
+
+    def num(x: float | None, scale: float = 1.0, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x * scale, fmt)
+
+    t = Table(title=f"validation of {doc['profile']} on {doc['set']}")
+    t.add_column("workload", no_wrap=True)
+    for col in ("in tok", "out tok", "sat. req/s meas.", "pred.", "error"):
+        t.add_column(col, justify="right")
+    for col in ("TTFT p50 ms meas.", "pred.", "error"):
+        t.add_column(col, justify="right")
+    for r in doc["rows"]:
+        m, p = r["measured"], r["predicted"]
+        t.add_row(
+            r["workload"] + ("" if m["saturated"] else " *"),
+            f"{r['input_tokens']:.0f}",
+            f"{r['output_tokens']:.0f}",
+            num(m["saturation_rps"]),
+            num(p["saturation_rps"]),
+            pct(r["saturation_error"]),
+            num(m["ttft_p50_lowest_rate_s"], 1e3, ".0f"),
+            num(p["ttft_p50_lowest_rate_s"], 1e3, ".0f"),
+            pct(r["ttft_p50_error"]),
+        )
+    console.print(t)
+    if any(not r["measured"]["saturated"] for r in doc["rows"]):
+        console.print("* the measured sweep never saturated: its throughput error is at the highest rate")
 
 
 @main.command("sim-engine", context_settings={"ignore_unknown_options": True}, add_help_option=False)

@@ -20,6 +20,7 @@ from loadtest.workload import WorkloadSpec, load_workload, simple_workload
 
 __all__ = [
     "CalibrateConfig",
+    "CalibrationDesign",
     "LoadConfig",
     "LoadTestConfig",
     "MetricsConfig",
@@ -213,6 +214,45 @@ class PlanConfig(_Strict):
     """Price of one GPU-hour; gives the cost."""
     use_lower_bound: bool = True
     """Plan on the lower end of the capacity's confidence interval."""
+    unvalidated_margin: float = Field(default=0.25, ge=0, lt=1)
+    """Margin of a plan on a simulated profile without a validation table: a round
+    default, not a measured error (``oss-loadtest validate`` gives the measured one)."""
+    range_tolerance: float = Field(default=0.25, ge=0)
+    """A planned workload whose mean prompt or output length lies more than this fraction
+    outside the validated range is reported (or refused with ``--refuse-outside``)."""
+
+
+class CalibrationDesign(_Strict):
+    """The default calibration experiment: a full factorial of prompt length x output length
+    x concurrency.
+
+    Every (prompt, output) pair is one class of equal weight in a single mix, and the mix
+    is run as a closed loop at each concurrency level, so each factor varies independently
+    of the other two: prompt lengths separate the prefill cost from the fixed overhead
+    (first tokens at concurrency 1), output lengths the decode-step costs from the
+    prefill stalls and the growth of the context over a long output, and concurrency the
+    per-sequence cost from the per-step one.
+    """
+
+    input_tokens: list[int] = Field(default_factory=lambda: [64, 768], min_length=1)
+    """Prompt-length levels (tokens of the user message)."""
+    output_tokens: list[int] = Field(default_factory=lambda: [16, 128], min_length=1)
+    """Output-length levels (``max_tokens``, with ``ignore_eos``)."""
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], min_length=1)
+    """Closed-loop client counts; the lowest gives the first-token (prefill) rows."""
+    requests_per_client: int = Field(default=6, ge=1)
+    """Requests per level = concurrency x this (at least ``requests_per_cell`` per cell)."""
+    requests_per_cell: int = Field(default=4, ge=1)
+    """Fewest requests per (prompt, output) cell at each level."""
+    max_duration_s: float = Field(default=900.0, gt=0)
+    """Longest schedule of one level."""
+
+    @field_validator("input_tokens", "output_tokens", "concurrency")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError("design levels must be at least 1")
+        return sorted(set(v))
 
 
 class CalibrateConfig(_Strict):
@@ -226,6 +266,14 @@ class CalibrateConfig(_Strict):
     """KV block size in tokens (also read from the cache config when scraped)."""
     max_num_batched_tokens: int = Field(default=2048, ge=1)
     """The engine's prompt-token budget per step (vLLM's CPU default is 2048)."""
+    design: CalibrationDesign = Field(default_factory=CalibrationDesign)
+    """The experiment run when no workload or rates are given on the command line."""
+    max_relative_se: float = Field(default=0.3, gt=0)
+    """A coefficient whose standard error exceeds this fraction of its value is reported
+    as poorly identified."""
+    min_levels: int = Field(default=2, ge=1)
+    """A coefficient whose identifying regressor takes fewer distinct levels than this is
+    reported as poorly identified."""
 
 
 class LoadTestConfig(_Strict):

@@ -8,11 +8,16 @@ oss-serving configuration (GPUs per replica = ``tensor_parallel_size``, times
 Arithmetic (all documented in the plan's ``assumptions``)::
 
     capacity   = lower end of the per-replica interval (or its mean)
-    usable     = capacity x max_utilization
+    usable     = capacity x max_utilization x (1 - margin)
     for_load   = ceil(target_rate / usable)
     replicas   = for_load + failure_tolerance (N+k) + max_unavailable (rolling update)
     gpus       = replicas x gpus_per_replica; during updates + max_surge x gpus_per_replica
     cost/hour  = gpus x gpu_hour_price
+
+``margin`` is the simulator's error carried into the plan (see
+:mod:`loadtest.validation`): 0 for a measured capacity, the largest absolute
+saturation-throughput error of a validation table for a simulated profile, or
+``unvalidated_margin`` when the profile was never validated.
 """
 
 from __future__ import annotations
@@ -48,15 +53,23 @@ def gpus_per_replica(plan: PlanConfig) -> tuple[int, str]:
 
 
 def capacity_plan(
-    plan: PlanConfig, capacity: dict[str, float], source: str, slos: dict[str, float]
+    plan: PlanConfig,
+    capacity: dict[str, float],
+    source: str,
+    slos: dict[str, float],
+    margin: float = 0.0,
+    margin_source: str = "measured capacity: no simulation margin",
 ) -> dict[str, Any]:
     """The plan document. ``capacity`` has ``mean``, ``low``, ``high`` requests per second
-    per replica."""
+    per replica; ``margin`` the share of it given away for the simulator's error."""
     per_replica = capacity["low"] if plan.use_lower_bound else capacity["mean"]
     if per_replica <= 0:
         raise ValueError("the per-replica capacity under these SLOs is 0: no replica count can meet them")
+    if not 0 <= margin < 1:
+        raise ValueError(f"a margin of {margin:.0%} leaves no usable capacity")
     gpr, layout = gpus_per_replica(plan)
-    usable = per_replica * plan.max_utilization
+    derate = plan.max_utilization * (1 - margin)
+    usable = per_replica * derate
     for_load = math.ceil(plan.target_rate / usable - 1e-9)
     replicas = for_load + plan.failure_tolerance + plan.max_unavailable
     gpus = replicas * gpr
@@ -67,6 +80,8 @@ def capacity_plan(
         "capacity_source": source,
         "rate_per_replica": capacity,
         "planned_rate_per_replica": per_replica,
+        "margin": margin,
+        "margin_source": margin_source,
         "usable_rate_per_replica": usable,
         "replicas_for_load": for_load,
         "replicas": replicas,
@@ -77,9 +92,7 @@ def capacity_plan(
         "utilization_at_target": plan.target_rate / (replicas * per_replica),
         "utilization_after_k_failures": plan.target_rate
         / ((replicas - plan.failure_tolerance) * per_replica),
-        "replicas_at_mean_capacity": math.ceil(
-            plan.target_rate / (capacity["mean"] * plan.max_utilization) - 1e-9
-        )
+        "replicas_at_mean_capacity": math.ceil(plan.target_rate / (capacity["mean"] * derate) - 1e-9)
         + plan.failure_tolerance
         + plan.max_unavailable
         if capacity["mean"] > 0
@@ -88,6 +101,7 @@ def capacity_plan(
             f"capacity per replica {per_replica:.4g} req/s "
             f"({'lower end of the confidence interval' if plan.use_lower_bound else 'mean'}) from {source}",
             f"replicas run at most at {plan.max_utilization:.0%} of that capacity",
+            f"{margin:.1%} of it is given away for the prediction error ({margin_source})",
             f"N+{plan.failure_tolerance}: {plan.failure_tolerance} replica(s) may fail with the SLOs kept",
             f"rolling updates take {plan.max_unavailable} replica(s) down and start {plan.max_surge} extra",
             "the workload mix (input/output lengths, reasoning effort, prefix sharing) is the one measured; "

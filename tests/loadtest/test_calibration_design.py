@@ -1,0 +1,181 @@
+"""Calibration uncertainty and the designed calibration experiment."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from loadtest.calibrate import (
+    COEFFICIENTS,
+    CalibrationPoint,
+    FitReport,
+    count_levels,
+    design_configs,
+    fit_profile,
+    lstsq_nonneg,
+)
+from loadtest.cli import main
+from loadtest.config import LoadTestConfig
+from loadtest.records import Chunk
+from loadtest.runner import plan_run
+from loadtest.sim import EngineProfile
+from loadtest.simulate import simulate_run
+from loadtest.tokenizer import WordTokenizer
+from tests.loadtest.conftest import serve_sim
+
+#: the true engine: every term of the step model non-zero
+TRUTH = EngineProfile.model_validate(
+    {"step_base_s": 0.02, "step_per_seq_s": 0.002, "step_per_kv_token_s": 2e-6, "prefill_per_token_s": 2e-4}
+    | {"request_overhead_s": 0.05, "max_num_seqs": 64, "enable_prefix_caching": False}
+)
+
+
+def _design_fit(design: dict[str, object] | None = None, seed: int = 0, noise: bool = True) -> FitReport:
+    """Fit the designed experiment run on TRUTH in virtual time; with ``noise``, each
+    request's first token is shifted by N(0, 5 ms) and its TPOT by N(0, 1 ms)."""
+    cfg = LoadTestConfig.model_validate(
+        {
+            "output": {"progress": False},
+            "load": {"seed": seed},
+            "calibrate": {"max_num_seqs": 64, "design": design or {}},
+        }
+    )
+    rng = np.random.default_rng(seed)
+    points = []
+    for pc in design_configs(cfg):
+        raw = simulate_run(pc, TRUTH)
+        if noise:
+            for r in raw.records:
+                a, b = rng.normal(0, 0.005), rng.normal(0, 0.001)
+                r.chunks = [Chunk(t=c.t + a + k * b, content=c.content) for k, c in enumerate(r.chunks)]
+        points.append(CalibrationPoint(pc.load.concurrency, raw.records, []))
+    return fit_profile(points, cfg.calibrate)
+
+
+def test_standard_errors_cover_the_truth_of_a_linear_model() -> None:
+    # the calibration's columns (two intercepts, running, KV tokens, prefill tokens), exact
+    # linear data plus Gaussian noise: about 68% of estimates within 1 SE, 95% within 2
+    rng = np.random.default_rng(0)
+    truth = np.array([0.05, 0.02, 0.002, 2e-6, 2e-4])
+    within1 = within2 = total = 0
+    for _ in range(200):
+        n = 120
+        running = rng.integers(1, 17, n).astype(float)
+        kv = running * rng.choice([100.0, 800.0], n) + rng.uniform(0, 50, n)
+        prefill = rng.choice([0.0, 64.0, 768.0], n)
+        first = rng.random(n) < 0.2
+        x = np.column_stack([first, np.ones(n), running, kv, prefill]).astype(float)
+        y = x @ truth + rng.normal(0, 0.003, n)
+        fit = lstsq_nonneg(x, y)
+        assert not fit.dropped
+        z = np.abs(fit.coef - truth) / fit.se
+        within1 += int((z <= 1).sum())
+        within2 += int((z <= 2).sum())
+        total += len(z)
+    assert 0.6 < within1 / total < 0.76
+    assert 0.92 < within2 / total < 0.98
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fit_of_the_design_lies_within_its_standard_errors(seed: int) -> None:
+    rep = _design_fit(seed=seed)
+    for name in COEFFICIENTS:
+        true, est, se = getattr(TRUTH, name), rep.coefficients[name], rep.standard_errors[name]
+        assert 0 < se < 0.3 * true, name
+        # 3 SE, plus the bias of rebuilding each row's batch from overlapping requests
+        # (about 2% on noiseless data; the standard errors do not include it)
+        assert abs(est - true) <= 3 * se + 0.03 * true, (name, est, true, se)
+    assert rep.poorly_identified == {}
+    d = rep.to_dict()
+    assert set(d["coefficients"]) == set(COEFFICIENTS)
+    assert d["coefficients"]["step_base_s"]["standard_error"] == pytest.approx(
+        rep.standard_errors["step_base_s"]
+    )
+    json.dumps(d, allow_nan=False)
+
+
+def test_a_single_output_length_flags_the_decode_terms() -> None:
+    # noiseless, so every standard error is tiny: only the design check can catch it
+    rep = _design_fit({"output_tokens": [32]}, noise=False)
+    assert set(rep.poorly_identified) == {"step_per_seq_s", "step_per_kv_token_s"}
+    for name in ("step_per_seq_s", "step_per_kv_token_s"):
+        assert any("output lengths take 1" in why for why in rep.poorly_identified[name])
+        assert any(name in note and "poorly identified" in note for note in rep.notes)
+
+
+def test_one_cell_is_not_separable_and_dropped_terms_are_flagged() -> None:
+    rep = _design_fit({"input_tokens": [512], "output_tokens": [96], "concurrency": [4]}, noise=False)
+    assert {"prefill_per_token_s", "step_per_kv_token_s", "step_per_seq_s"} <= set(rep.poorly_identified)
+    # a negative column is dropped and reported
+    x = np.column_stack([np.ones(50), np.arange(50.0)])
+    fit = lstsq_nonneg(x, 5.0 - 0.1 * np.arange(50.0))
+    assert fit.dropped == [1]
+    assert np.isnan(fit.se[1])
+
+
+def test_count_levels() -> None:
+    assert count_levels([512, 515, 513]) == 1
+    assert count_levels([64, 768, 64, 770]) == 2
+    assert count_levels([1.0, 1.05, 3.9, 4.0, 15.8]) == 3
+    assert count_levels([]) == 0
+
+
+def test_default_design_crosses_each_factor_independently() -> None:
+    cfg = LoadTestConfig()
+    d = cfg.calibrate.design
+    assert len(d.input_tokens) >= 2
+    assert len(d.output_tokens) >= 2
+    assert len(d.concurrency) >= 2
+    seen = set()
+    for pc in design_configs(cfg):
+        assert pc.load.arrival == "concurrency"
+        reqs, _ = plan_run(pc, WordTokenizer())
+        seen |= {(r.input_tokens, r.output_tokens, pc.load.concurrency) for r in reqs}
+    assert seen == set(itertools.product(d.input_tokens, d.output_tokens, d.concurrency))
+
+
+def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Path) -> None:
+    real = EngineProfile(step_base_s=0.01, step_per_seq_s=0.001, prefill_per_token_s=1e-4, max_num_seqs=8)
+    conf = tmp_path / "c.yaml"
+    design = {
+        "input_tokens": [8, 64],
+        "output_tokens": [4, 12],
+        "concurrency": [1, 3],
+        "requests_per_cell": 2,
+    }
+    conf.write_text(
+        yaml.safe_dump({"calibrate": {"design": design}, "validity": {"max_send_lag_p99_s": 5.0}})
+    )
+    with serve_sim(real) as url:
+        args = ["calibrate", "--config", str(conf), "--base-url", url, "--model", "sim", "--no-progress"]
+        args += [
+            "--max-num-seqs",
+            "8",
+            "--out",
+            str(tmp_path / "cal"),
+            "--profile-out",
+            str(tmp_path / "p.yaml"),
+        ]
+        r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "calibration design" in r.output
+    assert "standard error" in r.output
+    assert (tmp_path / "cal" / "conc_1" / "requests.jsonl").exists()
+    assert (tmp_path / "cal" / "conc_3" / "requests.jsonl").exists()
+    fit = json.loads((tmp_path / "p.fit.json").read_text())
+    assert set(fit["coefficients"]) == set(COEFFICIENTS)
+    assert "standard_error" in fit["coefficients"]["step_base_s"]
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text())["max_num_seqs"] == 8
+    # the saved design folder fits again to the same coefficients (levels read back)
+    again = ["calibrate", "--from-sweep", str(tmp_path / "cal"), "--max-num-seqs", "8"]
+    r = CliRunner().invoke(main, [*again, "--profile-out", str(tmp_path / "q.yaml")])
+    assert r.exit_code == 0, r.output
+    refit = json.loads((tmp_path / "q.fit.json").read_text())
+    for name in COEFFICIENTS:
+        assert refit["coefficients"][name]["value"] == pytest.approx(fit["coefficients"][name]["value"])

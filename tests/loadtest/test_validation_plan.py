@@ -1,0 +1,211 @@
+"""Validation against held-out workloads and the margin a plan takes from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from loadtest.cli import main
+from loadtest.config import PlanConfig
+from loadtest.plan import capacity_plan
+from loadtest.sim import EngineProfile
+from loadtest.validation import (
+    DEFAULT_SET,
+    VALIDATION_SCHEMA,
+    load_validation_set,
+    margin_from_validation,
+    outside_validated_range,
+)
+from tests.loadtest.conftest import serve_sim
+
+CAP4 = EngineProfile(step_base_s=0.1, step_per_seq_s=0.0, prefill_per_token_s=0.0, max_num_seqs=4)
+
+
+def _table(sat_errors: list[float], inputs: tuple[float, float] = (32, 32)) -> dict[str, Any]:
+    rows = [
+        {
+            "workload": f"w{i}",
+            "input_tokens": inputs[i % 2],
+            "output_tokens": 10.0,
+            "saturation_error": e,
+            "ttft_p50_error": e / 2,
+        }
+        for i, e in enumerate(sat_errors)
+    ]
+    return {
+        "schema": VALIDATION_SCHEMA,
+        "set": "t",
+        "profile": "p",
+        "rows": rows,
+        "ranges": {"input_tokens": [min(inputs), max(inputs)], "output_tokens": [10.0, 10.0]},
+    }
+
+
+def _plan_args(tmp_path: Path, *extra: str) -> list[str]:
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(CAP4.model_dump()))
+    args = ["plan", "--profile", str(prof), "--input-tokens", "32", "--output-tokens", "10"]
+    args += ["--slo", "ttft:1000", "--target-rate", "20", "--out", str(tmp_path), *extra]
+    return args
+
+
+def test_plan_margin_grows_with_the_validation_error(tmp_path: Path) -> None:
+    small = margin_from_validation(_table([0.02, -0.05, 0.03]))
+    large = margin_from_validation(_table([0.02, -0.18, 0.28]))
+    assert small.value == pytest.approx(0.05)
+    assert large.value == pytest.approx(0.28)
+    assert small.validated
+    assert "w1" in small.source
+    plan = PlanConfig(target_rate=100, failure_tolerance=0, max_utilization=1.0)
+    cap = {"mean": 10.0, "low": 10.0, "high": 10.0}
+    a = capacity_plan(plan, cap, "t", {}, small.value, small.source)
+    b = capacity_plan(plan, cap, "t", {}, large.value, large.source)
+    assert a["replicas_for_load"] == 11  # ceil(100 / (10 x 0.95))
+    assert b["replicas_for_load"] == 14  # ceil(100 / (10 x 0.72))
+    assert b["usable_rate_per_replica"] < a["usable_rate_per_replica"]
+    # the same through the command line: larger errors, at least as many replicas
+    replicas = []
+    for name, errors in (("small", [0.02, -0.05]), ("large", [0.3, -0.4])):
+        table = tmp_path / f"{name}.json"
+        table.write_text(json.dumps(_table(errors)))
+        r = CliRunner().invoke(main, _plan_args(tmp_path, "--validation", str(table)))
+        assert r.exit_code == 0, r.output
+        plan_doc = json.loads((tmp_path / "capacity_plan.json").read_text())
+        assert plan_doc["margin"] == pytest.approx(max(abs(e) for e in errors))
+        assert f"margin {plan_doc['margin']:.1%}" in r.output
+        assert str(table) in plan_doc["margin_source"]
+        replicas.append(plan_doc["replicas"])
+    assert replicas[1] >= replicas[0]
+    with pytest.raises(ValueError, match="no usable capacity"):
+        margin_from_validation(_table([1.2]))
+
+
+def test_plan_without_a_table_states_an_unvalidated_default(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, _plan_args(tmp_path))
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "capacity_plan.json").read_text())
+    assert doc["margin"] == PlanConfig().unvalidated_margin
+    assert "UNVALIDATED" in doc["margin_source"]
+    assert "UNVALIDATED" in r.output
+    # a measured capacity takes no margin
+    slo = tmp_path / "slo.json"
+    slo.write_text(json.dumps({"rate_per_replica": {"mean": 5.0, "low": 4.0, "high": 6.0}, "slos_s": {}}))
+    r = CliRunner().invoke(main, ["plan", "--from", str(slo), "--target-rate", "10", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "capacity_plan.json").read_text())["margin"] == 0.0
+
+
+def test_plan_warns_or_refuses_outside_the_validated_range(tmp_path: Path) -> None:
+    doc = _table([0.05, 0.05], inputs=(16, 64))
+    assert outside_validated_range(doc, {"input_tokens": 70, "output_tokens": 10}, 0.25) == []
+    far = outside_validated_range(doc, {"input_tokens": 81, "output_tokens": 10}, 0.25)
+    assert len(far) == 1
+    assert "input tokens" in far[0]
+    assert outside_validated_range(doc, {"input_tokens": 13, "output_tokens": 12}, 0.25) == []
+    assert len(outside_validated_range(doc, {"input_tokens": 13, "output_tokens": 50}, 0.25)) == 1
+    table = tmp_path / "v.json"
+    table.write_text(json.dumps(doc))
+    args = _plan_args(tmp_path, "--validation", str(table))
+    args[args.index("--output-tokens") + 1] = "200"  # 20x the validated output length
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "outside what was validated" in r.output
+    assert any(
+        "outside" in a for a in json.loads((tmp_path / "capacity_plan.json").read_text())["assumptions"]
+    )
+    r = CliRunner().invoke(main, [*args, "--refuse-outside"])
+    assert r.exit_code == 2
+    assert "outside" in r.output
+
+
+def test_shipped_validation_set_covers_the_kinds_of_workload() -> None:
+    vs = load_validation_set()
+    names = [w.name for w in vs.workloads]
+    assert names == [
+        "prefill-heavy",
+        "decode-heavy",
+        "mixed-length",
+        "shared-prefix",
+        "multi-turn",
+        "reasoning-effort-mix",
+    ]
+    by = {w.name: w.classes[0] for w in vs.workloads}
+    assert by["shared-prefix"].shared_prefix is not None
+    assert by["multi-turn"].turns.min >= 2
+    assert by["reasoning-effort-mix"].reasoning_effort
+
+
+def _shrink(length: Any) -> Any:
+    """A length (an int or a distribution) divided by 8."""
+    if isinstance(length, int):
+        return max(1, length // 8)
+    return {k: max(1, v // 8) if k in ("value", "mean", "std", "max") else v for k, v in length.items()}
+
+
+def test_validate_end_to_end_against_the_simulated_engine(tmp_path: Path) -> None:
+    # the simulated engine over HTTP plays the real endpoint; the profile is its own
+    real = EngineProfile(step_base_s=0.001, step_per_seq_s=2e-4, prefill_per_token_s=2e-6, max_num_seqs=16)
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump(real.model_dump()))
+    conf = tmp_path / "c.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {"validity": {"max_send_lag_p99_s": 5.0}, "sweep": {"min_requests": 8}}
+            | {"slo_search": {"repeats": 2, "duration_s": 2.0}}
+            | {"output": {"html": False}}
+        )
+    )
+    # the shipped set with every length divided by 8 (the same kinds of workload, faster)
+    tiny = yaml.safe_load(DEFAULT_SET.read_text())
+    for cls in (c for w in tiny["workloads"] for c in w["classes"]):
+        for key in ("input_tokens", "output_tokens"):
+            cls[key] = _shrink(cls[key])
+        if "shared_prefix" in cls:
+            cls["shared_prefix"]["tokens"] //= 8
+    (tmp_path / "set.yaml").write_text(yaml.safe_dump(tiny))
+    out = tmp_path / "val"
+    with serve_sim(real) as url:
+        args = ["validate", "--config", str(conf), "--base-url", url, "--model", "sim"]
+        args += ["--profile", str(prof), "--set", str(tmp_path / "set.yaml")]
+        args += ["--rates", "16,32", "--point-duration", "0.5", "--no-progress", "--out", str(out)]
+        r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "validation.json").read_text())
+    assert doc["schema"] == VALIDATION_SCHEMA
+    names = [w["name"] for w in tiny["workloads"]]
+    assert names == [w.name for w in load_validation_set().workloads]
+    assert [row["workload"] for row in doc["rows"]] == names
+    for row in doc["rows"]:
+        assert row["measured"]["saturation_rps"] > 0
+        assert row["predicted"]["saturation_rps"] > 0
+        assert row["saturation_error"] is not None
+        assert row["ttft_p50_error"] is not None
+        assert (out / row["workload"] / "measured" / "sweep.json").exists()
+        assert (out / row["workload"] / "predicted" / "sweep.json").exists()
+    for name in names:
+        assert name in r.output
+    bad = CliRunner().invoke(main, [*args, "--only", "no-such-workload"])
+    assert bad.exit_code == 2
+    assert "no-such-workload" in bad.output
+    assert "plan margin from this table" in r.output
+    # the table round-trips into plan
+    args = [
+        "plan",
+        "--config",
+        str(conf),
+        "--profile",
+        str(prof),
+        "--validation",
+        str(out / "validation.json"),
+    ]
+    args += ["--input-tokens", "256", "--output-tokens", "64", "--slo", "ttft:1000", "--target-rate", "50"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "capacity_plan.json").read_text())
+    assert plan["margin"] == pytest.approx(max(abs(row["saturation_error"]) for row in doc["rows"]))
+    assert "validated workloads" in plan["margin_source"]
