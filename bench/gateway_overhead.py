@@ -33,12 +33,12 @@ import httpx
 import psutil
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.local_stack import free_port, percentile
+from bench.local_stack import free_port, percentile, progress_bar, wait_http
 
 MODEL = "smollm2-135m-instruct"
 ENGINE_KWARGS = {"max_model_len": 2048, "dtype": "bfloat16"}
@@ -185,20 +185,6 @@ async def run_phase(
     )
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not ready after {timeout_s} s")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,13 +237,7 @@ def main() -> int:
         console.print("vLLM server ready; starting oss-serving")
         subprocess.run([*oss, "up", "--detach", "--config", str(gw_config)], check=True, env=env)
         urls = {"direct": f"http://127.0.0.1:{direct_port}", "gateway": f"http://127.0.0.1:{gw_port}"}
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
+        with progress_bar(console) as progress:
             for c in args.concurrency:
                 for target in ("direct", "gateway"):
                     results.append(

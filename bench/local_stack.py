@@ -1,4 +1,5 @@
-"""Helpers the benchmarks share: a free port, and the oss-serving stack up for the length of a block."""
+"""Helpers the benchmarks share: a free port, a percentile, a progress bar, waiting for a
+server, and the oss-serving stack up for the length of a block."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["free_port", "local_stack", "percentile"]
+__all__ = ["free_port", "local_stack", "percentile", "progress_bar", "wait_http"]
 
 
 def free_port() -> int:
@@ -30,6 +35,30 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def progress_bar(console: Console) -> Progress:
+    """The benchmarks' progress display: description, bar, done/total, time elapsed."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
+    """Until ``url`` answers 200; fails when ``proc`` (the server, if given) exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready after {timeout_s} s")
 
 
 @contextlib.contextmanager

@@ -47,12 +47,12 @@ from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.local_stack import free_port, local_stack, percentile
+from bench.local_stack import free_port, local_stack, percentile, progress_bar
 from loadtest.sim.words import WORDS
 
 MODEL = "smollm2-135m-instruct"
@@ -257,13 +257,7 @@ def main() -> int:
         console.rule(f"{name}: {replicas} replica(s), {blocks} KV blocks each, strategy {strategy}")
         with (
             local_stack(stack_config(replicas, blocks, strategy), work / str(i)) as url,
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress,
+            progress_bar(console) as progress,
         ):
             results.append(asyncio.run(drive(name, url, jobs, systems, args.max_tokens, progress)))
 
