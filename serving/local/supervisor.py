@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -33,16 +34,43 @@ STATUS_INTERVAL_RUNNING_S = 10.0
 """... and once every application runs (each record is a call to Serve's controller)."""
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free now (all held open together while they are chosen)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (Linux; the usual default elsewhere)."""
     try:
-        for sock in socks:
-            sock.bind(("", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _free_ports(count: int, *, rng: random.Random | None = None) -> list[int]:
+    """``count`` distinct ports free now, below the kernel's ephemeral range.
+
+    They are bound seconds later (HAProxy starts after Ray and Serve). A port the kernel
+    handed out by ``bind(0)`` lies in the ephemeral range, where every outgoing connection
+    of the starting stack (Ray's workers, its gRPC and Redis clients) takes its local port
+    from: one of them can take it meanwhile, and HAProxy fails with "Address already in
+    use". Ports picked at random below that range are not handed out that way.
+    """
+    rng = rng or random.Random()
+    low, _ = _ephemeral_range()
+    floor = 10_000 if low > 11_000 else 1_024
+    chosen: list[int] = []
+    for _ in range(count * 50):
+        if len(chosen) == count:
+            break
+        port = rng.randrange(floor, low)
+        if port in chosen:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) < count:
+        raise RuntimeError(f"no {count} free ports found below {low}")
+    return chosen
 
 
 def serve_env(ray_cfg: RayConfig, environ: Mapping[str, str]) -> dict[str, str]:

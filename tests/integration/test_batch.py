@@ -159,6 +159,8 @@ def _gateway(config: dict[str, Any], answer_delay_s: float) -> Iterator[tuple[su
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
+        while line and not line.startswith("listening "):  # vLLM's import logs to stdout first
+            line = proc.stdout.readline()
         assert line.startswith("listening "), line
         yield proc, f"http://127.0.0.1:{int(line.split()[1])}/v1"
     finally:

@@ -314,6 +314,8 @@ async def test_a_killed_gateway_process_leaves_no_ticket_behind(
     tasks: list[asyncio.Task[None]] = []
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
+        while line and not line.startswith(b"listening "):  # vLLM's import logs to stdout first
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert line.startswith(b"listening "), line
         base = f"http://127.0.0.1:{int(line.split()[1])}"
         http = httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(60, read=None))

@@ -529,6 +529,7 @@ def test_a_background_response_cancelled_mid_generation_aborts_the_engine_reques
         max_output_tokens=1500,
         temperature=0.8,
         background=True,
+        extra_body={"ignore_eos": True},  # long enough to be cancelled while it runs
     )
     running, _ = _poll(client, created.id, {"in_progress", "completed", "incomplete"})
     assert running.status == "in_progress", "it finished before it could be cancelled"

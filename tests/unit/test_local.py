@@ -101,3 +101,22 @@ def test_serve_env_keeps_what_the_user_exported_and_can_be_turned_off() -> None:
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert serve_env(RayConfig(high_throughput=False), {}) == {}
+
+
+def test_haproxy_ports_are_picked_free_and_below_the_ephemeral_range() -> None:
+    """Chosen seconds before HAProxy binds them: ports outside the range the kernel hands
+    outgoing connections (which the starting stack opens by the hundred), and a taken
+    one is never picked."""
+    import random
+
+    from serving.local.supervisor import _ephemeral_range, _free_ports
+
+    low, _ = _ephemeral_range()
+    first = _free_ports(1, rng=random.Random(7))[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("", first))
+        held.listen()
+        ports = _free_ports(4, rng=random.Random(7))  # the same draws: the held one is skipped
+    assert first not in ports
+    assert len(set(ports)) == 4
+    assert all(port < low for port in ports)
