@@ -75,6 +75,8 @@ WATCH_S = 0.25
 """How often a replica checks whether its running responses were cancelled elsewhere."""
 POLL_S = 0.05
 """How often a stream reader looks for new events while there are none."""
+APPEND_TRIES = 5
+"""Tries of one append of events while Redis is slow or away (then they are lost for readers)."""
 READER_REDIS_DOWN_S = 10.0
 """A stream reader that cannot reach Redis for this long ends with an error event (503)."""
 SWEEP_EVERY = 2
@@ -137,7 +139,8 @@ _APPEND = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if cur ~= 'queued' and cur ~= 'in_progress' then return 0 end
 for i = 2, #ARGV, 2 do
-  redis.call('XADD', KEYS[2], ARGV[i], 'data', ARGV[i + 1])
+  -- pcall: an id already there (a retry after a call that ran but timed out) is skipped
+  redis.pcall('XADD', KEYS[2], ARGV[i], 'data', ARGV[i + 1])
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
 return 1
@@ -486,11 +489,18 @@ class Background:
         for data in events:
             args += [_stream_id(int(data["sequence_number"])), _sse(data)]
         keys = [self._keys.state(run.tenant.id, run.id), self._keys.events(run.tenant.id, run.id)]
-        try:
-            appended = bool(await self._append(keys=keys, args=args))
-        except REDIS_DOWN as exc:  # the events are lost for readers; the run goes on
-            log.warning("background response %s: events not kept (Redis: %s)", run.id, exc)
-            return True
+        delay = 0.05
+        for attempt in range(APPEND_TRIES):
+            try:
+                appended = bool(await self._append(keys=keys, args=args))
+                break
+            except REDIS_DOWN as exc:  # (a slow call may have run: the script skips repeats)
+                raise_if_cancelling()
+                if attempt == APPEND_TRIES - 1:  # the events are lost for readers; the run goes on
+                    log.warning("background response %s: events not kept (Redis: %s)", run.id, exc)
+                    return True
+                await asyncio.sleep(delay)
+                delay *= 2
         run.wake.set()
         run.wake = asyncio.Event()
         return appended

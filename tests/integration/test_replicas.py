@@ -516,13 +516,14 @@ def test_a_background_response_is_polled_and_streamed_through_both_gateways(
     assert client.responses.retrieve(created.id).status == done.status  # still there, still its
 
 
-def test_a_background_response_cancelled_mid_generation_aborts_the_engine_request(
-    stack: LiveStack, client: openai.OpenAI, other_tenant: openai.OpenAI
+def test_a_background_response_cancelled_mid_generation_stops_through_either_gateway(
+    client: openai.OpenAI, other_tenant: openai.OpenAI
 ) -> None:
     """Cancelled through whichever gateway replica the proxy picks while real vLLM
-    generates it: it is ``cancelled`` at once, the engine request is aborted (the engines
-    report no unfinished request), and nothing more is generated."""
-    assert _settled(stack) == 0
+    generates it (on the other gateway, half the time): ``cancelled`` at once, and its
+    owner stops: no event is added after the cancel. (That the engine request itself is
+    aborted is counted on the one-replica stack, where the engine's count is exact:
+    ``test_stack.py::test_a_cancelled_background_response_aborts_its_engine_request``.)"""
     created = client.responses.create(
         model=SMOLLM,
         input="Write a very long story about a lighthouse keeper and the sea.",
@@ -533,31 +534,23 @@ def test_a_background_response_cancelled_mid_generation_aborts_the_engine_reques
     )
     running, _ = _poll(client, created.id, {"in_progress", "completed", "incomplete"})
     assert running.status == "in_progress", "it finished before it could be cancelled"
-    deadline = time.monotonic() + 30
-    while engine_report(stack)["engine_unfinished_requests"] == 0:  # probed every second
-        assert time.monotonic() < deadline, "the engine never reported the request"
-        time.sleep(0.2)
+    time.sleep(1.0)  # some tokens streamed
     with pytest.raises(openai.NotFoundError):
         other_tenant.responses.cancel(created.id)
     cancelled = client.responses.cancel(created.id)
     assert cancelled.status == "cancelled"
-    stopped = time.monotonic()
-    assert _settled(stack) == 0, "the engine request was not aborted"
-    print(f"\nthe engines were idle {time.monotonic() - stopped:.1f} s after the cancel")
+    time.sleep(1.0)  # the owner's watch runs every 250 ms
+    first = list(client.responses.retrieve(created.id, stream=True))
+    assert first, "no event was kept"
+    time.sleep(2.0)
+    again = list(client.responses.retrieve(created.id, stream=True))
+    assert len(again) == len(first), "events were added after the cancel: it still runs"
+    deltas = [e for e in again if e.type == "response.output_text.delta"]
+    assert 0 < len(deltas) < 1500
     assert client.responses.retrieve(created.id).status == "cancelled"
     assert client.responses.cancel(created.id).status == "cancelled"  # again: as it is
     with pytest.raises(openai.BadRequestError):  # a response that is not a background one
         client.responses.cancel(client.responses.create(model=SMOLLM, input="hi", max_output_tokens=2).id)
-
-
-def _settled(live: LiveStack, timeout_s: float = 30) -> int:
-    """The engines' unfinished requests once there are none (or the timeout passed)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        unfinished = int(engine_report(live)["engine_unfinished_requests"] or 0)
-        if unfinished == 0 or time.monotonic() > deadline:
-            return unfinished
-        time.sleep(0.25)
 
 
 def test_sixteen_streams_survive_a_replica_paused_under_them(stack: LiveStack, client: openai.OpenAI) -> None:

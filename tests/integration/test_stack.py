@@ -306,6 +306,35 @@ def test_client_disconnect_cancels_engine_request(live_stack: LiveStack) -> None
     assert _engine_unfinished(live_stack) == 0
 
 
+def test_a_cancelled_background_response_aborts_its_engine_request(
+    live_stack: LiveStack, client: openai.OpenAI
+) -> None:
+    """``background: true`` on real vLLM (one SmolLM2 replica: the engine's count of
+    unfinished requests is exact): running in the engine, then cancelled, and the engine
+    request is aborted long before its 1,500 tokens."""
+    created = client.responses.create(
+        model=SMOLLM,
+        input="Count to ten thousand.",
+        max_output_tokens=1500,
+        background=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert created.status == "queued"
+    deadline = time.monotonic() + 60
+    while _engine_unfinished(live_stack) < 1:
+        assert time.monotonic() < deadline, "the engine never ran the background response"
+        time.sleep(0.25)
+    assert client.responses.retrieve(created.id).status == "in_progress"
+    assert client.responses.cancel(created.id).status == "cancelled"
+    cancelled_at = time.monotonic()
+    deadline = time.monotonic() + 20
+    while _engine_unfinished(live_stack) > 0 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert _engine_unfinished(live_stack) == 0, "the engine request was not aborted"
+    print(f"\nthe engine was idle {time.monotonic() - cancelled_at:.1f} s after the cancel")
+    assert client.responses.retrieve(created.id).status == "cancelled"
+
+
 def test_health_and_metrics(live_stack: LiveStack) -> None:
     health = httpx.get(live_stack.base_url + "/health", timeout=10)
     assert health.status_code == 200

@@ -545,3 +545,36 @@ async def test_a_reader_that_loses_redis_ends_with_a_503_event(
     assert "store_unavailable" in text
     assert text.startswith("event: error\n")
     engine.gate.set()
+
+
+async def test_an_append_that_timed_out_after_it_ran_is_retried_without_duplicates(
+    pair: tuple[TestGateway, TestGateway],
+) -> None:
+    """Redis ran the append but the answer came too late (the guard's call budget): the
+    retry adds nothing twice, and the stream keeps every event once, in order."""
+    one, two = pair
+    background = one.service.background
+    assert isinstance(background, Background)
+    real = background._append
+    calls = 0
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        result = await real(*args, **kwargs)
+        if calls % 2 == 1:
+            raise TimeoutError("Redis did not answer within 0.25 s")
+        return result
+
+    background._append = late
+    async with one.http.stream(
+        "POST", "/v1/responses", json={**BODY, "stream": True}, headers=auth("a")
+    ) as r:
+        text = "".join([part async for part in r.aiter_text()])
+    events = _events(text)
+    assert calls > 2
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.completed"
+    rid = events[0]["response"]["id"]
+    again = await two.http.get(f"/v1/responses/{rid}?stream=true", headers=auth("a"))
+    assert _events(again.text) == events
