@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio as aioredis
 
-__all__ = ["REDIS_PASSWORD_ENV", "redis_client", "redis_kwargs", "sync_redis_client"]
+__all__ = ["REDIS_PASSWORD_ENV", "redis_client", "redis_kwargs", "sync_redis_client", "text"]
 
 REDIS_PASSWORD_ENV = "OSS_SERVING_REDIS_PASSWORD"
 
@@ -80,3 +80,8 @@ def sync_redis_client(
     import redis
 
     return redis.Redis.from_url(_redis_config(cfg).url, **redis_kwargs(cfg, environ, timeout_s=timeout_s))
+
+
+def text(value: Any) -> str:
+    """A Redis reply value as text (clients made without ``decode_responses`` give bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -59,6 +59,7 @@ from serving.gateway.responses import (
 )
 from serving.gateway.tenants import Tenant
 from serving.metrics import GatewayMetrics
+from serving.redis_conn import text
 from serving.tasks import cancel_and_wait, raise_if_cancelling
 from serving.wire import Endpoint, aclose_stream, dumps, error_event, error_fields, sse_data_events
 
@@ -436,9 +437,9 @@ class Background:
         assert stream is not None
         final: dict[str, Any] | None = None
         try:
-            async for text in stream:
+            async for chunk in stream:
                 events: list[dict[str, Any]] = []
-                for data in sse_data_events(text):
+                for data in sse_data_events(chunk):
                     if data.get("type") == "error" or ("error" in data and "type" not in data):
                         fields = error_fields(data) or ("The engine failed.", "server_error", None, None)
                         if not await self._append_events(run, events):
@@ -624,7 +625,7 @@ class Background:
             status = await self._redis.hget(self._keys.state(tenant, response_id), "status")
         except REDIS_DOWN:
             raise StoreUnavailableError() from None
-        if status is not None and _text(status) not in TERMINAL:
+        if status is not None and text(status) not in TERMINAL:
             await self.cancel(tenant, response_id)
         deleted = await self._conversations.delete(tenant, response_id)
         with contextlib.suppress(*REDIS_DOWN):
@@ -659,11 +660,11 @@ class Background:
                     yield error_event(StoreUnavailableError().body(None), endpoint=Endpoint.responses)
                     return
             for entry_id, fields in entries or ():
-                last = _text(entry_id)
-                data = {_text(k): v for k, v in fields.items()}
+                last = text(entry_id)
+                data = {text(k): v for k, v in fields.items()}
                 if "end" in data:
                     return
-                yield _text(data.get("data", b""))
+                yield text(data.get("data", b""))
             if entries:
                 idle_since = time.monotonic()
                 continue
@@ -671,7 +672,7 @@ class Background:
                 idle_since = time.monotonic()
                 with contextlib.suppress(*REDIS_DOWN):
                     state = await self._redis.hget(self._keys.state(tenant, response_id), "status")
-                    if state is None or (_text(state) in TERMINAL and not await self._redis.exists(key)):
+                    if state is None or (text(state) in TERMINAL and not await self._redis.exists(key)):
                         return
             if wake is not None:  # it runs here: woken by its next events
                 with contextlib.suppress(TimeoutError):
@@ -691,7 +692,7 @@ class Background:
         stored = StoredResponse.decode(raw) if raw is not None else None
         if stored is None:
             raise ResponseNotFoundError(response_id)
-        return stored, _text(status) if status is not None else None
+        return stored, text(status) if status is not None else None
 
     # ----------------------------------------------------------------- upkeep
     def _orphan_ms(self) -> int:
@@ -725,8 +726,8 @@ class Background:
                 pipe.hget(self._keys.state(run.tenant.id, run.id), "status")
             statuses = await pipe.execute()
         for run, status in zip(runs, statuses, strict=True):
-            if status is not None and _text(status) in TERMINAL and run.task is not None:
-                log.info("background response %s was %s elsewhere: stopping it", run.id, _text(status))
+            if status is not None and text(status) in TERMINAL and run.task is not None:
+                log.info("background response %s was %s elsewhere: stopping it", run.id, text(status))
                 run.task.cancel()
 
     async def _heartbeat(self) -> None:
@@ -753,7 +754,7 @@ class Background:
             body, request_id = dict(request["body"]), str(request["request_id"])
         except (ValueError, KeyError, TypeError):
             return False
-        seen = _text(owner) if owner is not None else ""
+        seen = text(owner) if owner is not None else ""
         member = _member(tenant_id, response_id)
         now = int(time.time() * 1000)
         if not await self._adopt(keys=[state, self._keys.live], args=[seen, self.owner, member, now]):
@@ -779,7 +780,7 @@ class Background:
         members = await self._redis.zrangebyscore(self._keys.live, "-inf", cutoff, start=0, num=50)
         failed = 0
         for raw in members:
-            member = _text(raw)
+            member = text(raw)
             tenant, _, response_id = member.rpartition(" ")
             if response_id in self._runs:
                 continue  # ours and alive (a heartbeat is late)
@@ -834,7 +835,3 @@ def _retry_after(exc: GatewayError) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -67,6 +67,7 @@ from serving.gateway.files import FileNotFound, Files, NotEnabledError, StorageU
 from serving.gateway.tenants import PriorityClass, Tenant
 from serving.gateway.validation import parse_json_body
 from serving.metrics import GatewayMetrics
+from serving.redis_conn import text
 from serving.tasks import cancel_and_wait, raise_if_cancelling
 from serving.wire import Endpoint, aclose_quietly, dumps
 
@@ -269,13 +270,9 @@ def _file_id(batch_id: str, kind: str) -> str:
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:32]
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _ranked(value: Any) -> tuple[int, str]:
     """A stored result: ``"<line number> <JSON line>"``."""
-    number, _, line = _s(value).partition(" ")
+    number, _, line = text(value).partition(" ")
     return (int(number) if number.isdigit() else 0), line
 
 
@@ -501,7 +498,7 @@ class Batches:
     async def list(self, tenant: str, *, after: str | None, limit: int) -> dict[str, Any]:
         """The tenant's batches, newest first (OpenAI's list object, ``after`` a cursor)."""
         try:
-            ids = [_s(i) for i in await self._redis.zrevrange(self.keys.tenant(tenant), 0, -1)]
+            ids = [text(i) for i in await self._redis.zrevrange(self.keys.tenant(tenant), 0, -1)]
             if after is not None:
                 ids = ids[ids.index(after) + 1 :] if after in ids else []
             page = []
@@ -556,7 +553,7 @@ class Batches:
             pipe.hlen(k.err(batch_id))
             pipe.hlen(k.invalid(batch_id))
             raw, done, errors, invalid = await pipe.execute()
-        h = {_s(a): _s(b) for a, b in raw.items()}
+        h = {text(a): text(b) for a, b in raw.items()}
         if h.get("tenant") != tenant or "status" not in h:
             return None  # another tenant's batch is as absent as one that does not exist
         status = h["status"]
@@ -604,13 +601,13 @@ class Batches:
         for name, value in fields.items():
             args += [name, str(value)]
         moved, current = await self._transition(keys=keys, args=args)
-        return bool(moved), _s(current)
+        return bool(moved), text(current)
 
     async def meta(self, batch_id: str) -> BatchMeta | None:
         h = await self._redis.hmget(
             self.keys.batch(batch_id), ["tenant", "status", "endpoint", "input_key", "expires_at_ms"]
         )
-        tenant, status, endpoint, input_key, expires = (_s(v) if v is not None else None for v in h)
+        tenant, status, endpoint, input_key, expires = (text(v) if v is not None else None for v in h)
         if not tenant or not status or endpoint not in ENDPOINTS or not input_key:
             return None
         return BatchMeta(batch_id, tenant, status, ENDPOINTS[endpoint], input_key, int(expires or 0) / 1000)
@@ -622,7 +619,7 @@ class Batches:
                 pipe.hmget(self.keys.batch(batch_id), ["status", "expires_at_ms"])
             rows = await pipe.execute()
         return {
-            b: (_s(st) if st is not None else None, int(exp or 0) / 1000)
+            b: (text(st) if st is not None else None, int(exp or 0) / 1000)
             for b, (st, exp) in zip(batch_ids, rows, strict=True)
         }
 
@@ -665,7 +662,7 @@ class Batches:
     async def _finalize(self, batch_id: str) -> str | None:
         k = self.keys
         raw = await self._redis.hgetall(k.batch(batch_id))
-        h = {_s(a): _s(b) for a, b in raw.items()}
+        h = {text(a): text(b) for a, b in raw.items()}
         status = h.get("status")
         if status is None or status in TERMINAL or status == "validating":
             return None
@@ -684,7 +681,7 @@ class Batches:
             pipe.hgetall(k.err(batch_id))
             pipe.hgetall(k.invalid(batch_id))
             out, err, invalid = await pipe.execute()
-        answered = {_s(c) for c in out} | {_s(c) for c in err}
+        answered = {text(c) for c in out} | {text(c) for c in err}
         outputs = sorted(_ranked(v) for v in out.values())
         errors = sorted([_ranked(v) for v in err.values()] + [_ranked(v) for v in invalid.values()])
         numbers = {number for number, _ in outputs} | {number for number, _ in errors}
@@ -745,12 +742,12 @@ class Batches:
         """Finish what no line will: batches whose finalizer died, batches whose lines were
         all skipped or lost past their window, a validation that never ended; and the gauges."""
         k = self.keys
-        ids = [_s(i) for i in await self._redis.zrange(k.active, 0, 999)]
+        ids = [text(i) for i in await self._redis.zrange(k.active, 0, 999)]
         now = time.time()
         grace = 3 * self.config.claim_idle_s
         for batch_id in ids:
             status, remaining, expires, created = (
-                _s(v) if v is not None else None
+                text(v) if v is not None else None
                 for v in await self._redis.hmget(
                     k.batch(batch_id), ["status", "remaining", "expires_at_ms", "created_at"]
                 )
@@ -773,13 +770,13 @@ class Batches:
             ):
                 await self._finalize_quietly(batch_id)
         counts = await self._redis.hgetall(k.statuses)
-        seen = {_s(a): int(b) for a, b in counts.items()}
+        seen = {text(a): int(b) for a, b in counts.items()}
         for status in STATUSES:
             self.metrics.batches.labels(status=status).set(seen.get(status, 0))
         first = await self._redis.xrange(k.stream, "-", "+", count=1)
         age = 0.0
         if first:
-            millis = _s(first[0][0]).partition("-")[0]
+            millis = text(first[0][0]).partition("-")[0]
             age = max(0.0, now - int(millis) / 1000) if millis.isdigit() else 0.0
         self.metrics.batch_oldest_line_age.set(age)
         await self._forget_dead_consumers()
@@ -1008,7 +1005,7 @@ class BatchWorker:
             await self._batches._ensure_group()
             return []
         # the scan goes on from where it stopped next time (a long list of pending lines)
-        self._cursor = _s(reply[0]) if reply else "0-0"
+        self._cursor = text(reply[0]) if reply else "0-0"
         messages = reply[1] if isinstance(reply, (list, tuple)) and len(reply) > 1 else []
         entries = [e for e in (_entry(i, f) for i, f in messages if f) if e is not None]
         if entries:
@@ -1062,7 +1059,7 @@ class BatchWorker:
                 keys=[self._batches.keys.stream], args=[GROUP, self.consumer, 0, *live]
             )
             for entry_id in lost or []:
-                taken = self._running.get(_s(entry_id))
+                taken = self._running.get(text(entry_id))
                 if taken is not None:
                     log.warning("batch line %s: another replica took it over; stops here", taken.entry_id)
                     self._stop(taken, "lost")
@@ -1203,9 +1200,9 @@ class BatchWorker:
 def _line_tokens(value: str) -> tuple[int, int, int, int]:
     """Input, output, cached input and reasoning tokens of a recorded line's answer (its
     ``usage``, in the chat/completions or the Responses shape; zeros when it has none)."""
-    _, _, text = value.partition(" ")
+    _, _, raw = value.partition(" ")
     try:
-        line = json.loads(text)
+        line = json.loads(raw)
         usage = line["response"]["body"]["usage"]
     except (ValueError, KeyError, TypeError):
         return 0, 0, 0, 0
@@ -1243,8 +1240,8 @@ def _retryable(exc: GatewayError) -> bool:
 def _entry(entry_id: Any, fields: Any) -> _Entry | None:
     if not isinstance(fields, dict):
         return None
-    f = {_s(a): _s(b) for a, b in fields.items()}
+    f = {text(a): text(b) for a, b in fields.items()}
     try:
-        return _Entry(_s(entry_id), f["batch"], int(f["index"]), int(f["offset"]), int(f["length"]))
+        return _Entry(text(entry_id), f["batch"], int(f["index"]), int(f["offset"]), int(f["length"]))
     except (KeyError, ValueError):
         return None
