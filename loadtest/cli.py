@@ -297,7 +297,7 @@ def do_sweep(
                 f"rate {p.rate:.4g}/s: {m.request_throughput:.3f} req/s, TTFT p50 "
                 f"{(m.distributions['ttft'].percentiles.get('p50') or 0) * 1e3:.0f} ms, "
                 f"{'SATURATED: ' + '; '.join(p.why) if p.saturated else 'ok'}"
-                f"{'' if p.result['valid'] else ' [INVALID RUN]'}"
+                f"{'' if p.result['valid'] else _invalid_why(p.result)}"
             )
 
         res = run_sweep(cfg, runner, on_point)
@@ -521,10 +521,16 @@ def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
             m = result["metrics"]
             console.print(
                 f"concurrency {pc.load.concurrency}: {m['completed']}/{m['total']} completed, "
-                f"{m['request_throughput']:.3f} req/s{'' if result['valid'] else ' [INVALID RUN]'}"
+                f"{m['request_throughput']:.3f} req/s{'' if result['valid'] else _invalid_why(result)}"
             )
             points.append(CalibrationPoint(float(pc.load.concurrency), raw.records, raw.samples))
     return points
+
+
+def _invalid_why(result: dict[str, Any]) -> str:
+    """' [INVALID RUN: why]' for a run the validity rules rejected."""
+    reasons = result.get("validity", {}).get("reasons") or []
+    return f" [INVALID RUN: {'; '.join(reasons)}]" if reasons else " [INVALID RUN]"
 
 
 def print_fit(console: Console, report: Any) -> None:

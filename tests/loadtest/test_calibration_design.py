@@ -150,7 +150,9 @@ def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Pat
         "requests_per_cell": 2,
     }
     conf.write_text(
-        yaml.safe_dump({"calibrate": {"design": design}, "validity": {"max_send_lag_p99_s": 5.0}})
+        yaml.safe_dump(
+            {"calibrate": {"design": design}, "validity": {"max_send_lag_p99_s": 5.0, "min_rate_ratio": 0.5}}
+        )
     )
     with serve_sim(real) as url:
         args = ["calibrate", "--config", str(conf), "--base-url", url, "--model", "sim", "--no-progress"]

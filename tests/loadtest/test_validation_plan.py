@@ -155,7 +155,7 @@ def test_validate_end_to_end_against_the_simulated_engine(tmp_path: Path) -> Non
     conf = tmp_path / "c.yaml"
     conf.write_text(
         yaml.safe_dump(
-            {"validity": {"max_send_lag_p99_s": 5.0}, "sweep": {"min_requests": 8}}
+            {"validity": {"max_send_lag_p99_s": 5.0, "min_rate_ratio": 0.5}, "sweep": {"min_requests": 8}}
             | {"slo_search": {"repeats": 2, "duration_s": 2.0}}
             | {"output": {"html": False}}
         )
