@@ -1,252 +1,150 @@
-"""Prefix-affinity routing vs Ray Serve's default router vs round robin, on two engine replicas.
+"""The two-replica prefix-routing comparison of ``bench/prefix_routing.py``, predicted by the
+load tester's fleet simulator and checked against that benchmark's measured run.
 
-Engines: the calibrated simulated engine (``loadtest.sim``: vLLM's continuous
-batching, block-level prefix cache with LRU eviction, prefill cost per uncached token),
-two replicas driven in virtual time, plus one replica alone as the hit-rate reference.
-Two real vLLM CPU replicas could not be run next to each other on this shared 2-core
-machine within the time of one benchmark run, so this is the simulation the issue
-allows; the engine profile below is SmolLM2-135M on one CPU core (prefill and decode
-costs) with a KV cache that holds about five of the eight shared prefixes per replica
-(the regime where routing matters: with room for every prefix on every replica, any
-router reaches the same hit rate after warm-up).
+The simulator (``loadtest/fleet.py``, ``oss-loadtest routing``) runs the workload of
+``prefix_routing.py`` (8 system prompts of 1,500 tokens, questions of 20-60 words, Poisson
+arrivals, ``--max-tokens`` output tokens) on simulated replicas of ``--profile`` (a profile
+``oss-loadtest calibrate`` fitted on the same engine arguments: SmolLM2 on vLLM CPU, one
+OpenMP thread) with the benchmark's KV cache (``--kv-blocks`` blocks of 128 tokens per
+replica, twice that for the single-replica reference) under round robin, Ray Serve's
+default and our prefix routing. The prediction is averaged over ``--seeds`` arrival
+sequences (the measured run is one of them). Printed: predicted and measured hit rate
+and TTFT p50 per router, and the two figures the issue checks, hit rate ours / single
+replica and TTFT p50 ours / round robin, with the prediction error of each.
 
-Our routing runs the real code: ``render_prompt`` and ``block_hashes`` of the gateway,
-the Redis ``PrefixIndex`` (at ``--redis``, own key prefix, virtual time as ``now``) and
-the same ``decide`` rule the engine deployment's router applies, with each replica's
-ongoing requests as load. Ray's default: power of two choices on ongoing requests.
-
-Workload: many users over 8 system prompts of 1,500 tokens, short questions (20-60
-tokens), 32 output tokens, Poisson arrivals. Prints hit rate (from the engines' own
-prefix-cache counters: hit tokens / queried tokens) and TTFT p50/p99, with the ratios
-the issue targets.
-
-    python bench/prefix_routing_sim.py [--requests 1200] [--rate 2.0] [--seed 1]
+    python bench/prefix_routing.py --requests 120 --rate 0.8 --kv-blocks 64 --out results/prefix_routing.json
+    python bench/prefix_routing_sim.py --profile smollm2-1t.yaml --measured results/prefix_routing.json \\
+        --requests 120 --rate 0.8 --kv-blocks 64
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import heapq
-import itertools
-import random
+import json
 import statistics
-import uuid
-from dataclasses import dataclass, field
+import sys
+from pathlib import Path
+from typing import Any
 
-import redis.asyncio as aioredis
+from rich.console import Console
+from rich.table import Table
 
-from loadtest.sim import EngineProfile, SimRequest, SimScheduler, block_hashes
-from serving.config import RoutingConfig
-from serving.engine.protocol import Endpoint
-from serving.engine.routing_hints import decide
-from serving.gateway.prefix import PrefixIndex, render_prompt
-from serving.gateway.prefix import block_hashes as text_block_hashes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PREFIXES = 8
-PREFIX_TOKENS = 1500
-OUTPUT_TOKENS = 32
-CHARS_PER_TOKEN = 4
+from loadtest.config import LoadTestConfig
+from loadtest.sim import load_profile
+from loadtest.simulate import compare_routing
 
-# SmolLM2-135M on one CPU core (vLLM CPU): about 0.35 ms per prompt token of prefill,
-# 12 ms per decode step plus 0.5 ms per running sequence; KV room for ~5 prefixes.
-PROFILE = EngineProfile(
-    name="smollm2-135m-cpu-1core",
-    step_base_s=0.012,
-    step_per_seq_s=0.0005,
-    prefill_per_token_s=0.00035,
-    block_size=16,
-    num_kv_blocks=520,
-    max_num_seqs=32,
-    max_num_batched_tokens=2048,
-)
+#: The benchmark's router names, and the simulator's.
+NAMES = {
+    "single replica": "single replica (KV of all)",
+    "round robin": "round_robin",
+    "Ray default (pow-2)": "power_of_two",
+    "oss-serving prefix": "prefix",
+}
+SMOLLM = Path("~/.cache/oss-serving/models/smollm2-135m-instruct").expanduser()
 
 
-@dataclass
-class Req:
-    rid: int
-    arrival: float
-    prefix: int
-    question_tokens: int
-    token_ids: list[int]
-    text_body: dict[str, object]
-    replica: int = -1
-    ttft: float | None = None
-
-
-@dataclass
-class Replica:
-    sched: SimScheduler
-    busy_until: float | None = None
-    ongoing: int = 0
-    reqs: dict[str, Req] = field(default_factory=dict)
-
-
-def workload(n: int, rate: float, seed: int) -> list[Req]:
-    rng = random.Random(seed)
-    t = 0.0
-    out = []
-    for i in range(n):
-        t += rng.expovariate(rate)
-        k = rng.randrange(PREFIXES)
-        q = rng.randint(20, 60)
-        prefix_ids = [k * 1_000_000 + j for j in range(PREFIX_TOKENS)]
-        question_ids = [rng.randrange(10**9) + 10**8 for _ in range(q)]
-        system = (f"[policy {k}] " + "Our rules for this team are these. " * 200)[
-            : PREFIX_TOKENS * CHARS_PER_TOKEN
-        ]
-        body = {
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": f"question {i} " + "x" * (q * CHARS_PER_TOKEN)},
-            ]
+def config(requests: int, rate: float, max_tokens: int, seed: int) -> LoadTestConfig:
+    """The workload of ``prefix_routing.py`` in the load tester's terms."""
+    return LoadTestConfig.model_validate(
+        {
+            "workload": {
+                "name": "prefix-routing-bench",
+                "classes": [
+                    {
+                        "shared_prefix": {"groups": 8, "tokens": 1500},
+                        # "User N asks: " and 20-60 words (SmolLM2: about 1.3 tokens a word)
+                        "input_tokens": {"dist": "uniform", "min": 32, "max": 84},
+                        "output_tokens": max_tokens,
+                    }
+                ],
+            },
+            "load": {"rate": rate, "num_requests": requests, "seed": seed, "max_duration_s": 36_000},
+            "metrics": {"tokenizer": f"hf:{SMOLLM}" if SMOLLM.exists() else "words"},
+            "output": {"progress": False},
         }
-        out.append(Req(i, t, k, q, prefix_ids + question_ids, body))
-    return out
+    )
 
 
-class Router:
-    def __init__(self, kind: str, n: int, index: PrefixIndex | None, cfg: RoutingConfig, seed: int) -> None:
-        self.kind, self.n, self.index, self.cfg = kind, n, index, cfg
-        self.rng = random.Random(seed)
-        self.rr = itertools.count()
-        self.reasons: dict[str, int] = {}
-
-    async def choose(self, req: Req, replicas: list[Replica], now: float) -> int:
-        if self.n == 1:
-            return 0
-        loads = {f"r{i}": r.ongoing for i, r in enumerate(replicas)}
-        if self.kind == "round_robin":
-            return next(self.rr) % self.n
-        if self.kind == "power_of_two":
-            a, b = self.rng.sample(range(self.n), 2)
-            if replicas[a].ongoing == replicas[b].ongoing:
-                return self.rng.choice((a, b))
-            return a if replicas[a].ongoing < replicas[b].ongoing else b
-        assert self.index is not None
-        hashes = text_block_hashes(
-            render_prompt(Endpoint.chat, req.text_body), self.cfg.block_chars, self.cfg.max_blocks
-        )
-        found = await self.index.lookup("bench", hashes, None, now=now)
-        d = decide(found.matched, None, loads, imbalance_threshold=self.cfg.imbalance_threshold)
-        self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
-        if d.ranked:
-            chosen = int(d.ranked[0][1:])
-        else:  # no affinity: Ray's default (power of two choices on load)
-            a, b = self.rng.sample(range(self.n), 2)
-            chosen = (
-                a
-                if (replicas[a].ongoing, self.rng.random()) < (replicas[b].ongoing, self.rng.random())
-                else b
-            )
-        await self.index.record("bench", f"r{chosen}", hashes, None, now=now)
-        return chosen
-
-
-async def run(
-    kind: str, n_replicas: int, reqs: list[Req], index: PrefixIndex | None, cfg: RoutingConfig, seed: int
-) -> dict[str, float]:
-    replicas = [Replica(SimScheduler(PROFILE)) for _ in range(n_replicas)]
-    router = Router(kind, n_replicas, index, cfg, seed)
-    events: list[tuple[float, int, str, int]] = []  # (time, order, kind, index)
-    order = itertools.count()
-    for i, r in enumerate(reqs):
-        heapq.heappush(events, (r.arrival, next(order), "arrive", i))
-    by_sim: dict[str, Req] = {}
-
-    def start_step(i: int, now: float) -> None:
-        rep = replicas[i]
-        out = rep.sched.step(now)
-        end = now + out.duration
-        rep.busy_until = end
-        heapq.heappush(events, (end, next(order), "step", i))
-        rep.pending_out = out  # type: ignore[attr-defined]
-
-    while events:
-        now, _, what, i = heapq.heappop(events)
-        if what == "arrive":
-            req = reqs[i]
-            j = await router.choose(req, replicas, now)
-            req.replica = j
-            sim = SimRequest(
-                rid=str(req.rid),
-                prompt_len=len(req.token_ids),
-                max_tokens=OUTPUT_TOKENS,
-                hashes=block_hashes(req.token_ids, PROFILE.block_size),
-                arrival=now,
-            )
-            by_sim[sim.rid] = req
-            rep = replicas[j]
-            rep.ongoing += 1
-            rep.sched.add(sim)
-            if rep.busy_until is None:
-                start_step(j, now)
-        else:
-            rep = replicas[i]
-            out = rep.pending_out  # type: ignore[attr-defined]
-            for sim in out.tokens:
-                req = by_sim[sim.rid]
-                if req.ttft is None:
-                    req.ttft = now - req.arrival
-            rep.ongoing -= len(out.finished)
-            rep.busy_until = None
-            if rep.sched.has_work:
-                start_step(i, now)
-    queries = sum(r.sched.prefix_queries for r in replicas)
-    hits = sum(r.sched.prefix_hits for r in replicas)
-    ttfts = sorted(r.ttft for r in reqs if r.ttft is not None)
+def predict(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    base = load_profile(args.profile)
+    profile = base.model_copy(update={"block_size": 128, "num_kv_blocks": args.kv_blocks})
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(args.seeds):
+        cfg = config(args.requests, args.rate, args.max_tokens, seed + 1)
+        cfg.fleet.index_capacity_blocks = max(1, args.kv_blocks * 128 * 4 // 256)
+        for row in compare_routing(cfg, profile, 2):
+            runs.setdefault(row["policy"], []).append(row)
     return {
-        "hit_rate": hits / queries if queries else 0.0,
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p99": ttfts[int(0.99 * (len(ttfts) - 1))],
-        "reasons": router.reasons,  # type: ignore[dict-item]
+        name: {
+            "hit_rate": statistics.mean(r["hit_rate"] for r in rows),
+            "ttft_p50_s": statistics.mean(r["ttft_p50_s"] for r in rows),
+        }
+        for name, rows in runs.items()
     }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=1200)
-    parser.add_argument("--rate", type=float, default=2.0, help="requests per second (both replicas)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", required=True, help="calibrated profile of one engine replica")
+    parser.add_argument("--measured", type=Path, help="prefix_routing.py's JSON (omit: prediction only)")
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--rate", type=float, default=0.8)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--kv-blocks", type=int, default=64)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("results/prefix_routing_sim.json"))
     args = parser.parse_args()
-    redis = aioredis.Redis.from_url(args.redis)
-    prefix = f"bench-prefix-{uuid.uuid4().hex[:8]}"
-    cfg = RoutingConfig(
-        key_prefix=prefix, replica_capacity_blocks=PROFILE.num_kv_blocks * 16 * CHARS_PER_TOKEN // 256
+    console = Console()
+    pred = predict(args)
+    meas: dict[str, dict[str, float]] = {}
+    if args.measured:
+        doc = json.loads(args.measured.read_text())
+        meas = {NAMES[r["name"]]: r for r in doc["runs"] if r["name"] in NAMES}
+
+    def err(p: float, m: float | None) -> str:
+        return "-" if not m else f"{p / m - 1:+.1%}"
+
+    table = Table(
+        title=f"{args.requests} requests at {args.rate:g}/s, 2 replicas x {args.kv_blocks} KV blocks"
     )
-    reqs = workload(args.requests, args.rate, args.seed)
-    results = {}
-    try:
-        for name, kind, n in (
-            ("single replica", "single", 1),
-            ("round robin", "round_robin", 2),
-            ("Ray default (pow-2)", "power_of_two", 2),
-            ("oss-serving prefix", "prefix", 2),
-        ):
-            fresh = [
-                Req(r.rid, r.arrival, r.prefix, r.question_tokens, r.token_ids, r.text_body) for r in reqs
-            ]
-            index = PrefixIndex(redis, cfg) if kind == "prefix" else None
-            results[name] = await run(kind, n, fresh, index, cfg, args.seed)
-    finally:
-        keys = [k async for k in redis.scan_iter(match="{" + prefix + "*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
-    print(
-        f"engine: simulated ({PROFILE.name}), {args.requests} requests at {args.rate:g}/s, "
-        f"{PREFIXES} prefixes x {PREFIX_TOKENS} tokens, {OUTPUT_TOKENS} output tokens"
-    )
-    print("| router | prefix-cache hit rate | TTFT p50 (s) | TTFT p99 (s) |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['hit_rate']:.3f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} |")
-    ours, single, rr = results["oss-serving prefix"], results["single replica"], results["round robin"]
-    print(f"hit rate ours / single replica: {ours['hit_rate'] / single['hit_rate']:.3f} (target >= 0.9)")
-    print(f"TTFT p50 ours / round robin: {ours['ttft_p50'] / rr['ttft_p50']:.3f} (target <= 0.6)")
-    print(f"routing decisions (ours): {ours['reasons']}")
+    for col in ("router", "hit rate pred.", "meas.", "error", "TTFT p50 s pred.", "meas.", "error"):
+        table.add_column(col, justify="right")
+    for name, p in pred.items():
+        m = meas.get(name, {})
+        table.add_row(
+            name,
+            f"{p['hit_rate']:.3f}",
+            f"{m['hit_rate']:.3f}" if m else "-",
+            err(p["hit_rate"], m.get("hit_rate")),
+            f"{p['ttft_p50_s']:.3f}",
+            f"{m['ttft_p50_s']:.3f}" if m else "-",
+            err(p["ttft_p50_s"], m.get("ttft_p50_s")),
+        )
+    console.print(table)
+    summary: dict[str, Any] = {}
+    for key, num, den, metric in (
+        ("hit_rate_vs_single", "prefix", "single replica (KV of all)", "hit_rate"),
+        ("ttft_p50_vs_round_robin", "prefix", "round_robin", "ttft_p50_s"),
+    ):
+        ratio = pred[num][metric] / pred[den][metric]
+        line = {"predicted": ratio}
+        if num in meas and den in meas:
+            measured = meas[num][metric] / meas[den][metric]
+            line |= {"measured": measured, "error": ratio / measured - 1}
+        summary[key] = line
+        console.print(
+            f"{key}: predicted {ratio:.3f}"
+            + (f", measured {line['measured']:.3f}, error {line['error']:+.1%}" if "measured" in line else "")
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"predicted": pred, "measured": meas, "summary": summary}, indent=2))
+    console.print(f"written {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    raise SystemExit(main())

@@ -76,6 +76,16 @@ def _common(fn: F) -> F:
             type=click.Path(exists=True, dir_okay=False),
             help="Run against a SIMULATED engine with this profile, in virtual time (no endpoint).",
         ),
+        click.option(
+            "--sim-replicas",
+            type=int,
+            help="With --profile: simulated replicas behind --routing (default 1).",
+        ),
+        click.option(
+            "--routing",
+            type=click.Choice(["prefix", "power_of_two", "round_robin"]),
+            help="With --profile and several replicas: the routing policy (default prefix).",
+        ),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -110,6 +120,8 @@ def build_config(opts: dict[str, Any], extra: dict[str, Any] | None = None) -> L
         ("load.seed", "seed"),
         ("metrics.tokenizer", "tokenizer"),
         ("output.dir", "out_dir"),
+        ("fleet.replicas", "sim_replicas"),
+        ("fleet.routing", "routing"),
     ]:
         _set(base, path, o.get(key))
     if o.get("percentiles"):
@@ -396,6 +408,11 @@ def slo(**opts: Any) -> None:
 @click.option(
     "--refuse-outside", is_flag=True, help="Refuse (exit 2) a workload outside the validated ranges."
 )
+@click.option(
+    "--compare-routing",
+    is_flag=True,
+    help="With --profile: simulate the planned fleet at the target rate under each routing policy.",
+)
 def plan(**opts: Any) -> None:
     """Replicas and GPUs for a target load and SLOs (from measured results or a profile).
 
@@ -451,6 +468,16 @@ def plan(**opts: Any) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     result["assumptions"].extend(extra_notes)
+    if opts.get("compare_routing"):
+        if not opts.get("profile_path"):
+            raise click.UsageError("--compare-routing simulates the fleet: give --profile")
+        n = max(2, result["replicas_for_load"])
+        rc = cfg.model_copy(deep=True)
+        rc.load.rate = cfg.plan.target_rate
+        result["routing"] = _routing_rows(rc, opts["profile_path"], n)
+        _print_routing(
+            console, result["routing"], f"the planned fleet: {n} replicas at {rc.load.rate:g} req/s"
+        )
     cfg.output.dir.mkdir(parents=True, exist_ok=True)
     (cfg.output.dir / "capacity_plan.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     console.print(
@@ -710,6 +737,60 @@ def _print_validation(console: Console, doc: dict[str, Any]) -> None:
     console.print(t)
     if any(not r["measured"]["saturated"] for r in doc["rows"]):
         console.print("* the measured sweep never saturated: its throughput error is at the highest rate")
+
+
+def _routing_rows(cfg: LoadTestConfig, profile_path: str, replicas: int) -> list[dict[str, Any]]:
+    from loadtest.sim import load_profile
+    from loadtest.simulate import compare_routing
+
+    return compare_routing(cfg, load_profile(profile_path), replicas)
+
+
+def _print_routing(console: Console, rows: list[dict[str, Any]], title: str) -> None:
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x * 1e3:.0f}"
+
+    rr = next((r for r in rows if r["policy"] == "round_robin"), None)
+    t = Table(title=title)
+    for col in ("policy", "hit rate", "TTFT p50 ms", "TTFT p99 ms", "req/s", "requests per replica"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for r in rows:
+        t.add_row(
+            r["policy"],
+            f"{r['hit_rate']:.3f}",
+            ms(r["ttft_p50_s"]),
+            ms(r["ttft_p99_s"]),
+            f"{r['request_throughput']:.3f}",
+            " / ".join(str(n) for n in r["routed"].values()),
+        )
+    console.print(t)
+    ours = next((r for r in rows if r["policy"] == "prefix"), None)
+    ref = rows[0]
+    if ours and rr and ref["hit_rate"] and rr["ttft_p50_s"] and ours["ttft_p50_s"] is not None:
+        console.print(
+            f"prefix routing: hit rate {ours['hit_rate'] / ref['hit_rate']:.3f} of the single-cache "
+            f"reference; TTFT p50 {ours['ttft_p50_s'] / rr['ttft_p50_s']:.3f} of round robin's"
+        )
+
+
+@main.command()
+@_common
+@click.option("--out-json", type=click.Path(dir_okay=False), help="Write the rows here as JSON.")
+def routing(**opts: Any) -> None:
+    """What prefix routing buys: the workload on --sim-replicas simulated replicas of --profile
+    under round robin, Ray Serve's default (power of two choices) and oss-serving's prefix
+    affinity, next to one replica with the KV cache of all (the hit-rate reference)."""
+    if not opts.get("profile_path"):
+        raise click.UsageError("routing simulates a fleet: give --profile")
+    cfg = _config_or_exit(opts)
+    n = opts.get("sim_replicas") or 2
+    if n < 2:
+        raise click.UsageError("--sim-replicas: a routing comparison needs at least 2 replicas")
+    rows = _routing_rows(cfg, opts["profile_path"], n)
+    console = Console(stderr=True)
+    _print_routing(console, rows, f"{cfg.workload.name} on {n} simulated replicas at {cfg.load.rate:g} req/s")
+    if opts.get("out_json"):
+        Path(opts["out_json"]).write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
 
 @main.command("sim-engine", context_settings={"ignore_unknown_options": True}, add_help_option=False)

@@ -276,6 +276,30 @@ class CalibrateConfig(_Strict):
     reported as poorly identified."""
 
 
+class FleetConfig(_Strict):
+    """The simulated fleet of ``--profile`` runs: replicas behind a routing policy
+    (``loadtest/fleet.py``). One replica: the single engine of the profile."""
+
+    replicas: int = Field(default=1, ge=1, le=1024)
+    """Simulated engine replicas, each with the profile's KV cache."""
+    routing: Literal["prefix", "power_of_two", "round_robin"] = "prefix"
+    """``prefix``: oss-serving's prefix affinity balanced with load; ``power_of_two``:
+    Ray Serve's default router; ``round_robin``: strict rotation."""
+    imbalance_threshold: int = Field(default=8, ge=0)
+    """As ``routing.imbalance_threshold`` of the serving configuration."""
+    min_match_blocks: int = Field(default=1, ge=1)
+    """As ``routing.min_match_blocks``."""
+    max_blocks: int = Field(default=256, ge=1)
+    """As ``routing.max_blocks``: leading prompt blocks looked up and recorded."""
+    index_capacity_blocks: int | None = Field(default=None, ge=1)
+    """Blocks the index remembers per replica (``routing.replica_capacity_blocks``);
+    default: the profile's KV blocks, as the serving configuration recommends."""
+    index_ttl_s: float = Field(default=900.0, gt=0)
+    """As ``routing.index_ttl_s``."""
+    seed: int = 0
+    """Seed of the random choices of ``power_of_two`` (and of ``prefix``'s fallback)."""
+
+
 class LoadTestConfig(_Strict):
     """Everything ``oss-loadtest`` needs."""
 
@@ -301,6 +325,8 @@ class LoadTestConfig(_Strict):
     """Capacity plan."""
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     """Profile fitting."""
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+    """Simulated replicas and routing of ``--profile`` runs."""
 
     @model_validator(mode="before")
     @classmethod
