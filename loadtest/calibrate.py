@@ -382,6 +382,27 @@ def design_workload(design: CalibrationDesign, seed: int = 0) -> WorkloadSpec:
     return WorkloadSpec(name="calibration-design", seed=seed, classes=classes)
 
 
+def warmup_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
+    """The unfitted warm-up before the design: for each prompt length, ``warmup_requests``
+    requests (the shortest output) one at a time; none when it is off."""
+    d = cfg.calibrate.design
+    out = []
+    for i in d.input_tokens if d.warmup_requests else []:
+        wc = cfg.model_copy(deep=True)
+        cls = RequestClass(
+            name=f"warmup-in{i}",
+            input_tokens=LengthDist(value=i),
+            output_tokens=LengthDist(value=min(d.output_tokens)),
+        )
+        wc.workload = WorkloadSpec(name="calibration-warmup", seed=cfg.load.seed, classes=[cls])
+        wc.load.arrival = "concurrency"
+        wc.load.concurrency = 1
+        wc.load.num_requests = d.warmup_requests
+        wc.load.max_duration_s = d.max_duration_s
+        out.append(wc)
+    return out
+
+
 def design_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
     """The runs of the designed calibration: the design's mix as a closed loop at each
     concurrency level (``cfg.calibrate.design``), seeds differing by level."""

@@ -532,7 +532,7 @@ def _plan_margin(
 def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
     """Run the designed calibration experiment (``calibrate.design``) against the endpoint,
     saving each level under ``conc_<N>/``; returns its :class:`CalibrationPoint` s."""
-    from loadtest.calibrate import CalibrationPoint, design_configs
+    from loadtest.calibrate import CalibrationPoint, design_configs, warmup_configs
 
     points = []
     d = cfg.calibrate.design
@@ -542,6 +542,13 @@ def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
     )
     with _progress(cfg.output.progress, console) as prog:
         runner = make_runner(cfg, None, prog)
+        warm = warmup_configs(cfg)
+        for wc in warm:
+            wm = compute_run_metrics(runner(wc).records, [50.0], None)
+            console.print(
+                f"warm-up (not fitted): {wm.completed}/{wm.total} requests of "
+                f"{wc.workload.classes[0].input_tokens.value} prompt tokens"
+            )
         for pc in design_configs(cfg):
             raw = runner(pc)
             result = _save_run(cfg.output.dir / f"conc_{pc.load.concurrency}", pc, raw)
@@ -688,6 +695,9 @@ def validate(**opts: Any) -> None:
             wc = cfg.model_copy(deep=True)
             wc.workload = spec
             wc.output.dir = cfg.output.dir / spec.name / kind
+            if sweeps:  # the simulation runs exactly the rates the real sweep ran, none stopped early
+                wc.sweep.rates = [p.rate for p in sweeps[0].points]
+                wc.sweep.stop_after_saturated = len(wc.sweep.rates) + 1
             console.print(f"[bold]{spec.name}[/bold]: {kind}")
             res, results = do_sweep(wc, profile, console)
             all_valid = all_valid and all(r["valid"] for r in results)

@@ -246,6 +246,11 @@ class CalibrationDesign(_Strict):
     """Fewest requests per (prompt, output) cell at each level."""
     max_duration_s: float = Field(default=900.0, gt=0)
     """Longest schedule of one level."""
+    warmup_requests: int = Field(default=2, ge=0)
+    """Requests per prompt-length level sent one at a time before the first level and not
+    fitted: an engine's first requests of a new shape pay one-off costs (a fresh vLLM CPU
+    engine took 3.4 s for its first 800-token prompt, 1.1 s for the next ones), which a
+    least-squares fit would read as a large fixed overhead on every request."""
 
     @field_validator("input_tokens", "output_tokens", "concurrency")
     @classmethod

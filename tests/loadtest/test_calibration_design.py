@@ -6,6 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -165,8 +166,21 @@ def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Pat
             str(tmp_path / "p.yaml"),
         ]
         r = CliRunner().invoke(main, args)
+        served = httpx.get(f"{url}/metrics").text
     assert r.exit_code == 0, r.output
     assert "calibration design" in r.output
+    # the warm-up (2 requests per prompt length, the default) reached the engine but no fit
+    assert r.output.count("warm-up (not fitted): 2/2") == 2
+    fitted = sum(
+        len((tmp_path / "cal" / f"conc_{c}" / "requests.jsonl").read_text().splitlines()) for c in (1, 3)
+    )
+    assert fitted == 8 + 18
+    total = sum(
+        float(line.split()[-1])
+        for line in served.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
+    assert total == fitted + 4
     assert "standard error" in r.output
     assert (tmp_path / "cal" / "conc_1" / "requests.jsonl").exists()
     assert (tmp_path / "cal" / "conc_3" / "requests.jsonl").exists()

@@ -185,6 +185,8 @@ def test_validate_end_to_end_against_the_simulated_engine(tmp_path: Path) -> Non
         assert row["predicted"]["saturation_rps"] > 0
         assert row["saturation_error"] is not None
         assert row["ttft_p50_error"] is not None
+        # point by point: the simulation ran exactly the rates the real sweep ran
+        assert row["predicted"]["rates"] == row["measured"]["rates"]
         assert (out / row["workload"] / "measured" / "sweep.json").exists()
         assert (out / row["workload"] / "predicted" / "sweep.json").exists()
     for name in names:
