@@ -5,8 +5,10 @@ Only what the client saw is needed (plus ``vllm:cache_config_info`` when scraped
 1. **Step and prefill costs, jointly.** For each completed streamed request, its decode
    window (first to last output chunk) spans ``n - 1`` engine steps. The sequences
    decoding alongside it and the KV tokens they held are rebuilt from all requests of
-   the same point, and so are the uncached prompt tokens of requests that started
-   during the window (their prefill stalls everyone's steps; a request whose first
+   the same point, at up to ten of its steps (midpoints between consecutive chunks,
+   chosen evenly by index, so that every step weighs alike whatever its length), and
+   so are the uncached prompt tokens of requests that started during the window
+   (their prefill stalls everyone's steps; a request whose first
    token came within half a step of this one's was prefilled in the same step, before
    the window). Per request:
    ``TPOT = step_base + step_per_seq * running + step_per_kv_token * kv
@@ -143,6 +145,9 @@ class _Req:
     n: int
     prompt: int
     uncached: int
+    ticks: list[float] = field(default_factory=list)
+    """Times inside its decode window, one per sampled step (midpoints between token chunks
+    chosen evenly by index), where the batch it ran in is rebuilt."""
 
 
 def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
@@ -158,6 +163,11 @@ def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
         ):
             continue
         prompt = r.prompt_tokens or r.requested_input_tokens or 0
+        # a chunk per engine step: the midpoints of chunk gaps chosen evenly by index weight
+        # every step alike (midpoints evenly spread in time would over-weight long steps,
+        # those with a prefill in them)
+        idx = sorted({round(float(k)) for k in np.linspace(1, len(chunks) - 1, min(10, len(chunks) - 1))})
+        ticks = [(chunks[k - 1].t + chunks[k].t) / 2 for k in idx]
         out.append(
             _Req(
                 r.sent,
@@ -166,6 +176,7 @@ def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
                 r.completion_tokens,
                 prompt,
                 prompt - (r.cached_tokens or 0),
+                ticks,
             )
         )
     return out
@@ -250,7 +261,7 @@ def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], li
         ns = np.asarray([q.n for q in reqs], dtype=float)
         uncs = np.asarray([q.uncached for q in reqs], dtype=float)
         for q in reqs:
-            ts = np.linspace(q.first, q.last, 12)[1:-1]
+            ts = np.asarray(q.ticks) if q.ticks else np.linspace(q.first, q.last, 12)[1:-1]
             active = (firsts[None, :] <= ts[:, None]) & (lasts[None, :] >= ts[:, None])
             frac = np.clip((ts[:, None] - firsts[None, :]) / np.maximum(lasts - firsts, 1e-9)[None, :], 0, 1)
             running = float(active.sum(axis=1).mean())

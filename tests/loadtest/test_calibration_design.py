@@ -89,9 +89,11 @@ def test_fit_of_the_design_lies_within_its_standard_errors(seed: int) -> None:
     for name in COEFFICIENTS:
         true, est, se = getattr(TRUTH, name), rep.coefficients[name], rep.standard_errors[name]
         assert 0 < se < 0.3 * true, name
-        # 3 SE, plus the bias of rebuilding each row's batch from overlapping requests
-        # (about 2% on noiseless data; the standard errors do not include it)
-        assert abs(est - true) <= 3 * se + 0.03 * true, (name, est, true, se)
+        # 3 SE, plus the bias of rebuilding each row's batch from the other requests' noisy
+        # chunk times (up to about 5% here, none on noiseless data, which
+        # test_the_batch_rebuilt_per_step_recovers_a_noiseless_design checks; the standard
+        # errors do not include it)
+        assert abs(est - true) <= 3 * se + 0.06 * true, (name, est, true, se)
     assert rep.poorly_identified == {}
     d = rep.to_dict()
     assert set(d["coefficients"]) == set(COEFFICIENTS)
@@ -99,6 +101,16 @@ def test_fit_of_the_design_lies_within_its_standard_errors(seed: int) -> None:
         rep.standard_errors["step_base_s"]
     )
     json.dumps(d, allow_nan=False)
+
+
+def test_the_batch_rebuilt_per_step_recovers_a_noiseless_design() -> None:
+    # every step of a request's window weighs alike: rebuilt at midpoints spread evenly in
+    # time, the steps with a prefill in them weighed more, and at concurrency 32 the fit
+    # put 20% on the prefill cost and took 30% off the KV-token cost
+    rep = _design_fit(noise=False)
+    for name in COEFFICIENTS:
+        assert rep.coefficients[name] == pytest.approx(getattr(TRUTH, name), rel=0.05), name
+    assert rep.decode_r2 > 0.995
 
 
 def test_a_single_output_length_flags_the_decode_terms() -> None:
