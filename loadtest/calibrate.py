@@ -376,7 +376,13 @@ def fit_profile(
         enable_prefix_caching=str(cache.get("enable_prefix_caching", "True")).lower() == "true",
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
-        chat_template_tokens=max(0, int(np.median(template))) if template else 0,
+        chat_template_tokens=(
+            cfg.chat_template_tokens
+            if cfg.chat_template_tokens is not None
+            else max(0, int(np.median(template)))
+            if template
+            else 0
+        ),
     )
     return FitReport(profile, r2, n_rows, len(low), notes, coefs, ses, why)
 
@@ -385,7 +391,10 @@ def design_workload(design: CalibrationDesign, seed: int = 0) -> WorkloadSpec:
     """One class per (prompt length, output length) cell of the design, equal weights."""
     classes = [
         RequestClass(
-            name=f"in{i}-out{o}", input_tokens=LengthDist(value=i), output_tokens=LengthDist(value=o)
+            name=f"in{i}-out{o}",
+            api=design.api,
+            input_tokens=LengthDist(value=i),
+            output_tokens=LengthDist(value=o),
         )
         for i in design.input_tokens
         for o in design.output_tokens
@@ -402,6 +411,7 @@ def warmup_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
         wc = cfg.model_copy(deep=True)
         cls = RequestClass(
             name=f"warmup-in{i}",
+            api=d.api,
             input_tokens=LengthDist(value=i),
             output_tokens=LengthDist(value=min(d.output_tokens)),
         )

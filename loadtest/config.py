@@ -250,6 +250,10 @@ class CalibrationDesign(_Strict):
     """Fewest requests per (prompt, output) cell at each level."""
     max_duration_s: float = Field(default=900.0, gt=0)
     """Longest schedule of one level."""
+    api: Literal["chat", "completions"] = "chat"
+    """Endpoint of the design's requests. ``completions`` for an engine whose chat stream
+    does not arrive token by token (gpt-oss-tiny's random weights never open a harmony
+    channel, so its chat stream comes as one chunk at the end and has no TPOT to fit)."""
     warmup_requests: int = Field(default=2, ge=0)
     """Requests per prompt-length level sent one at a time before the first level and not
     fitted: an engine's first requests of a new shape pay one-off costs (a fresh vLLM CPU
@@ -277,6 +281,9 @@ class CalibrateConfig(_Strict):
     """The engine's prompt-token budget per step (vLLM's CPU default is 2048)."""
     design: CalibrationDesign = Field(default_factory=CalibrationDesign)
     """The experiment run when no workload or rates are given on the command line."""
+    chat_template_tokens: int | None = Field(default=None, ge=0)
+    """Tokens the chat template adds to a prompt; default: measured from the calibration's
+    chat requests (a ``completions`` design has none: give it here)."""
     max_relative_se: float = Field(default=0.3, gt=0)
     """A coefficient whose standard error exceeds this fraction of its value is reported
     as poorly identified."""

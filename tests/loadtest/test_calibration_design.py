@@ -20,6 +20,7 @@ from loadtest.calibrate import (
     design_configs,
     fit_profile,
     lstsq_nonneg,
+    warmup_configs,
 )
 from loadtest.cli import main
 from loadtest.config import LoadTestConfig
@@ -207,3 +208,23 @@ def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Pat
     refit = json.loads((tmp_path / "q.fit.json").read_text())
     for name in COEFFICIENTS:
         assert refit["coefficients"][name]["value"] == pytest.approx(fit["coefficients"][name]["value"])
+
+
+def test_a_completions_design_and_a_given_chat_template() -> None:
+    cfg = LoadTestConfig.model_validate(
+        {
+            "output": {"progress": False},
+            "calibrate": {"max_num_seqs": 64, "design": {"api": "completions"}, "chat_template_tokens": 67},
+        }
+    )
+    for pc in [*warmup_configs(cfg), *design_configs(cfg)]:
+        assert {c.api for c in pc.workload.classes} == {"completions"}
+        reqs, _ = plan_run(pc, WordTokenizer())
+        assert all(r.path.endswith("/v1/completions") for r in reqs)
+    points = [
+        CalibrationPoint(pc.load.concurrency, simulate_run(pc, TRUTH).records, [])
+        for pc in design_configs(cfg)
+    ]
+    rep = fit_profile(points, cfg.calibrate)
+    assert rep.profile.chat_template_tokens == 67  # completions prompts carry no template of their own
+    assert rep.coefficients["prefill_per_token_s"] == pytest.approx(TRUTH.prefill_per_token_s, rel=0.05)
