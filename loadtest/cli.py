@@ -690,7 +690,7 @@ def validate(**opts: Any) -> None:
     rows = []
     all_valid = True
     for spec in workloads:
-        sweeps = []
+        sweeps: list[Any] = []
         for kind, profile in (("measured", None), ("predicted", opts["profile_path"])):
             wc = cfg.model_copy(deep=True)
             wc.workload = spec

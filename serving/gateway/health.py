@@ -102,6 +102,8 @@ class EngineHealth:
         self._replicas: dict[str, dict[str, tuple[int, float]]] = {name: {} for name in self._engines}
         self._seen: dict[str, dict[str, tuple[int | None, float]]] = {name: {} for name in self._engines}
         """Replicas the probes reached lately: their process id and when."""
+        self._unfinished: dict[str, dict[str, int]] = {name: {} for name in self._engines}
+        """Requests each replica was generating at its last probe."""
         self._expired_seen: dict[str, int] = {}
         self._reclaimed_seen: dict[str, int] = {}
         self._abandoned_seen: dict[str, int] = {}
@@ -154,8 +156,7 @@ class EngineHealth:
         candidates = [x for x in (self._queue_config.capacity_per_replica, stats.max_num_seqs) if x]
         if candidates:
             seen[stats.replica_id or "replica"] = (min(candidates), now)
-        horizon = max(30.0, 5 * self._config.health_check_interval_s)
-        for key in [k for k, (_, t) in seen.items() if now - t > horizon]:
+        for key in [k for k, (_, t) in seen.items() if now - t > self._horizon]:
             del seen[key]
         if seen:
             self._queue.set_capacity(name, sum(cap for cap, _ in seen.values()))
@@ -205,13 +206,60 @@ class EngineHealth:
                 health.ready_since = now
             health.ready = True
             health.last_error = None
-            health.unfinished_requests = stats.unfinished_requests
-            if stats.replica_id:
-                self._seen[name][stats.replica_id] = (stats.pid, time.monotonic())
-            if self._queue is not None:
-                self._update_capacity(name, stats)
+            self._record(name, stats)
+            await self._refresh_others(name, engine, stats.replica_id, set(avoided))
+            health.unfinished_requests = self._unfinished_total(name, stats)
         health.last_probe = now
         self._metrics.model_ready.labels(model=name).set(1 if health.ready else 0)
+
+    def _record(self, name: str, stats: EngineStats) -> None:
+        if stats.replica_id:
+            self._seen[name][stats.replica_id] = (stats.pid, time.monotonic())
+            self._unfinished[name][stats.replica_id] = stats.unfinished_requests
+        if self._queue is not None:
+            self._update_capacity(name, stats)
+
+    async def _refresh_others(
+        self, name: str, engine: EngineClient, probed: str | None, avoided: set[str]
+    ) -> None:
+        """Ask each other replica seen lately for its own stats. The model's probe goes to
+        whichever replica Ray's router picks (the least busy one), so without this a busy
+        replica could drop out of the capacity sum and of ``engine_unfinished_requests``.
+        A replica that does not answer is left to age out; readiness is not affected."""
+        now = time.monotonic()
+        others = [
+            rid
+            for rid, (_, at) in self._seen[name].items()
+            if rid != probed and rid not in avoided and now - at <= self._horizon
+        ]
+
+        async def one(rid: str) -> None:
+            try:
+                stats = await engine.probe(self._config.health_check_timeout_s, only=rid)
+            except Exception as exc:  # gone or stalled: it ages out of the sums
+                log.debug("replica %s of %s did not answer its probe: %s", rid, name, type(exc).__name__)
+                return
+            if stats.replica_id == rid:
+                self._record(name, stats)
+
+        await asyncio.gather(*(one(rid) for rid in others))
+
+    def _unfinished_total(self, name: str, stats: EngineStats) -> int:
+        """Requests the engines are generating, summed over the replicas seen lately."""
+        if not stats.replica_id:
+            return stats.unfinished_requests
+        now = time.monotonic()
+        seen = self._seen[name]
+        return sum(
+            n
+            for rid, n in self._unfinished[name].items()
+            if rid in seen and now - seen[rid][1] <= self._horizon
+        )
+
+    @property
+    def _horizon(self) -> float:
+        """How long a replica counts after its last answer to a probe."""
+        return max(30.0, 5 * self._config.health_check_interval_s)
 
     async def _probe_redis(self) -> None:
         if self._redis_ping is None:
@@ -223,12 +271,16 @@ class EngineHealth:
         self._metrics.redis_up.set(1 if self._redis_ok else 0)
 
     def _replicas_seen(self, name: str) -> dict[str, dict[str, Any]]:
-        """Replicas the probes reached in the last 30 s (probes go to any replica)."""
+        """Replicas the probes reached lately, each with its own unfinished requests."""
         now = time.monotonic()
         return {
-            rid: {"pid": pid, "seen_s_ago": round(now - at, 1)}
+            rid: {
+                "pid": pid,
+                "seen_s_ago": round(now - at, 1),
+                "unfinished_requests": self._unfinished.get(name, {}).get(rid),
+            }
             for rid, (pid, at) in sorted(self._seen.get(name, {}).items())
-            if now - at <= 30
+            if now - at <= self._horizon
         }
 
     def report(self) -> dict[str, Any]:
