@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th{background:#f3f3f3}.bad{color:#b00;font-weight:bold}.ok{color:#070;font-weight:bold}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 """
+
+
+def _log_scale(ax: Any, axis: str, values: Any) -> None:
+    """A log scale on ``axis`` when some value is positive (a metric with no samples, the
+    TPOT of single-chunk streams, leaves it linear instead of failing the report)."""
+    if any(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
 
 
 def _png(fig: Figure) -> str:
@@ -124,7 +132,7 @@ def render_run_report(result: dict[str, Any], records: Sequence[dict[str, Any]],
         ax.scatter([r["scheduled"] for r in e2e], [r["e2e"] * 1e3 for r in e2e], s=4, label="E2E")
         ax.set_xlabel("scheduled send (s)")
         ax.set_ylabel("ms")
-        ax.set_yscale("log")
+        _log_scale(ax, "y", [r["ttft"] for r in ttft] + [r["e2e"] for r in e2e])
         ax.legend()
         ax.set_title("Latency over the run")
         parts.append(_png(fig))
@@ -181,14 +189,16 @@ def render_sweep_report(
     )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, metric in zip(axes, ("ttft", "tpot", "e2e"), strict=True):
+        plotted: list[float] = []
         for pk in sweep.get("percentile_keys", ["p50", "p99"]):
             ys = [(r["metrics"]["latency"][metric].get(pk) or float("nan")) * 1e3 for r in runs]
             ax.plot(rates, ys, marker="o", label=pk)
+            plotted += ys
         if knee:
             ax.axvline(knee, color="r", ls="--", lw=1)
         ax.set_xlabel("offered rate (req/s)")
         ax.set_ylabel(f"{metric.upper()} (ms)")
-        ax.set_yscale("log")
+        _log_scale(ax, "y", plotted)
         ax.legend(fontsize=8)
     parts.append("<h2>Latency percentiles against rate</h2>" + _png(fig))
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -219,7 +229,7 @@ def render_sweep_report(
                 ax.plot(
                     xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{_fmt(run['target_rate'])}/s"
                 )
-        ax.set_xscale("log")
+        _log_scale(ax, "x", [v for values in ttfts for v in values])
         ax.set_xlabel("TTFT (ms, from scheduled send)")
         ax.set_ylabel("fraction of requests")
         ax.legend(fontsize=7)

@@ -149,3 +149,15 @@ def test_routing_command_and_plan_compare_policies(tmp_path: Path) -> None:
     plan = json.loads((tmp_path / "plan" / "capacity_plan.json").read_text())
     assert {x["policy"] for x in plan["routing"]} >= {"round_robin", "prefix"}
     assert "the planned fleet" in r.output
+
+
+def test_a_sweep_whose_streams_have_no_tpot_still_gets_its_report(tmp_path: Path) -> None:
+    # one output token: no TPOT anywhere (as a stream that arrives in one chunk); the
+    # report's log-scaled plots must not fail the sweep
+    prof = tmp_path / "p.yaml"
+    prof.write_text(json.dumps(SMALL_KV.model_dump()))
+    args = ["sweep", "--profile", str(prof), "--input-tokens", "16", "--output-tokens", "1"]
+    args += ["--rates", "1,2", "--no-progress", "--out", str(tmp_path / "s")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "report.html").stat().st_size > 1000
