@@ -330,7 +330,8 @@ async def test_a_replica_that_dies_leaves_its_response_to_the_other_replicas_swe
         assert isinstance(survivor, Background)
         assert await survivor.sweep() == 0  # heartbeats are still fresh
         await asyncio.sleep(1.2)  # background_orphan_after_s
-        assert await survivor.sweep() == 1
+        # this sweep or the survivor's own upkeep loop (every 0.5 s here) fails it, once
+        await survivor.sweep()
         failed = await _poll(two, rid, {"failed"})
         assert failed["error"]["code"] == "server_error"
         assert "stopped" in failed["error"]["message"]
