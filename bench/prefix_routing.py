@@ -29,7 +29,11 @@ TTFT: request sent -> first content chunk, at the client.
     python bench/prefix_routing.py [--requests 240] [--rate 1.0] [--kv-blocks 72]
 
 ``bench/prefix_routing_sim.py`` runs the same comparison on the calibrated simulated engine
-in virtual time (bigger fleets, longer runs).
+in virtual time (bigger fleets, longer runs). ``--calibrate PROFILE`` first fits that profile
+in the fleet's own placement: the two-replica stack (Ray's default router, fresh engines)
+with ``oss-loadtest calibrate``'s default design sent through the gateway, each request's
+batch rebuilt from the replica the gateway names in ``x-oss-serving-replica``, so the
+profile carries the gateway's cost per request and two engines sharing the machine's cores.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import argparse
 import asyncio
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -221,6 +226,50 @@ def stack_config(replicas: int, kv_blocks: int, strategy: str) -> dict[str, Any]
     }
 
 
+def calibrate(args: argparse.Namespace, source: Path, work: Path, console: Console) -> None:
+    """``oss-loadtest calibrate`` (the default design at ``--design-concurrency``) through the
+    two-replica stack with fresh engines; the profile goes to ``args.calibrate``."""
+    levels = [int(c) for c in args.design_concurrency.split(",")]
+    console.rule(f"calibration: 2 replicas, {args.kv_blocks} KV blocks each, design concurrency {levels}")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / "calibrate.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "calibrate": {
+                    "design": {"concurrency": levels},
+                    "num_kv_blocks": args.kv_blocks,
+                    "block_size": 128,
+                    "max_num_seqs": 256,
+                },
+                "target": {"request_timeout_s": 600},
+            }
+        )
+    )
+    with local_stack(stack_config(2, args.kv_blocks, "power_of_two"), work / "stack") as url:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loadtest.cli",
+                "calibrate",
+                "--config",
+                str(cfg),
+                "--base-url",
+                url,
+                "--model",
+                MODEL,
+                "--tokenizer",
+                f"hf:{source}",
+                "--out",
+                str(work / "run"),
+                "--profile-out",
+                str(args.calibrate),
+            ],
+            check=True,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,6 +281,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="run only these configurations (by name)")
     parser.add_argument("--out", type=Path, default=Path("results/prefix_routing.json"))
+    parser.add_argument(
+        "--calibrate",
+        type=Path,
+        metavar="PROFILE",
+        help="first fit a profile through the two-replica stack (written here) with the default design",
+    )
+    parser.add_argument(
+        "--design-concurrency",
+        default="1,4,8,16",
+        help="closed-loop levels of --calibrate's design (over both replicas)",
+    )
     args = parser.parse_args()
     console = Console()
 
@@ -252,6 +312,8 @@ def main() -> int:
     if args.only:
         runs = [r for r in runs if r[0] in args.only]
     work = Path(tempfile.mkdtemp(prefix="oss-prefix-bench-"))
+    if args.calibrate:
+        calibrate(args, source, work / "calibrate", console)
     results: list[RunResult] = []
     for i, (name, replicas, blocks, strategy) in enumerate(runs):
         console.rule(f"{name}: {replicas} replica(s), {blocks} KV blocks each, strategy {strategy}")

@@ -9,4 +9,4 @@ V=.venv/bin
 echo "==> ruff";   "$V/ruff" check . && "$V/ruff" format --check .
 echo "==> mypy";   "$V/mypy"
 echo "==> unit tests";        "$V/python" -m pytest -m "not integration" -q -p no:cacheprovider
-echo "==> integration tests"; "$V/python" -m pytest -m integration -q -p no:cacheprovider
+echo "==> integration tests"; "$V/python" -m pytest -m integration -q -p no:cacheprovider --durations=15

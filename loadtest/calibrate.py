@@ -148,6 +148,10 @@ class _Req:
     ticks: list[float] = field(default_factory=list)
     """Times inside its decode window, one per sampled step (midpoints between token chunks
     chosen evenly by index), where the batch it ran in is rebuilt."""
+    replica: str = ""
+    """The engine replica that served it, when the endpoint said (a fleet behind an
+    oss-serving gateway with ``routing.decision_headers``); its batch is rebuilt from the
+    requests of the same replica only."""
 
 
 def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
@@ -177,6 +181,7 @@ def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
                 prompt,
                 prompt - (r.cached_tokens or 0),
                 ticks,
+                str(r.extra.get("replica", "")),
             )
         )
     return out
@@ -252,7 +257,13 @@ def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], li
     """TPOT rows ``[0, 1, running, kv, prefill_tokens / (n - 1)]`` -> TPOT."""
     rows: list[list[float]] = []
     ys: list[float] = []
-    for reqs in per_point:
+    # a fleet's requests ran in the batch of the replica that served them
+    groups = [
+        [q for q in reqs if q.replica == name]
+        for reqs in per_point
+        for name in sorted({q.replica for q in reqs})
+    ]
+    for reqs in groups:
         if not reqs:
             continue
         firsts = np.asarray([q.first for q in reqs])

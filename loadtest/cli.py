@@ -740,13 +740,18 @@ def _print_validation(console: Console, doc: dict[str, Any]) -> None:
             num(m["saturation_rps"]),
             num(p["saturation_rps"]),
             pct(r["saturation_error"]),
-            num(m["ttft_p50_lowest_rate_s"], 1e3, ".0f"),
+            num(m["ttft_p50_lowest_rate_s"], 1e3, ".0f") + (" +" if "ttft_note" in r else ""),
             num(p["ttft_p50_lowest_rate_s"], 1e3, ".0f"),
             pct(r["ttft_p50_error"]),
         )
     console.print(t)
     if any(not r["measured"]["saturated"] for r in doc["rows"]):
         console.print("* the measured sweep never saturated: its throughput error is at the highest rate")
+    if any("ttft_note" in r for r in doc["rows"]):
+        console.print(
+            "+ the streams carried no token timing (one text chunk at the end): TTFT measured at the "
+            "stream's first event, the role chunk sent with the first generated token"
+        )
 
 
 def _routing_rows(cfg: LoadTestConfig, profile_path: str, replicas: int) -> list[dict[str, Any]]:

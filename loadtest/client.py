@@ -22,6 +22,11 @@ from loadtest.records import Chunk, ErrorKind, RequestRecord
 from loadtest.tokenizer import Tokenizer
 from loadtest.workload import PlannedRequest
 
+#: The response header that names the engine replica an oss-serving gateway routed a
+#: request to (``routing.decision_headers``); recorded as ``extra["replica"]``, so that a
+#: calibration through a fleet rebuilds each request's batch from its own replica's.
+REPLICA_HEADER = "x-oss-serving-replica"
+
 __all__ = ["OpenAIClient", "assign_chunk_tokens", "parse_sse_event"]
 
 
@@ -33,6 +38,8 @@ def parse_sse_event(obj: dict[str, Any], t: float, rec: RequestRecord) -> None:
     usage = obj.get("usage")
     if usage:
         _apply_usage(usage, rec)
+    if rec.first_event is None and obj.get("choices"):
+        rec.first_event = t
     content, reasoning, tool = "", "", False
     for choice in obj.get("choices") or ():
         delta = choice.get("delta")
@@ -136,6 +143,8 @@ class OpenAIClient:
         try:
             async with self.session.post(self._base + req.path, data=payload, headers=headers) as resp:
                 rec.status = resp.status
+                if (replica := resp.headers.get(REPLICA_HEADER)) is not None:
+                    rec.extra["replica"] = replica
                 if resp.status != 200:
                     await resp.read()
                     rec.end = clock() - t0

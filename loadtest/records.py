@@ -86,6 +86,10 @@ class RequestRecord:
     requested_output_tokens: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    first_event: float | None = None
+    """Arrival of the stream's first event with a choice in it, text or not (vLLM sends its
+    role chunk with the first generated token): the first token's time when a stream holds
+    its text back (a harmony model whose output opens no channel streams one chunk at the end)."""
 
     @property
     def ok(self) -> bool:
@@ -120,6 +124,8 @@ class RequestRecord:
             "requested_input_tokens": self.requested_input_tokens,
             "requested_output_tokens": self.requested_output_tokens,
             "tags": dict(self.tags),
+            "first_event": self.first_event,
+            **({"extra": dict(self.extra)} if self.extra else {}),
             "chunks": [
                 [c.t, c.tokens, "content" if c.content else "tool" if c.tool else "reasoning"]
                 for c in self.chunks

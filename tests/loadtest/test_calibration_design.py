@@ -228,3 +228,29 @@ def test_a_completions_design_and_a_given_chat_template() -> None:
     rep = fit_profile(points, cfg.calibrate)
     assert rep.profile.chat_template_tokens == 67  # completions prompts carry no template of their own
     assert rep.coefficients["prefill_per_token_s"] == pytest.approx(TRUTH.prefill_per_token_s, rel=0.05)
+
+
+def test_a_design_through_a_fleet_rebuilds_each_batch_from_its_own_replica() -> None:
+    # two replicas behind Ray's default router: each record names its replica (as the
+    # gateway's x-oss-serving-replica header does), and each request's batch is rebuilt
+    # from its own replica's requests; read as one engine, the batches are twice as big
+    cfg = LoadTestConfig.model_validate(
+        {
+            "output": {"progress": False},
+            "calibrate": {"max_num_seqs": 64},
+            "fleet": {"replicas": 2, "routing": "power_of_two"},
+        }
+    )
+    points = [
+        CalibrationPoint(pc.load.concurrency, simulate_run(pc, TRUTH).records, [])
+        for pc in design_configs(cfg)
+    ]
+    assert {r.extra["replica"] for p in points for r in p.records} == {"r0", "r1"}
+    rep = fit_profile(points, cfg.calibrate)
+    for name in ("step_base_s", "step_per_seq_s", "step_per_kv_token_s", "prefill_per_token_s"):
+        assert rep.coefficients[name] == pytest.approx(getattr(TRUTH, name), rel=0.1), name
+    for p in points:
+        for r in p.records:
+            r.extra.clear()
+    as_one = fit_profile(points, cfg.calibrate)
+    assert as_one.coefficients["step_per_seq_s"] < 0.75 * TRUTH.step_per_seq_s

@@ -211,3 +211,52 @@ def test_validate_end_to_end_against_the_simulated_engine(tmp_path: Path) -> Non
     plan = json.loads((tmp_path / "capacity_plan.json").read_text())
     assert plan["margin"] == pytest.approx(max(abs(row["saturation_error"]) for row in doc["rows"]))
     assert "validated workloads" in plan["margin_source"]
+
+
+def test_streams_without_token_timing_take_the_ttft_at_their_first_event() -> None:
+    from loadtest.client import parse_sse_event
+    from loadtest.metrics import compute_run_metrics
+    from loadtest.records import Chunk, RequestRecord
+    from loadtest.runner import RawRun
+    from loadtest.sweep import SweepPoint, SweepResult
+    from loadtest.validation import untimed_streams, validation_row
+    from loadtest.workload import WorkloadSpec
+
+    # vLLM's role chunk comes with the first token; an untimed stream's text at the end
+    rec = RequestRecord(index=0, scheduled=0.0, sent=0.0)
+    parse_sse_event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, 0.05, rec)
+    parse_sse_event({"choices": [{"index": 0, "delta": {"content": "the whole answer"}}]}, 2.0, rec)
+    rec.end, rec.status, rec.completion_tokens = 2.0, 200, 40
+    assert rec.first_event == 0.05
+    assert len(rec.chunks) == 1
+
+    def timed(i: int, first: float) -> RequestRecord:
+        r = RequestRecord(index=i, scheduled=0.0, sent=0.0, end=1.0, status=200, completion_tokens=3)
+        r.chunks = [Chunk(t=first + 0.1 * k, content="x", tokens=1) for k in range(3)]
+        r.first_event = first
+        return r
+
+    def untimed(i: int) -> RequestRecord:
+        r = RequestRecord(index=i, scheduled=0.0, sent=0.0, end=2.0, status=200, completion_tokens=40)
+        r.chunks = [Chunk(t=2.0, content="x", tokens=40)]
+        r.first_event = 0.05
+        return r
+
+    def sweep(records: list[RequestRecord]) -> SweepResult:
+        raw = RawRun(records, [], None, 0.0, 2.0, "live", 1.0)  # type: ignore[arg-type]
+        m = compute_run_metrics(records, duration_s=2.0)
+        return SweepResult([SweepPoint(1.0, {"valid": True}, m, raw, False, [])])
+
+    measured = [untimed(i) for i in range(5)]
+    predicted = [timed(i, 0.06) for i in range(5)]
+    assert untimed_streams(measured)
+    assert not untimed_streams(predicted)
+    spec = WorkloadSpec.model_validate({"name": "w", "classes": [{"input_tokens": 8, "output_tokens": 4}]})
+    row = validation_row(spec, sweep(measured), sweep(predicted))
+    assert row["measured"]["ttft_p50_lowest_rate_s"] == pytest.approx(0.05)
+    assert row["ttft_p50_error"] == pytest.approx(0.06 / 0.05 - 1)
+    assert "first event" in row["ttft_note"]
+    # timed streams keep the first token
+    row = validation_row(spec, sweep([timed(i, 0.5) for i in range(5)]), sweep(predicted))
+    assert row["measured"]["ttft_p50_lowest_rate_s"] == pytest.approx(0.5)
+    assert "ttft_note" not in row
