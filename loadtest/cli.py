@@ -663,6 +663,12 @@ def calibrate(**opts: Any) -> None:
     help="Validation set YAML (default: loadtest/validation_set.yaml).",
 )
 @click.option("--only", multiple=True, help="Run only this workload of the set (repeat).")
+@click.option(
+    "--start-fraction",
+    type=float,
+    help="Start each workload's sweep at this share of its saturation throughput predicted by "
+    "--profile (so that its lowest rate is low load), instead of --start-rate.",
+)
 def validate(**opts: Any) -> None:
     """Sweep held-out workloads for real and with --profile in virtual time; print the error
     table and write validation.json (what `plan --validation` reads)."""
@@ -698,6 +704,13 @@ def validate(**opts: Any) -> None:
             if sweeps:  # the simulation runs exactly the rates the real sweep ran, none stopped early
                 wc.sweep.rates = [p.rate for p in sweeps[0].points]
                 wc.sweep.stop_after_saturated = len(wc.sweep.rates) + 1
+            elif opts.get("start_fraction") and not wc.sweep.rates:
+                capacity = predicted_capacity(wc, opts["profile_path"])
+                wc.sweep.start_rate = float(f"{opts['start_fraction'] * capacity:.2g}")
+                console.print(
+                    f"{spec.name}: predicted saturation {capacity:.3g} req/s, sweep from "
+                    f"{wc.sweep.start_rate:g} req/s"
+                )
             console.print(f"[bold]{spec.name}[/bold]: {kind}")
             res, results = do_sweep(wc, profile, console)
             all_valid = all_valid and all(r["valid"] for r in results)
@@ -716,6 +729,20 @@ def validate(**opts: Any) -> None:
     console.print(f"error table in {path}")
     if not all_valid:
         raise SystemExit(EXIT_INVALID)
+
+
+def predicted_capacity(cfg: LoadTestConfig, profile_path: str) -> float:
+    """Saturation throughput of ``cfg``'s workload on the profile: a geometric sweep in virtual
+    time from 0.01 req/s, doubling, until two points saturate."""
+    from loadtest.sweep import run_sweep
+
+    pc = cfg.model_copy(deep=True)
+    pc.sweep.rates = []
+    pc.sweep.start_rate, pc.sweep.factor, pc.sweep.max_points = 0.01, 2.0, 20
+    pc.sweep.stop_after_saturated = 2
+    pc.output.progress = False
+    res = run_sweep(pc, make_runner(pc, profile_path, None))
+    return float(res.saturation_throughput)
 
 
 def _print_validation(console: Console, doc: dict[str, Any]) -> None:

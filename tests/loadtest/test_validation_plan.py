@@ -260,3 +260,26 @@ def test_streams_without_token_timing_take_the_ttft_at_their_first_event() -> No
     row = validation_row(spec, sweep([timed(i, 0.5) for i in range(5)]), sweep(predicted))
     assert row["measured"]["ttft_p50_lowest_rate_s"] == pytest.approx(0.5)
     assert "ttft_note" not in row
+
+
+def test_predicted_capacity_finds_the_profiles_saturation(tmp_path: Path) -> None:
+    from loadtest.cli import predicted_capacity
+    from loadtest.config import LoadTestConfig
+
+    # every request costs one second of prefill and nothing else: about 1 req/s
+    profile = tmp_path / "p.yaml"
+    profile.write_text(
+        yaml.safe_dump(
+            {"step_base_s": 0.001, "step_per_seq_s": 0.0, "prefill_per_token_s": 0.001}
+            | {"enable_prefix_caching": False, "max_num_seqs": 64}
+        )
+    )
+    cfg = LoadTestConfig.model_validate(
+        {
+            "workload": {"name": "w", "classes": [{"input_tokens": 1000, "output_tokens": 1}]},
+            "metrics": {"tokenizer": "words"},
+            "sweep": {"duration_s": 30, "min_requests": 20},
+            "output": {"progress": False},
+        }
+    )
+    assert predicted_capacity(cfg, str(profile)) == pytest.approx(1.0, rel=0.15)
