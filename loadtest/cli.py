@@ -664,6 +664,12 @@ def calibrate(**opts: Any) -> None:
 )
 @click.option("--only", multiple=True, help="Run only this workload of the set (repeat).")
 @click.option(
+    "--measured-from",
+    type=click.Path(exists=True, file_okay=False),
+    help="Take the real sweeps from this earlier validate output (<dir>/<workload>/measured) "
+    "instead of running them: a new profile checked against the same measurements.",
+)
+@click.option(
     "--start-fraction",
     type=float,
     help="Start each workload's sweep at this share of its saturation throughput predicted by "
@@ -672,6 +678,7 @@ def calibrate(**opts: Any) -> None:
 def validate(**opts: Any) -> None:
     """Sweep held-out workloads for real and with --profile in virtual time; print the error
     table and write validation.json (what `plan --validation` reads)."""
+    from loadtest.sweep import load_sweep
     from loadtest.validation import (
         load_validation_set,
         margin_from_validation,
@@ -704,13 +711,21 @@ def validate(**opts: Any) -> None:
             if sweeps:  # the simulation runs exactly the rates the real sweep ran, none stopped early
                 wc.sweep.rates = [p.rate for p in sweeps[0].points]
                 wc.sweep.stop_after_saturated = len(wc.sweep.rates) + 1
-            elif opts.get("start_fraction") and not wc.sweep.rates:
+            elif opts.get("start_fraction") and not wc.sweep.rates and not opts.get("measured_from"):
                 capacity = predicted_capacity(wc, opts["profile_path"])
                 wc.sweep.start_rate = float(f"{opts['start_fraction'] * capacity:.2g}")
                 console.print(
                     f"{spec.name}: predicted saturation {capacity:.3g} req/s, sweep from "
                     f"{wc.sweep.start_rate:g} req/s"
                 )
+            if profile is None and opts.get("measured_from"):
+                folder = Path(opts["measured_from"]) / spec.name / "measured"
+                console.print(f"[bold]{spec.name}[/bold]: measured, read from {folder}")
+                res = load_sweep(folder, wc)
+                results = [p.result for p in res.points]
+                all_valid = all_valid and all(r["valid"] for r in results)
+                sweeps.append(res)
+                continue
             console.print(f"[bold]{spec.name}[/bold]: {kind}")
             res, results = do_sweep(wc, profile, console)
             all_valid = all_valid and all(r["valid"] for r in results)

@@ -14,9 +14,11 @@ highest completed request throughput seen.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -187,3 +189,37 @@ def run_sweep(
             result.stop_reason = f"{streak} consecutive saturated points"
             break
     return result
+
+
+def load_sweep(folder: Path, cfg: LoadTestConfig) -> SweepResult:
+    """A sweep saved by ``oss-loadtest sweep`` (or a validation's measured side) read back:
+    each point's records and scraped samples, its metrics recomputed with ``cfg.metrics``,
+    its saturation verdict as saved."""
+    from loadtest.results import load_run_records
+    from loadtest.runner import Validity
+    from loadtest.scrape import Sample
+
+    doc = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
+    res = SweepResult(stop_reason=doc["stop_reason"])
+    for rate, saturated, why, name in zip(
+        doc["rates"], doc["saturated"], doc["saturation_reasons"], doc["points"], strict=True
+    ):
+        sub = folder / name
+        result = json.loads((sub / "result.json").read_text(encoding="utf-8"))
+        records = load_run_records(sub)
+        samples: list[Sample] = []
+        if (sub / "server_metrics.jsonl").exists():
+            with (sub / "server_metrics.jsonl").open(encoding="utf-8") as fh:
+                samples = [Sample(**json.loads(line)) for line in fh if line.strip()]
+        raw = RawRun(
+            records,
+            samples,
+            Validity(**result["validity"]),
+            0.0,
+            float(result["wall_s"]),
+            str(result["mode"]),
+            result["target_rate"],
+        )
+        metrics = compute_run_metrics(records, cfg.metrics.percentiles, cfg.metrics.slos)
+        res.points.append(SweepPoint(float(rate), result, metrics, raw, bool(saturated), list(why)))
+    return res

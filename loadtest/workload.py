@@ -37,6 +37,7 @@ they have the requested number of tokens.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -288,8 +289,14 @@ def _body(
 def build_requests(
     spec: WorkloadSpec, num_requests: int, tokenizer: Tokenizer, model: str
 ) -> list[PlannedRequest]:
-    """Draw ``num_requests`` requests from the mix (or the first of the trace)."""
-    rng = np.random.default_rng(spec.seed)
+    """Draw ``num_requests`` requests from the mix (or the first of the trace).
+
+    The random stream is keyed by the workload's name as well as its seed: prompt words are
+    drawn in sequence, so two workloads with one seed (a calibration's warm-up and its first
+    level, the same point of two validation workloads) would otherwise open with the same
+    words, and a real engine would serve one from the other's cached prefix blocks."""
+    key = zlib.crc32(spec.name.encode())
+    rng = np.random.default_rng([spec.seed, key])
     if spec.trace is not None:
         return _trace_requests(spec.trace, num_requests, tokenizer, model, rng)
     prefixes: dict[tuple[int, int], str] = {}
@@ -312,7 +319,7 @@ def build_requests(
                 g = int(rng.integers(cls.shared_prefix.groups))
                 key = (ci, g)
                 if key not in prefixes:
-                    prng = np.random.default_rng([spec.seed, ci, g])
+                    prng = np.random.default_rng([spec.seed, ci, g, key])
                     prefixes[key] = text_of_length(tokenizer, cls.shared_prefix.tokens, prng)
                 messages.append({"role": "system", "content": prefixes[key]})
                 tokens += cls.shared_prefix.tokens

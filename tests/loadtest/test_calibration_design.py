@@ -254,3 +254,20 @@ def test_a_design_through_a_fleet_rebuilds_each_batch_from_its_own_replica() -> 
             r.extra.clear()
     as_one = fit_profile(points, cfg.calibrate)
     assert as_one.coefficients["step_per_seq_s"] < 0.75 * TRUTH.step_per_seq_s
+
+
+def test_the_warm_up_repeats_no_prompt_of_the_design() -> None:
+    # the warm-up and the first level share a seed; prompts drawn from one random stream
+    # would open alike, and the engine would serve the design's first long prompts from the
+    # warm-up's cached blocks (two 800-token first tokens in 0.15 s, read as uncached)
+    cfg = LoadTestConfig.model_validate({"output": {"progress": False}, "calibrate": {"max_num_seqs": 64}})
+    tok = WordTokenizer()
+
+    def openings(c: LoadTestConfig) -> set[str]:
+        reqs, _ = plan_run(c, tok)
+        return {" ".join(r.body["messages"][-1]["content"].split()[:20]) for r in reqs}
+
+    warm = set().union(*(openings(c) for c in warmup_configs(cfg)))
+    design = set().union(*(openings(c) for c in design_configs(cfg)))
+    assert warm
+    assert not warm & design

@@ -211,6 +211,28 @@ def test_validate_end_to_end_against_the_simulated_engine(tmp_path: Path) -> Non
     plan = json.loads((tmp_path / "capacity_plan.json").read_text())
     assert plan["margin"] == pytest.approx(max(abs(row["saturation_error"]) for row in doc["rows"]))
     assert "validated workloads" in plan["margin_source"]
+    # a new profile against the same measurements: the real sweeps are read back, not rerun
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(yaml.safe_dump(real.model_copy(update={"step_base_s": 0.004}).model_dump()))
+    again = tmp_path / "again"
+    args = ["validate", "--config", str(conf), "--model", "sim", "--profile", str(slow)]
+    args += [
+        "--set",
+        str(tmp_path / "set.yaml"),
+        "--measured-from",
+        str(out),
+        "--no-progress",
+        "--out",
+        str(again),
+    ]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    redo = json.loads((again / "validation.json").read_text())
+    for old_row, new_row in zip(doc["rows"], redo["rows"], strict=True):
+        assert new_row["measured"] == old_row["measured"]
+        assert new_row["predicted"]["rates"] == old_row["measured"]["rates"]
+        assert new_row["ttft_p50_error"] > old_row["ttft_p50_error"]
+    assert not (again / "prefill-heavy" / "measured").exists()
 
 
 def test_streams_without_token_timing_take_the_ttft_at_their_first_event() -> None:
