@@ -69,6 +69,8 @@ __all__ = [
     "design_workload",
     "fit_profile",
     "lstsq_nonneg",
+    "template_probe_config",
+    "template_tokens_of",
 ]
 
 #: The fitted step-model coefficients, in the order of the design matrix's columns.
@@ -369,12 +371,7 @@ def fit_profile(
     if blocks is None:
         notes.append("no KV block count scraped or configured: assuming it never binds")
         blocks = 1_000_000
-    template = [
-        r.prompt_tokens - r.requested_input_tokens
-        for p in points
-        for r in p.records
-        if r.ok and r.prompt_tokens is not None and r.requested_input_tokens is not None
-    ]
+    template = template_tokens_of([r for p in points for r in p.records])
     profile = EngineProfile(
         name=name,
         step_base_s=base,
@@ -388,12 +385,9 @@ def fit_profile(
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         chat_template_tokens=(
-            cfg.chat_template_tokens
-            if cfg.chat_template_tokens is not None
-            else max(0, int(np.median(template)))
-            if template
-            else 0
+            cfg.chat_template_tokens if cfg.chat_template_tokens is not None else template or 0
         ),
+        chat_template_system_tokens=cfg.chat_template_system_tokens,
     )
     return FitReport(profile, r2, n_rows, len(low), notes, coefs, ses, why)
 
@@ -433,6 +427,38 @@ def warmup_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
         wc.load.max_duration_s = d.max_duration_s
         out.append(wc)
     return out
+
+
+def template_probe_config(cfg: LoadTestConfig) -> LoadTestConfig:
+    """Two short chat requests whose messages open with a system message, one at a time:
+    their ``usage.prompt_tokens`` less the tokens asked for is what the chat template adds
+    then (``chat_template_system_tokens``)."""
+    pc = cfg.model_copy(deep=True)
+    cls = RequestClass.model_validate(
+        {
+            "name": "template-probe",
+            "api": "chat",
+            "shared_prefix": {"groups": 2, "tokens": 32},
+            "input_tokens": 16,
+            "output_tokens": 2,
+        }
+    )
+    pc.workload = WorkloadSpec(name="calibration-template-probe", seed=cfg.load.seed, classes=[cls])
+    pc.load.arrival = "concurrency"
+    pc.load.concurrency = 1
+    pc.load.num_requests = 2
+    pc.load.max_duration_s = cfg.calibrate.design.max_duration_s
+    return pc
+
+
+def template_tokens_of(records: Sequence[RequestRecord]) -> int | None:
+    """Median of ``prompt_tokens - requested_input_tokens`` over the completed records."""
+    extra = [
+        r.prompt_tokens - r.requested_input_tokens
+        for r in records
+        if r.ok and r.prompt_tokens is not None and r.requested_input_tokens is not None
+    ]
+    return max(0, int(np.median(extra))) if extra else None
 
 
 def design_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:

@@ -532,7 +532,13 @@ def _plan_margin(
 def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
     """Run the designed calibration experiment (``calibrate.design``) against the endpoint,
     saving each level under ``conc_<N>/``; returns its :class:`CalibrationPoint` s."""
-    from loadtest.calibrate import CalibrationPoint, design_configs, warmup_configs
+    from loadtest.calibrate import (
+        CalibrationPoint,
+        design_configs,
+        template_probe_config,
+        template_tokens_of,
+        warmup_configs,
+    )
 
     points = []
     d = cfg.calibrate.design
@@ -548,6 +554,13 @@ def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
             console.print(
                 f"warm-up (not fitted): {wm.completed}/{wm.total} requests of "
                 f"{wc.workload.classes[0].input_tokens.value} prompt tokens"
+            )
+        if cfg.calibrate.chat_template_system_tokens is None:
+            probe = template_probe_config(cfg)
+            cfg.calibrate.chat_template_system_tokens = template_tokens_of(runner(probe).records)
+            console.print(
+                "chat template with a system message (probe, not fitted): "
+                f"{cfg.calibrate.chat_template_system_tokens} tokens"
             )
         for pc in design_configs(cfg):
             raw = runner(pc)

@@ -284,6 +284,10 @@ class CalibrateConfig(_Strict):
     chat_template_tokens: int | None = Field(default=None, ge=0)
     """Tokens the chat template adds to a prompt; default: measured from the calibration's
     chat requests (a ``completions`` design has none: give it here)."""
+    chat_template_system_tokens: int | None = Field(default=None, ge=0)
+    """Tokens it adds to messages that open with a system message; default: measured by the
+    designed calibration's probe (two short chat requests with one, not fitted). A template
+    that puts a default system prompt in when there is none (SmolLM2's) adds fewer then."""
     max_relative_se: float = Field(default=0.3, gt=0)
     """A coefficient whose standard error exceeds this fraction of its value is reported
     as poorly identified."""

@@ -19,6 +19,7 @@ from loadtest.fleet import FleetRouter, ReplicaState
 from loadtest.records import Chunk, ErrorKind, RequestRecord
 from loadtest.runner import RawRun, Validity, plan_run
 from loadtest.sim import EngineProfile, SimRequest, SimScheduler, block_hashes
+from loadtest.sim.profile import template_tokens
 from loadtest.sim.scheduler import StepOutput
 from loadtest.sim.server import prompt_text
 from loadtest.tokenizer import Tokenizer, load_tokenizer
@@ -32,7 +33,7 @@ def _sim_request(
 ) -> tuple[SimRequest, int]:
     chat = req.path.endswith("chat/completions")
     ids = tokenizer.encode(prompt_text(req.body, chat))
-    prompt_len = len(ids) + (profile.chat_template_tokens if chat else 0)
+    prompt_len = len(ids) + (template_tokens(profile, req.body) if chat else 0)
     max_tokens = int(req.body.get("max_tokens") or profile.default_max_tokens)
     effort = req.body.get("reasoning_effort")
     n_reason = round(max_tokens * profile.reasoning_fraction.get(str(effort), 0.0)) if effort else 0

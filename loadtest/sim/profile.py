@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["EngineProfile", "load_profile"]
+__all__ = ["EngineProfile", "load_profile", "template_tokens"]
 
 
 class EngineProfile(BaseModel):
@@ -29,6 +30,11 @@ class EngineProfile(BaseModel):
     """Added per running sequence."""
     step_per_kv_token_s: float = Field(default=0.0, ge=0)
     """Added per token held in the KV cache by running sequences (attention reads)."""
+    shared_kv_weight: float = Field(default=1.0, ge=0, le=1)
+    """Cost of a KV token in a block another running sequence of the step also holds (a
+    shared prompt prefix), relative to a token of its own: 1 charges each sequence's read
+    of it, 0 one read per step (the block stays in the processor's caches, or a kernel
+    reads a common prefix once)."""
     prefill_per_token_s: float = Field(default=0.0001, ge=0)
     """Added per uncached prompt token computed in the step."""
     request_overhead_s: float = Field(default=0.0, ge=0)
@@ -49,6 +55,9 @@ class EngineProfile(BaseModel):
     """Reject with 503 when this many requests wait (vLLM itself never rejects)."""
     chat_template_tokens: int = Field(default=0, ge=0)
     """Tokens a chat template adds around the messages."""
+    chat_template_system_tokens: int | None = Field(default=None, ge=0)
+    """Tokens it adds when the messages open with a system message (a template that puts a
+    default system prompt in when there is none adds fewer); None: ``chat_template_tokens``."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output tokens when a request sets no ``max_tokens``."""
     stream_interval: int = Field(default=1, ge=1)
@@ -57,6 +66,20 @@ class EngineProfile(BaseModel):
         default_factory=lambda: {"low": 0.2, "medium": 0.5, "high": 0.8}
     )
     """Share of the output streamed as reasoning, by ``reasoning_effort``."""
+
+
+def template_tokens(profile: EngineProfile, body: dict[str, Any]) -> int:
+    """Tokens the chat template adds to a chat request's ``body``."""
+    messages = body.get("messages")
+    opens_with_system = (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[0], dict)
+        and messages[0].get("role") == "system"
+    )
+    if opens_with_system and profile.chat_template_system_tokens is not None:
+        return profile.chat_template_system_tokens
+    return profile.chat_template_tokens
 
 
 def load_profile(path: str | Path) -> EngineProfile:

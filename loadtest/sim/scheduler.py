@@ -47,6 +47,9 @@ class BlockManager:
         self._ref: dict[Hashable, int] = {}
         self._evictable: OrderedDict[Hashable, None] = OrderedDict()
         self._ids = itertools.count()
+        self.repeated = 0
+        """References to held blocks beyond each block's first holder (prefix-cache blocks
+        that several running sequences share)."""
 
     @property
     def used(self) -> int:
@@ -79,7 +82,7 @@ class BlockManager:
         keys: list[Hashable] = []
         for h in hashes[:hits]:
             self._evictable.pop(h, None)
-            self._ref[h] = self._ref.get(h, 0) + 1
+            self._hold(h)
             keys.append(h)
         for i in range(hits, n_blocks):
             key: Hashable = hashes[i] if self.caching and i < len(hashes) else ("u", next(self._ids))
@@ -98,7 +101,13 @@ class BlockManager:
     def _take(self, key: Hashable) -> None:
         if self.num_blocks - len(self._ref) - len(self._evictable) <= 0:
             self._evictable.popitem(last=False)
-        self._ref[key] = self._ref.get(key, 0) + 1
+        self._hold(key)
+
+    def _hold(self, key: Hashable) -> None:
+        n = self._ref.get(key, 0)
+        self._ref[key] = n + 1
+        if n:
+            self.repeated += 1
 
     def free(self, keys: Sequence[Hashable]) -> None:
         """Release a sequence's blocks; full prompt blocks stay cached until evicted."""
@@ -106,6 +115,7 @@ class BlockManager:
             n = self._ref[key] - 1
             if n:
                 self._ref[key] = n
+                self.repeated -= 1
                 continue
             del self._ref[key]
             if self.caching and not (isinstance(key, tuple) and key[:1] == ("u",)):
@@ -251,13 +261,16 @@ class SimScheduler:
         # 3. compute
         decoding = [r for r in self.running if r.prefilled]
         kv_tokens = sum(r.context_len for r in self.running)
+        # a block several running sequences share is read for each of them; after the first
+        # read it may come from the cache (shared_kv_weight < 1)
+        kv_charged = kv_tokens - (1.0 - p.shared_kv_weight) * self.blocks.repeated * p.block_size
         n_running = len(self.running)
         duration = 0.0
         if n_running:
             duration = (
                 p.step_base_s
                 + p.step_per_seq_s * n_running
-                + p.step_per_kv_token_s * kv_tokens
+                + p.step_per_kv_token_s * kv_charged
                 + p.prefill_per_token_s * prefill_tokens
             )
         emitted = decoding + admitted

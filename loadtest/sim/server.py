@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from loadtest.sim.profile import EngineProfile
+from loadtest.sim.profile import EngineProfile, template_tokens
 from loadtest.sim.scheduler import SimRequest, SimScheduler, block_hashes
 from loadtest.sim.words import WORDS
 
@@ -302,7 +302,7 @@ def build_app(engine: SimEngine) -> Starlette:
         if profile.request_overhead_s > 0:
             await asyncio.sleep(profile.request_overhead_s)
         try:
-            live = engine.submit(prompt, max_tokens, profile.chat_template_tokens if chat else 0)
+            live = engine.submit(prompt, max_tokens, template_tokens(profile, body) if chat else 0)
         except ValueError as exc:
             return _error(400, str(exc))
         effort = body.get("reasoning_effort")
@@ -440,7 +440,11 @@ def build_app(engine: SimEngine) -> Starlette:
             given = body.get("input")
             prompt = given if isinstance(given, str) else prompt_text({"messages": given}, True)
             max_tokens = int(body.get("max_output_tokens") or profile.default_max_tokens)
-            live = engine.submit(prompt, max_tokens, profile.chat_template_tokens)
+            live = engine.submit(
+                prompt,
+                max_tokens,
+                template_tokens(profile, {"messages": given if isinstance(given, list) else []}),
+            )
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             return _error(400, str(exc)[:500])
         effort = (body.get("reasoning") or {}).get("effort")

@@ -155,7 +155,10 @@ def test_default_design_crosses_each_factor_independently() -> None:
 
 
 def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Path) -> None:
-    real = EngineProfile(step_base_s=0.01, step_per_seq_s=0.001, prefill_per_token_s=1e-4, max_num_seqs=8)
+    # the template adds 20 tokens, 7 when the messages open with a system message
+    real = EngineProfile(
+        step_base_s=0.01, step_per_seq_s=0.001, prefill_per_token_s=1e-4, max_num_seqs=8
+    ).model_copy(update={"chat_template_tokens": 20, "chat_template_system_tokens": 7})
     conf = tmp_path / "c.yaml"
     design = {
         "input_tokens": [8, 64],
@@ -193,7 +196,11 @@ def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Pat
         for line in served.splitlines()
         if line.startswith("vllm:request_success_total")
     )
-    assert total == fitted + 4
+    assert total == fitted + 4 + 2  # the warm-up and the template probe reached the engine
+    fitted_profile = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    assert fitted_profile["chat_template_tokens"] == 20
+    assert fitted_profile["chat_template_system_tokens"] == 7
+    assert "chat template with a system message (probe, not fitted): 7 tokens" in r.output
     assert "standard error" in r.output
     assert (tmp_path / "cal" / "conc_1" / "requests.jsonl").exists()
     assert (tmp_path / "cal" / "conc_3" / "requests.jsonl").exists()

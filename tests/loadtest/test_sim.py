@@ -134,3 +134,31 @@ def test_rejections_and_too_long_requests() -> None:
     reqs = [_planned(0, 10, 5), _planned(1, 10, 5), _planned(2, 10, 5), _planned(3, 60, 5)]
     recs = simulate_records(p, reqs, [0.0, 0.01, 0.02, 0.03], WordTokenizer())
     assert [r.outcome for r in recs] == ["ok", "ok", "http_503", "http_400"]
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.25, 0.0])
+def test_kv_blocks_shared_by_running_sequences_cost_their_weight(weight: float) -> None:
+    # two requests over one 8-token prefix (2 blocks of 4): the second holds the first's
+    # blocks too, and each of them is read once more in every step
+    p = EngineProfile(
+        step_base_s=0.0,
+        step_per_seq_s=0.0,
+        step_per_kv_token_s=1e-3,
+        prefill_per_token_s=0.0,
+        block_size=4,
+        num_kv_blocks=64,
+        shared_kv_weight=weight,
+    )
+    s = SimScheduler(p)
+    for rid, tail in (("a", [100, 101]), ("b", [200, 201])):
+        ids = [*range(8), *tail]
+        s.add(SimRequest(rid, prompt_len=len(ids), max_tokens=3, hashes=block_hashes(ids, 4)))
+    out = s.step()
+    assert [r.rid for r in out.admitted] == ["a", "b"]
+    assert s.blocks.repeated == 2
+    out = s.step()  # both decode with 11 tokens each, 8 of them shared
+    assert out.kv_tokens == 22
+    assert out.duration == pytest.approx(1e-3 * (22 - (1 - weight) * 8))
+    while s.has_work:
+        s.step()
+    assert s.blocks.repeated == 0
