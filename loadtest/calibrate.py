@@ -332,7 +332,9 @@ def fit_profile(
     if sum(len(p) for p in per_point) < 5:
         raise ValueError("too few completed streamed requests with 2+ tokens to fit a profile")
     rows, ys = _decode_rows(per_point)
-    low = next(p for p in per_point if p)
+    # first-token rows: every run at the lowest level that has any (one per prompt block)
+    first = next(k for k, p in enumerate(per_point) if p)
+    low = [q for k, p in enumerate(per_point) if points[k].rate == points[first].rate for q in p]
     ttft_rows = [[1.0, 1.0, 1.0, float(q.prompt), float(q.uncached)] for q in low]
     ttft_ys = [q.first - q.sent for q in low]
     x = np.asarray(rows + ttft_rows)
@@ -392,8 +394,11 @@ def fit_profile(
     return FitReport(profile, r2, n_rows, len(low), notes, coefs, ses, why)
 
 
-def design_workload(design: CalibrationDesign, seed: int = 0) -> WorkloadSpec:
-    """One class per (prompt length, output length) cell of the design, equal weights."""
+def design_workload(
+    design: CalibrationDesign, seed: int = 0, inputs: Sequence[int] | None = None
+) -> WorkloadSpec:
+    """One class per (prompt length, output length) cell of the design (prompt lengths
+    ``inputs``, default all of them), equal weights."""
     classes = [
         RequestClass(
             name=f"in{i}-out{o}",
@@ -401,7 +406,7 @@ def design_workload(design: CalibrationDesign, seed: int = 0) -> WorkloadSpec:
             input_tokens=LengthDist(value=i),
             output_tokens=LengthDist(value=o),
         )
-        for i in design.input_tokens
+        for i in (inputs or design.input_tokens)
         for o in design.output_tokens
     ]
     return WorkloadSpec(name="calibration-design", seed=seed, classes=classes)
@@ -462,18 +467,24 @@ def template_tokens_of(records: Sequence[RequestRecord]) -> int | None:
 
 
 def design_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
-    """The runs of the designed calibration: the design's mix as a closed loop at each
-    concurrency level (``cfg.calibrate.design``), seeds differing by level."""
+    """The runs of the designed calibration: at each concurrency level of
+    ``cfg.calibrate.design``, a closed loop per prompt-length block (or one of the whole mix),
+    seeds differing by run."""
     d = cfg.calibrate.design
-    cells = len(d.input_tokens) * len(d.output_tokens)
+    blocks = [[i] for i in d.input_tokens] if d.blocks == "prompt" else [list(d.input_tokens)]
     out = []
-    for k, c in enumerate(d.concurrency):
-        pc = cfg.model_copy(deep=True)
-        pc.workload = design_workload(d, seed=cfg.load.seed + k)
-        pc.load.arrival = "concurrency"
-        pc.load.concurrency = c
-        pc.load.num_requests = max(c * d.requests_per_client, cells * d.requests_per_cell)
-        pc.load.max_duration_s = d.max_duration_s
-        pc.load.seed = cfg.load.seed + k
-        out.append(pc)
+    seed = cfg.load.seed
+    for c in d.concurrency:
+        for inputs in blocks:
+            cells = len(inputs) * len(d.output_tokens)
+            pc = cfg.model_copy(deep=True)
+            pc.workload = design_workload(d, seed=seed, inputs=inputs)
+            pc.load.arrival = "concurrency"
+            pc.load.concurrency = c
+            share = -(-c * d.requests_per_client * len(inputs) // len(d.input_tokens))
+            pc.load.num_requests = max(share, cells * d.requests_per_cell)
+            pc.load.max_duration_s = d.max_duration_s
+            pc.load.seed = seed
+            seed += 1
+            out.append(pc)
     return out

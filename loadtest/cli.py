@@ -531,7 +531,8 @@ def _plan_margin(
 
 def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
     """Run the designed calibration experiment (``calibrate.design``) against the endpoint,
-    saving each level under ``conc_<N>/``; returns its :class:`CalibrationPoint` s."""
+    saving each run under ``conc_<N>_in<prompt>/`` (``conc_<N>/`` for a mixed design);
+    returns its :class:`CalibrationPoint` s."""
     from loadtest.calibrate import (
         CalibrationPoint,
         design_configs,
@@ -564,10 +565,12 @@ def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
             )
         for pc in design_configs(cfg):
             raw = runner(pc)
-            result = _save_run(cfg.output.dir / f"conc_{pc.load.concurrency}", pc, raw)
+            block = "" if d.blocks == "mixed" else f"_in{pc.workload.classes[0].input_tokens.value}"
+            result = _save_run(cfg.output.dir / f"conc_{pc.load.concurrency}{block}", pc, raw)
             m = result["metrics"]
             console.print(
-                f"concurrency {pc.load.concurrency}: {m['completed']}/{m['total']} completed, "
+                f"concurrency {pc.load.concurrency}{block.replace('_in', ', prompts of ')}: "
+                f"{m['completed']}/{m['total']} completed, "
                 f"{m['request_throughput']:.3f} req/s{'' if result['valid'] else _invalid_why(result)}"
             )
             points.append(CalibrationPoint(float(pc.load.concurrency), raw.records, raw.samples))

@@ -107,11 +107,23 @@ def test_fit_of_the_design_lies_within_its_standard_errors(seed: int) -> None:
 def test_the_batch_rebuilt_per_step_recovers_a_noiseless_design() -> None:
     # every step of a request's window weighs alike: rebuilt at midpoints spread evenly in
     # time, the steps with a prefill in them weighed more, and at concurrency 32 the fit
-    # put 20% on the prefill cost and took 30% off the KV-token cost
+    # put 20% on the prefill cost and took 30% off the KV-token cost; what is left is the
+    # rebuilding's own bias (the KV-token cost 5% high with prompt blocks)
     rep = _design_fit(noise=False)
     for name in COEFFICIENTS:
-        assert rep.coefficients[name] == pytest.approx(getattr(TRUTH, name), rel=0.05), name
+        assert rep.coefficients[name] == pytest.approx(getattr(TRUTH, name), rel=0.06), name
     assert rep.decode_r2 > 0.995
+
+
+def test_prompt_blocks_separate_the_per_sequence_and_kv_token_costs() -> None:
+    # one mix per level keeps the batch's mean context about the same at every level, so
+    # the per-sequence and per-KV-token costs trade off against each other; a block per
+    # prompt length makes it differ between blocks of one concurrency
+    blocked = _design_fit({"blocks": "prompt"}, noise=True, seed=1)
+    mixed = _design_fit({"blocks": "mixed"}, noise=True, seed=1)
+    se = {name: (blocked.standard_errors[name], mixed.standard_errors[name]) for name in COEFFICIENTS}
+    assert se["step_per_seq_s"][0] < 0.8 * se["step_per_seq_s"][1]
+    assert se["step_per_kv_token_s"][0] < 0.6 * se["step_per_kv_token_s"][1]
 
 
 def test_a_single_output_length_flags_the_decode_terms() -> None:
@@ -188,7 +200,9 @@ def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Pat
     # the warm-up (2 requests per prompt length, the default) reached the engine but no fit
     assert r.output.count("warm-up (not fitted): 2/2") == 2
     fitted = sum(
-        len((tmp_path / "cal" / f"conc_{c}" / "requests.jsonl").read_text().splitlines()) for c in (1, 3)
+        len((tmp_path / "cal" / f"conc_{c}_in{i}" / "requests.jsonl").read_text().splitlines())
+        for c in (1, 3)
+        for i in (8, 64)
     )
     assert fitted == 8 + 18
     total = sum(
@@ -202,8 +216,8 @@ def test_cli_calibrate_runs_the_design_and_reports_standard_errors(tmp_path: Pat
     assert fitted_profile["chat_template_system_tokens"] == 7
     assert "chat template with a system message (probe, not fitted): 7 tokens" in r.output
     assert "standard error" in r.output
-    assert (tmp_path / "cal" / "conc_1" / "requests.jsonl").exists()
-    assert (tmp_path / "cal" / "conc_3" / "requests.jsonl").exists()
+    assert (tmp_path / "cal" / "conc_1_in8" / "requests.jsonl").exists()
+    assert (tmp_path / "cal" / "conc_3_in64" / "requests.jsonl").exists()
     fit = json.loads((tmp_path / "p.fit.json").read_text())
     assert set(fit["coefficients"]) == set(COEFFICIENTS)
     assert "standard_error" in fit["coefficients"]["step_base_s"]
