@@ -292,7 +292,7 @@ def compare_routing(
     """``cfg``'s load on ``replicas`` simulated replicas under each routing policy we ship,
     plus one replica with the KV cache of all of them (the hit-rate reference: every request
     meets every earlier prefix in one cache). Rows: ``policy``, ``hit_rate``,
-    ``ttft_p50_s``, ``ttft_p99_s``, ``request_throughput``, ``routed``, ``reasons``."""
+    ``ttft_p50_s``, ``ttft_p99_s``, ``ttft_mean_s``, ``request_throughput``, ``routed``, ``reasons``."""
     from loadtest.metrics import compute_run_metrics
 
     tok = tokenizer or load_tokenizer(cfg.metrics.tokenizer)
@@ -319,6 +319,7 @@ def compare_routing(
                 "hit_rate": fleet["prefix_cache_hit_rate"],
                 "ttft_p50_s": ttft.get("p50"),
                 "ttft_p99_s": ttft.get("p99"),
+                "ttft_mean_s": m.distributions["ttft"].mean,
                 "request_throughput": m.request_throughput,
                 "completed": m.completed,
                 "routed": fleet["routed"],

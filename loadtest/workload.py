@@ -295,8 +295,8 @@ def build_requests(
     drawn in sequence, so two workloads with one seed (a calibration's warm-up and its first
     level, the same point of two validation workloads) would otherwise open with the same
     words, and a real engine would serve one from the other's cached prefix blocks."""
-    key = zlib.crc32(spec.name.encode())
-    rng = np.random.default_rng([spec.seed, key])
+    stream = zlib.crc32(spec.name.encode())
+    rng = np.random.default_rng([spec.seed, stream])
     if spec.trace is not None:
         return _trace_requests(spec.trace, num_requests, tokenizer, model, rng)
     prefixes: dict[tuple[int, int], str] = {}
@@ -319,7 +319,7 @@ def build_requests(
                 g = int(rng.integers(cls.shared_prefix.groups))
                 key = (ci, g)
                 if key not in prefixes:
-                    prng = np.random.default_rng([spec.seed, ci, g, key])
+                    prng = np.random.default_rng([spec.seed, ci, g, stream])
                     prefixes[key] = text_of_length(tokenizer, cls.shared_prefix.tokens, prng)
                 messages.append({"role": "system", "content": prefixes[key]})
                 tokens += cls.shared_prefix.tokens

@@ -104,7 +104,9 @@ def test_prefix_routing_keeps_the_hit_rate_of_one_big_cache_and_cuts_ttft() -> N
     assert ours["hit_rate"] >= 0.9 * ref["hit_rate"]
     assert ours["hit_rate"] > rr["hit_rate"] + 0.15
     assert ours["hit_rate"] > p2["hit_rate"] + 0.15
-    assert ours["ttft_p50_s"] < 0.7 * rr["ttft_p50_s"]
+    # the mean, not the p50: with about half of round robin's requests missing, its p50
+    # falls on a hit or a miss by the draw of the prompts
+    assert ours["ttft_mean_s"] < 0.7 * rr["ttft_mean_s"]
     assert ours["reasons"]["affinity"] > ours["reasons"].get("fallback", 0)
     assert all(r["completed"] == 240 for r in rows.values())
 
