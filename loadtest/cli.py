@@ -625,8 +625,7 @@ def calibrate(**opts: Any) -> None:
     each coefficient's standard error; warns about poorly identified coefficients.
     """
     from loadtest.calibrate import CalibrationPoint, fit_profile
-    from loadtest.results import load_run_records
-    from loadtest.scrape import Sample
+    from loadtest.results import load_run_records, load_run_samples
 
     extra = {
         **_sweep_extra(opts),
@@ -640,10 +639,7 @@ def calibrate(**opts: Any) -> None:
         folder = Path(opts["from_sweep"])
         for sub in sorted(p for p in folder.iterdir() if (p / "requests.jsonl").exists()):
             result = json.loads((sub / "result.json").read_text(encoding="utf-8"))
-            samples = []
-            if (sub / "server_metrics.jsonl").exists():
-                with (sub / "server_metrics.jsonl").open(encoding="utf-8") as fh:
-                    samples = [Sample(**json.loads(line)) for line in fh if line.strip()]
+            samples = load_run_samples(sub)
             level = result["target_rate"] or result.get("concurrency") or math.nan
             points.append(CalibrationPoint(level, load_run_records(sub), samples))
     else:

@@ -125,6 +125,15 @@ def write_run(folder: Path, result: dict[str, Any], raw: RawRun) -> None:
     write_csv(folder / "summary.csv", [csv_row(result)])
 
 
+def load_run_samples(folder: Path) -> list[Sample]:
+    """The scraped samples of a run folder (none when it has no ``server_metrics.jsonl``)."""
+    path = folder / "server_metrics.jsonl"
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        return [Sample(**json.loads(line)) for line in fh if line.strip()]
+
+
 def load_run_records(folder: Path) -> list[RequestRecord]:
     """The per-request records of a run folder."""
     with (folder / "requests.jsonl").open(encoding="utf-8") as fh:

@@ -195,9 +195,8 @@ def load_sweep(folder: Path, cfg: LoadTestConfig) -> SweepResult:
     """A sweep saved by ``oss-loadtest sweep`` (or a validation's measured side) read back:
     each point's records and scraped samples, its metrics recomputed with ``cfg.metrics``,
     its saturation verdict as saved."""
-    from loadtest.results import load_run_records
+    from loadtest.results import load_run_records, load_run_samples
     from loadtest.runner import Validity
-    from loadtest.scrape import Sample
 
     doc = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
     res = SweepResult(stop_reason=doc["stop_reason"])
@@ -207,13 +206,9 @@ def load_sweep(folder: Path, cfg: LoadTestConfig) -> SweepResult:
         sub = folder / name
         result = json.loads((sub / "result.json").read_text(encoding="utf-8"))
         records = load_run_records(sub)
-        samples: list[Sample] = []
-        if (sub / "server_metrics.jsonl").exists():
-            with (sub / "server_metrics.jsonl").open(encoding="utf-8") as fh:
-                samples = [Sample(**json.loads(line)) for line in fh if line.strip()]
         raw = RawRun(
             records,
-            samples,
+            load_run_samples(sub),
             Validity(**result["validity"]),
             0.0,
             float(result["wall_s"]),
