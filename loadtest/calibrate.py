@@ -12,15 +12,20 @@ Only what the client saw is needed (plus ``vllm:cache_config_info`` when scraped
    token came within half a step of this one's was prefilled in the same step, before
    the window). Per request:
    ``TPOT = step_base + step_per_seq * running + step_per_kv_token * kv
-   + prefill_per_token * prefill_tokens_in_window / (n - 1)``. At the lowest load each
+   + (prefill_per_token * prefill_tokens_in_window + prefill_attention *
+   prefill_pairs_in_window) / (n - 1)``. At the lowest load each
    request also gives ``TTFT(from send) = request_overhead + step_base + step_per_seq
-   + step_per_kv_token * prompt + prefill_per_token * uncached_prompt`` (the prompt is
-   in the KV cache during its own prefill step). All rows are solved together by least
-   squares with non-negative coefficients (a term that comes out negative is dropped
-   and the rest refitted), so the prefill cost is pinned by both its effect on first
-   tokens and its stalls of other requests' decoding. The fit is done twice: the
-   second time each set of rows (TPOT, first-token) is weighted by the inverse of its
-   residual spread in the first, since first tokens are far noisier than TPOTs.
+   + step_per_kv_token * prompt + prefill_per_token * uncached_prompt +
+   prefill_attention * pairs`` (the prompt is in the KV cache during its own prefill
+   step; ``pairs`` counts the (computed token, attended token) pairs of its prefill,
+   :func:`loadtest.sim.prefill_pairs_of`, which grow with the square of the prompt: three
+   prompt lengths, or prompts behind a cached prefix, tell them from the linear cost).
+   All rows are solved together by least squares with non-negative coefficients (a term
+   that comes out negative is dropped and the rest refitted), so the prefill cost is
+   pinned by both its effect on first tokens and its stalls of other requests' decoding.
+   The fit is done twice: the second time each set of rows (TPOT, first-token) is
+   weighted by the inverse of its residual spread in the first, since first tokens are
+   far noisier than TPOTs.
 2. **Fit quality and uncertainty.** ``decode_r2`` is the R^2 of the TPOT rows. Each
    coefficient gets a standard error from the residual variance of all (weighted) rows and
    ``(X^T X)^-1`` of the columns the non-negativity step kept (columns that the data
@@ -38,7 +43,8 @@ Only what the client saw is needed (plus ``vllm:cache_config_info`` when scraped
    sequences of the TPOT rows) for ``step_per_seq_s``; output length for
    ``step_per_seq_s`` and ``step_per_kv_token_s`` (with one output length the context
    grows the same way in every decode window, and the costs that dominate long outputs
-   are extrapolated); prompt length at the lowest load for ``prefill_per_token_s``.
+   are extrapolated); prompt length at the lowest load for ``prefill_per_token_s``, and
+   three of its levels for ``prefill_attention_s`` (a fixed, a linear and a quadratic cost).
 3. **Capacity.** KV blocks and block size from the scraped cache configuration (or the
    configuration), ``max_num_seqs`` from the configuration; the chat template's tokens
    from ``usage.prompt_tokens`` minus the tokens the prompt was built with.
@@ -56,7 +62,7 @@ import numpy as np
 from loadtest.config import CalibrateConfig, CalibrationDesign, LoadTestConfig
 from loadtest.records import RequestRecord
 from loadtest.scrape import Sample
-from loadtest.sim import EngineProfile
+from loadtest.sim import EngineProfile, prefill_pairs_of
 from loadtest.workload import LengthDist, RequestClass, WorkloadSpec
 
 __all__ = [
@@ -80,6 +86,7 @@ COEFFICIENTS = (
     "step_per_seq_s",
     "step_per_kv_token_s",
     "prefill_per_token_s",
+    "prefill_attention_s",
 )
 
 
@@ -256,7 +263,8 @@ def count_levels(values: Sequence[float], rel: float = 0.1) -> int:
 
 
 def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], list[float]]:
-    """TPOT rows ``[0, 1, running, kv, prefill_tokens / (n - 1)]`` -> TPOT."""
+    """TPOT rows ``[0, 1, running, kv, prefill_tokens / (n - 1), prefill_pairs / (n - 1)]``
+    -> TPOT."""
     rows: list[list[float]] = []
     ys: list[float] = []
     # a fleet's requests ran in the batch of the replica that served them
@@ -273,6 +281,7 @@ def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], li
         prompts = np.asarray([q.prompt for q in reqs], dtype=float)
         ns = np.asarray([q.n for q in reqs], dtype=float)
         uncs = np.asarray([q.uncached for q in reqs], dtype=float)
+        pairs = np.asarray([prefill_pairs_of(q.uncached, q.prompt - q.uncached) for q in reqs])
         for q in reqs:
             ts = np.asarray(q.ticks) if q.ticks else np.linspace(q.first, q.last, 12)[1:-1]
             active = (firsts[None, :] <= ts[:, None]) & (lasts[None, :] >= ts[:, None])
@@ -284,7 +293,16 @@ def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], li
             # its window; those in the step of its last token stalled the window
             half = 0.5 * (q.last - q.first) / (q.n - 1)
             started = (firsts > q.first + half) & (firsts <= q.last + half)
-            rows.append([0.0, 1.0, running, kv, float(uncs[started].sum()) / (q.n - 1)])
+            rows.append(
+                [
+                    0.0,
+                    1.0,
+                    running,
+                    kv,
+                    float(uncs[started].sum()) / (q.n - 1),
+                    float(pairs[started].sum()) / (q.n - 1),
+                ]
+            )
             ys.append((q.last - q.first) / (q.n - 1))
     return rows, ys
 
@@ -311,12 +329,15 @@ def _identification(
         "step_per_seq_s": [("concurrency", "running sequences"), ("output", "output lengths")],
         "step_per_kv_token_s": [("output", "output lengths")],
         "prefill_per_token_s": [("prompt", "prompt lengths at the lowest load")],
+        "prefill_attention_s": [("prompt", "prompt lengths at the lowest load")],
     }
     for name, factors in needs.items():
         for key, label in factors:
-            if levels[key] < cfg.min_levels:
+            # a cost quadratic in the prompt takes a level more than a linear one
+            least = cfg.min_levels + (name == "prefill_attention_s")
+            if levels[key] < least:
                 why.setdefault(name, []).append(
-                    f"{label} take {levels[key]} distinct level(s), fewer than {cfg.min_levels}"
+                    f"{label} take {levels[key]} distinct level(s), fewer than {least}"
                 )
     return why
 
@@ -335,7 +356,17 @@ def fit_profile(
     # first-token rows: every run at the lowest level that has any (one per prompt block)
     first = next(k for k, p in enumerate(per_point) if p)
     low = [q for k, p in enumerate(per_point) if points[k].rate == points[first].rate for q in p]
-    ttft_rows = [[1.0, 1.0, 1.0, float(q.prompt), float(q.uncached)] for q in low]
+    ttft_rows = [
+        [
+            1.0,
+            1.0,
+            1.0,
+            float(q.prompt),
+            float(q.uncached),
+            prefill_pairs_of(q.uncached, q.prompt - q.uncached),
+        ]
+        for q in low
+    ]
     ttft_ys = [q.first - q.sent for q in low]
     x = np.asarray(rows + ttft_rows)
     y = np.asarray(ys + ttft_ys)
@@ -366,7 +397,7 @@ def fit_profile(
     why = _identification(fit, coefs, ses, levels, cfg)
     for coefficient, reasons in why.items():
         notes.append(f"{coefficient} is poorly identified: {'; '.join(reasons)}")
-    overhead, base, per_seq, per_kv, slope = (coefs[k] for k in COEFFICIENTS)
+    overhead, base, per_seq, per_kv, slope, attention = (coefs[k] for k in COEFFICIENTS)
     cache = next((c for c in (_cache_config(p.samples) for p in points) if c), {})
     blocks = cfg.num_kv_blocks or (int(cache["num_gpu_blocks"]) if cache.get("num_gpu_blocks") else None)
     block_size = int(cache.get("block_size") or cfg.block_size)
@@ -380,6 +411,7 @@ def fit_profile(
         step_per_seq_s=per_seq,
         step_per_kv_token_s=per_kv,
         prefill_per_token_s=slope,
+        prefill_attention_s=attention,
         request_overhead_s=overhead,
         block_size=block_size,
         num_kv_blocks=blocks,

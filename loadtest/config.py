@@ -234,8 +234,9 @@ class CalibrationDesign(_Strict):
     per-sequence cost from the per-step one.
     """
 
-    input_tokens: list[int] = Field(default_factory=lambda: [64, 768], min_length=1)
-    """Prompt-length levels (tokens of the user message)."""
+    input_tokens: list[int] = Field(default_factory=lambda: [64, 512, 1280], min_length=1)
+    """Prompt-length levels (tokens of the user message): three, so that the prefill's
+    fixed, linear and quadratic (attention) costs separate."""
     output_tokens: list[int] = Field(default_factory=lambda: [16, 128], min_length=1)
     """Output-length levels (``max_tokens``, with ``ignore_eos``)."""
     concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16, 32], min_length=1)

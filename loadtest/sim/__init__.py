@@ -9,7 +9,7 @@ queue), so that it saturates like a real engine, and it exports vLLM's metric na
 scheduler in virtual time for capacity planning (``loadtest.simulate``).
 """
 
-from loadtest.sim.profile import EngineProfile, load_profile
+from loadtest.sim.profile import EngineProfile, load_profile, prefill_pairs_of
 from loadtest.sim.scheduler import BlockManager, SimRequest, SimScheduler, StepOutput, block_hashes
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "StepOutput",
     "block_hashes",
     "load_profile",
+    "prefill_pairs_of",
 ]

@@ -22,7 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-from loadtest.sim.profile import EngineProfile
+from loadtest.sim.profile import EngineProfile, prefill_pairs_of
 
 __all__ = ["BlockManager", "SimRequest", "SimScheduler", "StepOutput", "block_hashes"]
 
@@ -234,6 +234,7 @@ class SimScheduler:
         admitted: list[SimRequest] = []
         budget = p.max_num_batched_tokens
         prefill_tokens = 0
+        prefill_pairs = 0.0
         while self.waiting and len(self.running) < p.max_num_seqs:
             req = self.waiting[0]
             length = req.context_len
@@ -255,6 +256,7 @@ class SimScheduler:
             if req.first_scheduled is None:
                 req.first_scheduled = now
             prefill_tokens += length - cached
+            prefill_pairs += prefill_pairs_of(length - cached, cached)
             budget -= length - cached
             self.running.append(req)
             admitted.append(req)
@@ -272,6 +274,7 @@ class SimScheduler:
                 + p.step_per_seq_s * n_running
                 + p.step_per_kv_token_s * kv_charged
                 + p.prefill_per_token_s * prefill_tokens
+                + p.prefill_attention_s * prefill_pairs
             )
         emitted = decoding + admitted
         finished: list[SimRequest] = []

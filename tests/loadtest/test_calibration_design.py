@@ -34,6 +34,7 @@ from tests.loadtest.conftest import serve_sim
 #: the true engine: every term of the step model non-zero
 TRUTH = EngineProfile.model_validate(
     {"step_base_s": 0.02, "step_per_seq_s": 0.002, "step_per_kv_token_s": 2e-6, "prefill_per_token_s": 2e-4}
+    | {"prefill_attention_s": 3e-7}
     | {"request_overhead_s": 0.05, "max_num_seqs": 64, "enable_prefix_caching": False}
 )
 
@@ -133,6 +134,17 @@ def test_a_single_output_length_flags_the_decode_terms() -> None:
     for name in ("step_per_seq_s", "step_per_kv_token_s"):
         assert any("output lengths take 1" in why for why in rep.poorly_identified[name])
         assert any(name in note and "poorly identified" in note for note in rep.notes)
+
+
+def test_two_prompt_lengths_flag_the_attention_term() -> None:
+    # a fixed, a linear and a quadratic cost of the prompt take three of its lengths
+    rep = _design_fit({"input_tokens": [64, 768]}, noise=False)
+    assert "prefill_attention_s" in rep.poorly_identified
+    assert any(
+        "prompt lengths at the lowest load take 2" in why
+        for why in rep.poorly_identified["prefill_attention_s"]
+    )
+    assert "prefill_per_token_s" not in rep.poorly_identified
 
 
 def test_one_cell_is_not_separable_and_dropped_terms_are_flagged() -> None:

@@ -88,6 +88,28 @@ def test_prefix_cache_hits_are_reported() -> None:
     assert (s.prefix_queries, s.prefix_hits) == (40, 19)
 
 
+def test_a_prefill_pays_the_attention_of_its_new_tokens_over_the_whole_context() -> None:
+    # the k-th computed token attends to the cached prefix, the new tokens before it and
+    # itself: a prompt's cost grows with its square, and a prefix hit still pays for its new
+    # tokens reading the cached blocks
+    p = EngineProfile(
+        step_base_s=0, step_per_seq_s=0, prefill_per_token_s=0, prefill_attention_s=1e-6, block_size=4
+    )
+    s = SimScheduler(p)
+    ids = list(range(40))
+    s.add(SimRequest("a", 40, 1, hashes=block_hashes(ids, 4)))
+    out = s.step()
+    assert out.duration == pytest.approx(1e-6 * 40 * 41 / 2)
+    # 36 of its tokens cached (the last full block is recomputed for the last token)
+    s.add(SimRequest("b", 40, 1, hashes=block_hashes(ids, 4)))
+    out = s.step()
+    assert out.admitted[0].cached_tokens == 39
+    assert out.duration == pytest.approx(1e-6 * 1 * (39 + 1))
+    long = SimScheduler(p)
+    long.add(_req("c", 80, 1))
+    assert long.step().duration == pytest.approx(1e-6 * 80 * 81 / 2)  # twice the prompt, ~4x
+
+
 def _planned(i: int, n_in: int, n_out: int, effort: str | None = None) -> PlannedRequest:
     body: dict[str, object] = {
         "model": "m",
