@@ -87,6 +87,7 @@ COEFFICIENTS = (
     "step_per_kv_token_s",
     "prefill_per_token_s",
     "prefill_attention_s",
+    "shared_kv_saving_s",
 )
 
 
@@ -161,9 +162,26 @@ class _Req:
     """The engine replica that served it, when the endpoint said (a fleet behind an
     oss-serving gateway with ``routing.decision_headers``); its batch is rebuilt from the
     requests of the same replica only."""
+    group: str = ""
+    """Its shared system prompt (the workload's ``prefix_group``), if any."""
+    shared: int = 0
+    """Tokens of that prompt in full KV blocks: what running sequences of one group share."""
 
 
-def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
+def _first_token(r: RequestRecord) -> float | None:
+    return next((c.t for c in r.chunks if c.has_token), None)
+
+
+def _usable(records: Sequence[RequestRecord], block_size: int) -> list[_Req]:
+    """The records a fit can use. A request behind a shared system prompt whose endpoint
+    did not report its cached tokens (vLLM without ``--enable-prompt-tokens-details``) is
+    taken to have found the prompt's full blocks cached once an earlier request of its
+    group had its first token."""
+    opened: dict[str, float] = {}
+    for r in records:
+        g, t = r.tags.get("prefix_group"), _first_token(r)
+        if g and t is not None:
+            opened[g] = min(t, opened.get(g, math.inf))
     out = []
     for r in records:
         chunks = [c for c in r.chunks if c.has_token]
@@ -176,6 +194,11 @@ def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
         ):
             continue
         prompt = r.prompt_tokens or r.requested_input_tokens or 0
+        group = r.tags.get("prefix_group", "")
+        shared = int(r.tags.get("prefix_tokens", 0) or 0) // block_size * block_size if group else 0
+        cached = r.cached_tokens
+        if cached is None:
+            cached = min(shared, max(prompt - 1, 0)) if opened.get(group, math.inf) < r.sent else 0
         # a chunk per engine step: the midpoints of chunk gaps chosen evenly by index weight
         # every step alike (midpoints evenly spread in time would over-weight long steps,
         # those with a prefill in them)
@@ -188,9 +211,11 @@ def _usable(records: Sequence[RequestRecord]) -> list[_Req]:
                 chunks[-1].t,
                 r.completion_tokens,
                 prompt,
-                prompt - (r.cached_tokens or 0),
+                prompt - cached,
                 ticks,
                 str(r.extra.get("replica", "")),
+                group,
+                shared,
             )
         )
     return out
@@ -263,8 +288,10 @@ def count_levels(values: Sequence[float], rel: float = 0.1) -> int:
 
 
 def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], list[float]]:
-    """TPOT rows ``[0, 1, running, kv, prefill_tokens / (n - 1), prefill_pairs / (n - 1)]``
-    -> TPOT."""
+    """TPOT rows ``[0, 1, running, kv, prefill_tokens / (n - 1), prefill_pairs / (n - 1),
+    -repeated]`` -> TPOT, where ``repeated`` counts the KV tokens of shared prefix blocks
+    read again by a second, third... running sequence of the group (the simulator's
+    ``BlockManager.repeated`` times the block size)."""
     rows: list[list[float]] = []
     ys: list[float] = []
     # a fleet's requests ran in the batch of the replica that served them
@@ -282,11 +309,19 @@ def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], li
         ns = np.asarray([q.n for q in reqs], dtype=float)
         uncs = np.asarray([q.uncached for q in reqs], dtype=float)
         pairs = np.asarray([prefill_pairs_of(q.uncached, q.prompt - q.uncached) for q in reqs])
+        groups_of = sorted({q.group for q in reqs if q.group and q.shared})
+        member = np.asarray([[q.group == g for q in reqs] for g in groups_of], dtype=bool).reshape(
+            -1, len(reqs)
+        )
+        shared_of = np.asarray([next(q.shared for q in reqs if q.group == g) for g in groups_of], dtype=float)
         for q in reqs:
             ts = np.asarray(q.ticks) if q.ticks else np.linspace(q.first, q.last, 12)[1:-1]
             active = (firsts[None, :] <= ts[:, None]) & (lasts[None, :] >= ts[:, None])
             frac = np.clip((ts[:, None] - firsts[None, :]) / np.maximum(lasts - firsts, 1e-9)[None, :], 0, 1)
             running = float(active.sum(axis=1).mean())
+            # per tick and group: (members running - 1) x the group's shared tokens
+            in_group = (active[:, None, :] & member[None, :, :]).sum(axis=2)
+            repeated = float((np.maximum(in_group - 1, 0) * shared_of[None, :]).sum(axis=1).mean())
             kv = float((active * (prompts[None, :] + frac * ns[None, :])).sum(axis=1).mean())
             # requests whose first token came in the same step as this one's (within half
             # a step: streams of one step arrive a little apart) were prefilled before
@@ -301,6 +336,7 @@ def _decode_rows(per_point: Sequence[list[_Req]]) -> tuple[list[list[float]], li
                     kv,
                     float(uncs[started].sum()) / (q.n - 1),
                     float(pairs[started].sum()) / (q.n - 1),
+                    -repeated,
                 ]
             )
             ys.append((q.last - q.first) / (q.n - 1))
@@ -349,7 +385,9 @@ def fit_profile(
     experiment), with a standard error per coefficient."""
     notes: list[str] = []
     points = sorted(points, key=lambda p: p.rate)
-    per_point = [_usable(p.records) for p in points]
+    cache = next((c for c in (_cache_config(p.samples) for p in points) if c), {})
+    block_size = int(cache.get("block_size") or cfg.block_size)
+    per_point = [_usable(p.records, block_size) for p in points]
     if sum(len(p) for p in per_point) < 5:
         raise ValueError("too few completed streamed requests with 2+ tokens to fit a profile")
     rows, ys = _decode_rows(per_point)
@@ -364,6 +402,7 @@ def fit_profile(
             float(q.prompt),
             float(q.uncached),
             prefill_pairs_of(q.uncached, q.prompt - q.uncached),
+            0.0,
         ]
         for q in low
     ]
@@ -395,12 +434,21 @@ def fit_profile(
         "prompt": count_levels([q.uncached for q in low]),
     }
     why = _identification(fit, coefs, ses, levels, cfg)
+    if not any(r[6] for r in rows):
+        why["shared_kv_saving_s"] = [
+            "no running sequences shared a cached prefix in this data (shared_kv_weight stays 1)"
+        ]
     for coefficient, reasons in why.items():
         notes.append(f"{coefficient} is poorly identified: {'; '.join(reasons)}")
-    overhead, base, per_seq, per_kv, slope, attention = (coefs[k] for k in COEFFICIENTS)
-    cache = next((c for c in (_cache_config(p.samples) for p in points) if c), {})
+    overhead, base, per_seq, per_kv, slope, attention, saving = (coefs[k] for k in COEFFICIENTS)
+    # a repeated read of a shared block costs per_kv - saving
+    weight = 1.0 - saving / per_kv if per_kv > 0 else 1.0
+    if weight < 0:
+        notes.append(
+            f"a repeated read of a shared KV block fitted as saving more than a KV token costs "
+            f"({saving:.3g} s against {per_kv:.3g} s): shared_kv_weight set to 0"
+        )
     blocks = cfg.num_kv_blocks or (int(cache["num_gpu_blocks"]) if cache.get("num_gpu_blocks") else None)
-    block_size = int(cache.get("block_size") or cfg.block_size)
     if blocks is None:
         notes.append("no KV block count scraped or configured: assuming it never binds")
         blocks = 1_000_000
@@ -410,6 +458,7 @@ def fit_profile(
         step_base_s=base,
         step_per_seq_s=per_seq,
         step_per_kv_token_s=per_kv,
+        shared_kv_weight=min(1.0, max(0.0, weight)),
         prefill_per_token_s=slope,
         prefill_attention_s=attention,
         request_overhead_s=overhead,
@@ -427,10 +476,27 @@ def fit_profile(
 
 
 def design_workload(
-    design: CalibrationDesign, seed: int = 0, inputs: Sequence[int] | None = None
+    design: CalibrationDesign, seed: int = 0, inputs: Sequence[int] | None = None, shared: bool = False
 ) -> WorkloadSpec:
     """One class per (prompt length, output length) cell of the design (prompt lengths
-    ``inputs``, default all of them), equal weights."""
+    ``inputs``, default all of them), equal weights; with ``shared``, the shared-prefix
+    block's classes (one per output length)."""
+    if shared and design.shared_prefix is not None:
+        return WorkloadSpec(
+            name="calibration-shared-prefix",
+            seed=seed,
+            classes=[
+                RequestClass(
+                    name=f"shared-out{o}",
+                    api=design.api,
+                    # one set of system prompts for every output length
+                    shared_prefix=design.shared_prefix.model_copy(update={"name": "design"}),
+                    input_tokens=LengthDist(value=design.shared_prefix_input_tokens),
+                    output_tokens=LengthDist(value=o),
+                )
+                for o in design.output_tokens
+            ],
+        )
     classes = [
         RequestClass(
             name=f"in{i}-out{o}",
@@ -504,16 +570,18 @@ def design_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
     seeds differing by run."""
     d = cfg.calibrate.design
     blocks = [[i] for i in d.input_tokens] if d.blocks == "prompt" else [list(d.input_tokens)]
+    if d.shared_prefix is not None:
+        blocks.append([])  # the shared-prefix block
     out = []
     seed = cfg.load.seed
     for c in d.concurrency:
         for inputs in blocks:
-            cells = len(inputs) * len(d.output_tokens)
+            cells = max(len(inputs), 1) * len(d.output_tokens)
             pc = cfg.model_copy(deep=True)
-            pc.workload = design_workload(d, seed=seed, inputs=inputs)
+            pc.workload = design_workload(d, seed=seed, inputs=inputs or None, shared=not inputs)
             pc.load.arrival = "concurrency"
             pc.load.concurrency = c
-            share = -(-c * d.requests_per_client * len(inputs) // len(d.input_tokens))
+            share = -(-c * d.requests_per_client * max(len(inputs), 1) // len(d.input_tokens))
             pc.load.num_requests = max(share, cells * d.requests_per_cell)
             pc.load.max_duration_s = d.max_duration_s
             pc.load.seed = seed

@@ -531,7 +531,8 @@ def _plan_margin(
 
 def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
     """Run the designed calibration experiment (``calibrate.design``) against the endpoint,
-    saving each run under ``conc_<N>_in<prompt>/`` (``conc_<N>/`` for a mixed design);
+    saving each run under ``conc_<N>_in<prompt>/`` (``conc_<N>/`` for a mixed design,
+    ``conc_<N>_shared/`` for the shared-prefix block);
     returns its :class:`CalibrationPoint` s."""
     from loadtest.calibrate import (
         CalibrationPoint,
@@ -544,8 +545,13 @@ def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
     points = []
     d = cfg.calibrate.design
     console.print(
-        f"calibration design: prompts {d.input_tokens} x outputs {d.output_tokens} tokens, "
-        f"closed loop at concurrency {d.concurrency}"
+        f"calibration design: prompts {d.input_tokens} x outputs {d.output_tokens} tokens"
+        + (
+            f", a block behind {d.shared_prefix.groups} shared {d.shared_prefix.tokens}-token system prompts"
+            if d.shared_prefix
+            else ""
+        )
+        + f", closed loop at concurrency {d.concurrency}"
     )
     with _progress(cfg.output.progress, console) as prog:
         runner = make_runner(cfg, None, prog)
@@ -565,11 +571,16 @@ def do_design(cfg: LoadTestConfig, console: Console) -> list[Any]:
             )
         for pc in design_configs(cfg):
             raw = runner(pc)
-            block = "" if d.blocks == "mixed" else f"_in{pc.workload.classes[0].input_tokens.value}"
+            first = pc.workload.classes[0]
+            if first.shared_prefix is not None:
+                block, label = "_shared", f", behind {first.shared_prefix.groups} shared system prompts"
+            else:
+                block = "" if d.blocks == "mixed" else f"_in{first.input_tokens.value}"
+                label = block.replace("_in", ", prompts of ")
             result = _save_run(cfg.output.dir / f"conc_{pc.load.concurrency}{block}", pc, raw)
             m = result["metrics"]
             console.print(
-                f"concurrency {pc.load.concurrency}{block.replace('_in', ', prompts of ')}: "
+                f"concurrency {pc.load.concurrency}{label}: "
                 f"{m['completed']}/{m['total']} completed, "
                 f"{m['request_throughput']:.3f} req/s{'' if result['valid'] else _invalid_why(result)}"
             )

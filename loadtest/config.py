@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loadtest.metrics import SLO_METRICS
-from loadtest.workload import WorkloadSpec, load_workload, simple_workload
+from loadtest.workload import SharedPrefix, WorkloadSpec, load_workload, simple_workload
 
 __all__ = [
     "CalibrateConfig",
@@ -260,6 +260,16 @@ class CalibrationDesign(_Strict):
     fitted: an engine's first requests of a new shape pay one-off costs (a fresh vLLM CPU
     engine took 3.4 s for its first 800-token prompt, 1.1 s for the next ones), which a
     least-squares fit would read as a large fixed overhead on every request."""
+
+    shared_prefix: SharedPrefix | None = Field(default_factory=lambda: SharedPrefix(groups=2, tokens=512))
+    """A block per concurrency level of requests behind a few shared system prompts (the
+    output lengths mixed, prompts of ``shared_prefix_input_tokens`` after them): its running
+    sequences hold the same cached prefix blocks, which identifies what a repeated read of a
+    shared block saves (``shared_kv_weight``), and its first tokens at the lowest level are
+    prefix hits, whose new tokens attend to the cached prefix (``prefill_attention_s``).
+    None: no such block (``shared_kv_weight`` stays 1)."""
+    shared_prefix_input_tokens: int = Field(default=64, ge=1)
+    """Tokens of the user message after the shared system prompt."""
 
     blocks: Literal["prompt", "mixed"] = "prompt"
     """``prompt``: each concurrency level runs one closed-loop block per prompt length (its

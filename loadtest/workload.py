@@ -125,6 +125,9 @@ class SharedPrefix(_Strict):
     """Number of distinct system prompts."""
     tokens: int = Field(ge=1)
     """Length of each system prompt."""
+    name: str | None = None
+    """Classes whose ``shared_prefix`` has the same name share its system prompts (by
+    default each class has its own)."""
 
 
 class Tenant(_Strict):
@@ -299,7 +302,7 @@ def build_requests(
     rng = np.random.default_rng([spec.seed, stream])
     if spec.trace is not None:
         return _trace_requests(spec.trace, num_requests, tokenizer, model, rng)
-    prefixes: dict[tuple[int, int], str] = {}
+    prefixes: dict[tuple[int | str, int], str] = {}
     open_convs: dict[int, list[_Conversation]] = {i: [] for i in range(len(spec.classes))}
     weights = np.asarray([c.weight for c in spec.classes], dtype=float)
     out: list[PlannedRequest] = []
@@ -317,13 +320,19 @@ def build_requests(
             tokens = 0
             if cls.shared_prefix is not None:
                 g = int(rng.integers(cls.shared_prefix.groups))
-                key = (ci, g)
+                owner: int | str = ci if cls.shared_prefix.name is None else cls.shared_prefix.name
+                key = (owner, g)
                 if key not in prefixes:
-                    prng = np.random.default_rng([spec.seed, ci, g, stream])
-                    prefixes[key] = text_of_length(tokenizer, cls.shared_prefix.tokens, prng)
+                    seeds = [spec.seed, ci, g, stream]
+                    if cls.shared_prefix.name is not None:
+                        seeds[1] = zlib.crc32(cls.shared_prefix.name.encode()) + len(spec.classes)
+                    prefixes[key] = text_of_length(
+                        tokenizer, cls.shared_prefix.tokens, np.random.default_rng(seeds)
+                    )
                 messages.append({"role": "system", "content": prefixes[key]})
                 tokens += cls.shared_prefix.tokens
-                tags["prefix_group"] = str(g)
+                tags["prefix_group"] = f"{owner}.{g}"
+                tags["prefix_tokens"] = str(cls.shared_prefix.tokens)
             conv = _Conversation(ci, messages, max(1, cls.turns.sample(rng)), tokens, f"c{n_conv}")
             n_conv += 1
             convs.append(conv)
@@ -397,6 +406,7 @@ def _trace_requests(
                     if g not in prefixes:
                         prefixes[g] = text_of_length(tokenizer, n_pre, np.random.default_rng(len(prefixes)))
                     messages.append({"role": "system", "content": prefixes[g]})
+                    tags["prefix_tokens"] = str(n_pre)
                 tags["prefix_group"] = g
             messages.append({"role": "user", "content": text_of_length(tokenizer, n_in, rng)})
         path, body = _body(trace.api, model, messages, n_out, trace.stream)
