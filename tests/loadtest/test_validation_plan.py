@@ -305,3 +305,20 @@ def test_predicted_capacity_finds_the_profiles_saturation(tmp_path: Path) -> Non
         }
     )
     assert predicted_capacity(cfg, str(profile)) == pytest.approx(1.0, rel=0.15)
+
+
+def test_the_shipped_validation_of_a_real_engine_meets_the_targets_and_gives_its_margin() -> None:
+    # docs/validation/: the table loadtest/README.md quotes, as `validate` wrote it
+    folder = Path(__file__).resolve().parents[2] / "docs" / "validation" / "2026-12-04-smollm2-cpu"
+    doc = json.loads((folder / "validation.json").read_text())
+    again = json.loads((folder / "validation-shared-prefix-60s.json").read_text())
+    rows = {r["workload"]: r for r in doc["rows"]}
+    assert set(rows) == {"prefill-heavy", "decode-heavy", "mixed-length", "shared-prefix", "multi-turn"}
+    for r in [*doc["rows"], *again["rows"]]:
+        assert r["measured"]["valid"] and r["predicted"]["valid"]
+        assert abs(r["saturation_error"]) <= 0.10, r["workload"]
+        assert abs(r["ttft_p50_error"]) <= 0.15, r["workload"]
+    margin = margin_from_validation(doc)
+    assert margin.value == pytest.approx(abs(rows["mixed-length"]["saturation_error"]))
+    assert "mixed-length" in margin.source
+    EngineProfile.model_validate(yaml.safe_load((folder / "smollm2-cpu.yaml").read_text()))
