@@ -315,7 +315,8 @@ def test_the_shipped_validation_of_a_real_engine_meets_the_targets_and_gives_its
     rows = {r["workload"]: r for r in doc["rows"]}
     assert set(rows) == {"prefill-heavy", "decode-heavy", "mixed-length", "shared-prefix", "multi-turn"}
     for r in [*doc["rows"], *again["rows"]]:
-        assert r["measured"]["valid"] and r["predicted"]["valid"]
+        assert r["measured"]["valid"]
+        assert r["predicted"]["valid"]
         assert abs(r["saturation_error"]) <= 0.10, r["workload"]
         assert abs(r["ttft_p50_error"]) <= 0.15, r["workload"]
     margin = margin_from_validation(doc)
