@@ -353,6 +353,8 @@ def main() -> int:
         console.print(f"TTFT p50, ours / round robin: {ratio:.3f} (target <= 0.6)")
     if ours:
         console.print(f"routing decisions (ours): {ours.routes}")
+    if not results:  # --calibrate alone (--only none): keep the last measured run
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": [asdict(r) for r in results], "summary": summary}, indent=2))
     console.print(f"written {args.out}")
