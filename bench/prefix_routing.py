@@ -313,7 +313,7 @@ def main() -> int:
         runs = [r for r in runs if r[0] in args.only]
     work = Path(tempfile.mkdtemp(prefix="oss-prefix-bench-"))
     if args.calibrate:
-        calibrate(args, source, work / "calibrate", console)
+        calibrate(args, Path(source), work / "calibrate", console)
     results: list[RunResult] = []
     for i, (name, replicas, blocks, strategy) in enumerate(runs):
         console.rule(f"{name}: {replicas} replica(s), {blocks} KV blocks each, strategy {strategy}")
