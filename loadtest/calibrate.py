@@ -361,16 +361,17 @@ def _identification(
         elif value == 0 or se / abs(value) > cfg.max_relative_se:
             rse = "inf" if value == 0 else f"{se / abs(value):.0%}"
             why.setdefault(name, []).append(f"relative standard error {rse} > {cfg.max_relative_se:.0%}")
+    # (factor, label, levels beyond min_levels): a cost quadratic in the prompt takes a
+    # level more than a linear one
     needs = {
-        "step_per_seq_s": [("concurrency", "running sequences"), ("output", "output lengths")],
-        "step_per_kv_token_s": [("output", "output lengths")],
-        "prefill_per_token_s": [("prompt", "prompt lengths at the lowest load")],
-        "prefill_attention_s": [("prompt", "prompt lengths at the lowest load")],
+        "step_per_seq_s": [("concurrency", "running sequences", 0), ("output", "output lengths", 0)],
+        "step_per_kv_token_s": [("output", "output lengths", 0)],
+        "prefill_per_token_s": [("prompt", "prompt lengths at the lowest load", 0)],
+        "prefill_attention_s": [("prompt", "prompt lengths at the lowest load", 1)],
     }
     for name, factors in needs.items():
-        for key, label in factors:
-            # a cost quadratic in the prompt takes a level more than a linear one
-            least = cfg.min_levels + (name == "prefill_attention_s")
+        for key, label, extra in factors:
+            least = cfg.min_levels + extra
             if levels[key] < least:
                 why.setdefault(name, []).append(
                     f"{label} take {levels[key]} distinct level(s), fewer than {least}"
@@ -434,7 +435,7 @@ def fit_profile(
         "prompt": count_levels([q.uncached for q in low]),
     }
     why = _identification(fit, coefs, ses, levels, cfg)
-    if not any(r[6] for r in rows):
+    if not any(r[COEFFICIENTS.index("shared_kv_saving_s")] for r in rows):
         why["shared_kv_saving_s"] = [
             "no running sequences shared a cached prefix in this data (shared_kv_weight stays 1)"
         ]
@@ -569,19 +570,25 @@ def design_configs(cfg: LoadTestConfig) -> list[LoadTestConfig]:
     ``cfg.calibrate.design``, a closed loop per prompt-length block (or one of the whole mix),
     seeds differing by run."""
     d = cfg.calibrate.design
-    blocks = [[i] for i in d.input_tokens] if d.blocks == "prompt" else [list(d.input_tokens)]
+    # (prompt lengths of the block, the share of a level's requests it takes in prompt
+    # lengths' worth); the shared-prefix block takes one prompt length's share
+    blocks: list[tuple[list[int] | None, int]] = (
+        [([i], 1) for i in d.input_tokens]
+        if d.blocks == "prompt"
+        else [(list(d.input_tokens), len(d.input_tokens))]
+    )
     if d.shared_prefix is not None:
-        blocks.append([])  # the shared-prefix block
+        blocks.append((None, 1))
     out = []
     seed = cfg.load.seed
     for c in d.concurrency:
-        for inputs in blocks:
-            cells = max(len(inputs), 1) * len(d.output_tokens)
+        for inputs, weight in blocks:
+            cells = (len(inputs) if inputs else 1) * len(d.output_tokens)
             pc = cfg.model_copy(deep=True)
-            pc.workload = design_workload(d, seed=seed, inputs=inputs or None, shared=not inputs)
+            pc.workload = design_workload(d, seed=seed, inputs=inputs, shared=inputs is None)
             pc.load.arrival = "concurrency"
             pc.load.concurrency = c
-            share = -(-c * d.requests_per_client * max(len(inputs), 1) // len(d.input_tokens))
+            share = -(-c * d.requests_per_client * weight // len(d.input_tokens))
             pc.load.num_requests = max(share, cells * d.requests_per_cell)
             pc.load.max_duration_s = d.max_duration_s
             pc.load.seed = seed

@@ -325,6 +325,7 @@ def build_requests(
                 if key not in prefixes:
                     seeds = [spec.seed, ci, g, stream]
                     if cls.shared_prefix.name is not None:
+                        # keyed by the name, past every class index: no class's own prompts
                         seeds[1] = zlib.crc32(cls.shared_prefix.name.encode()) + len(spec.classes)
                     prefixes[key] = text_of_length(
                         tokenizer, cls.shared_prefix.tokens, np.random.default_rng(seeds)
